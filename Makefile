@@ -1,0 +1,50 @@
+# ddp_seq -- `make train` is the main job; `make help` lists every target.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+CONFIG ?= configs/default.yaml
+NPROC ?= 2
+ARGS ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+.DEFAULT_GOAL := help
+.PHONY: help install train train-single test test-fast lint clean
+
+help:  ## list the targets
+	@echo "ddp_seq make targets (overrides: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='section.key=value ...'):"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-14s %s\n", $$1, $$2}'
+
+# torch goes in first, pinned, so installing the package never makes pip pick another build.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH_VERSION)', torch.__version__"
+	touch $@
+
+install: $(STAMP)  ## create .venv: torch (TORCH_VERSION) first, then this package with dev tools
+
+# The config is checked first (fast, no torch): a bad key fails with one line and exit code 2
+# instead of one error per rank under torchrun.
+train: $(STAMP)  ## train CONFIG on NPROC ranks with torchrun (the main job)
+	@$(BIN)/python -m ddp_seq check-config --config $(CONFIG) $(ARGS) >/dev/null
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) train.py --config $(CONFIG) $(ARGS)
+
+train-single: $(STAMP)  ## train CONFIG in one process, no torchrun
+	$(BIN)/python train.py --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)  ## the whole test suite (real torchrun processes on gloo)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## the tests that start no extra processes
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check ddp_seq tests train.py
+
+clean:  ## remove runs/, caches and .venv
+	rm -rf runs .pytest_cache .ruff_cache $(VENV) *.egg-info

@@ -1,0 +1,107 @@
+"""Command line: ``ddp-seq train|check-config|config-reference`` (``train.py`` calls ``train``).
+
+User errors (config, data, checkpoints) are one line on stderr and exit code 2, never a traceback.
+Under torchrun every rank hits the same error; only global rank 0 prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, UserError, dump_yaml, load_config, reference_markdown
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddp-seq", description="Train recurrent models on variable-length "
+                                     "sequences with torchrun + DistributedDataParallel.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "train a model (run under torchrun for several ranks)"),
+                       ("check-config", "load and validate a config, print it resolved, start nothing")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    sub.add_parser("config-reference", help="print every config key as a Markdown table")
+    return parser
+
+
+def _run_dir(cfg: Config, info) -> Path:
+    """Rank 0 picks and creates ``<root>/<name>/`` and saves the resolved config; all ranks learn it.
+
+    An explicit name whose directory already holds a run is refused rather than overwritten.
+    """
+    from .dist import broadcast_object
+
+    decision: tuple[str, str] = ("", "")
+    if info.is_main:
+        root = Path(cfg.logging.root)
+        name = cfg.logging.name
+        if name:
+            if (root / name).exists() and any((root / name).iterdir()):
+                decision = ("", f"logging.name: {root / name} already holds a run; choose another name")
+        else:
+            name = f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+            suffix = 1
+            while (root / (name if suffix == 1 else f"{name}-{suffix}")).exists():
+                suffix += 1
+            name = name if suffix == 1 else f"{name}-{suffix}"
+        if not decision[1]:
+            try:
+                (root / name).mkdir(parents=True, exist_ok=True)
+                (root / name / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+                decision = (str(root / name), "")
+            except OSError as e:
+                decision = ("", f"logging.root: cannot create {root / name} ({e.strerror or e})")
+    path, error = broadcast_object(decision, info)
+    if error:
+        raise UserError(error)
+    return Path(path)
+
+
+def train(cfg: Config) -> dict:
+    """Run one training job in this process (one rank of it under torchrun); return the summary."""
+    from .dist import distributed
+    from .runlog import make_logger
+    from .trainer import Trainer
+
+    with distributed(cfg.distributed) as info:
+        run_dir = _run_dir(cfg, info)
+        logger = make_logger(info.is_main, run_dir, cfg.logging.progress)
+        try:
+            logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
+            return Trainer(cfg, info, logger, run_dir).fit()
+        finally:
+            logger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ddp-seq`` console script; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "config-reference":
+        print(reference_markdown())
+        return 0
+    from .dist import env_rank
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "check-config":
+            print(dump_yaml(cfg), end="")
+            return 0
+        train(cfg)
+        return 0
+    except UserError as e:
+        if env_rank() == 0:
+            print(f"ddp-seq: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+
+
+def train_main() -> int:
+    """``train.py`` / ``python -m ddp_seq``: ``train`` is implied."""
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in ("train", "check-config", "config-reference", "-h", "--help"):
+        argv = ["train", *argv]
+    return main(argv)

@@ -1,0 +1,260 @@
+"""One typed config tree: dataclass defaults < YAML file < ``section.key=value`` overrides.
+
+Every field carries a one-line doc (used for ``ddp-seq config-reference`` and the README) and,
+where it matters, the values it accepts. Every problem is raised as :class:`ConfigError` with a
+message that names the key to fix; the CLI turns it into one line and exit code 2.
+
+This module imports neither torch nor numpy, so a config can be checked in a fraction of a second
+before any process is launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+
+
+class ConfigError(UserError):
+    """A config key with an unknown name, a wrong type or a value out of range."""
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None) -> Any:
+    """A config field with its one-line doc and the constraints checked by :func:`validate`."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    task: str = opt("classify", "synthetic task", choices=("classify", "regress", "tag"))
+    num_train: int = opt(12000, "number of training sequences", ge=1)
+    num_val: int = opt(1000, "number of validation sequences", ge=1)
+    features: int = opt(8, "feature channels per time step (>= number of classes for classify)", ge=2)
+    num_classes: int = opt(4, "classes for classify (tag always uses 2: running parity)", ge=2)
+    length_median: float = opt(24.0, "median sequence length (lognormal)", gt=0)
+    length_sigma: float = opt(0.8, "lognormal sigma of the length distribution (skew)", ge=0)
+    min_length: int = opt(1, "shortest sequence (lengths are clipped to [min_length, max_length])", ge=1)
+    max_length: int = opt(200, "longest sequence", ge=1)
+    noise: float = opt(0.1, "std of the Gaussian noise added to every feature", ge=0)
+    seed: int = opt(1234, "seed of the generated data (the same on every rank)")
+
+
+@dataclass
+class BatchingConfig:
+    strategy: str = opt("bucket", "random: plain shuffled batches; bucket: length-sorted within pools",
+                        choices=("random", "bucket"))
+    batch_size: int = opt(64, "sequences per global batch (split across all ranks)", ge=1)
+    max_tokens: int = opt(0, "padded-token budget per global batch (batch x longest); 0 = off", ge=0)
+    pool: int = opt(50, "bucket: sort by length inside pools of this many batches", ge=1)
+    eval_batch_size: int = opt(256, "sequences per global batch in evaluation", ge=1)
+
+
+@dataclass
+class ModelConfig:
+    cell: str = opt("lstm", "recurrent cell", choices=("lstm", "gru"))
+    hidden: int = opt(64, "hidden units per direction", ge=1)
+    layers: int = opt(1, "stacked recurrent layers", ge=1)
+    bidirectional: bool = opt(False, "run a second RNN over each sequence backwards")
+    dropout: float = opt(0.0, "dropout between recurrent layers and before the head", ge=0, le=1)
+    pooling: str = opt("last", "classify/regress: how a sequence becomes one vector (valid steps only)",
+                       choices=("last", "mean", "max"))
+    embedding_dim: int = opt(64, "embedding size when the inputs are token ids", ge=1)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = opt(5, "passes over the training set", ge=1)
+    optimizer: str = opt("adam", "optimizer", choices=("adam", "adamw", "sgd"))
+    lr: float = opt(1e-2, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "weight decay", ge=0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0, le=1)
+    warmup_steps: int = opt(50, "linear warmup steps before the cosine decay", ge=0)
+    min_lr_ratio: float = opt(0.05, "final learning rate as a fraction of lr", ge=0, le=1)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
+    amp: str = opt("none", "mixed precision (fp16 needs CUDA)", choices=("none", "bf16", "fp16"))
+    seed: int = opt(0, "seed of model init and batch order")
+    monitor: str = opt("val_accuracy", "metric that picks the best checkpoint and early stopping",
+                       choices=("val_loss", "val_accuracy", "val_mse", "val_mae"))
+    patience: int = opt(0, "stop after this many epochs without improvement; 0 = never", ge=0)
+    log_every: int = opt(50, "print and record train metrics every this many steps", ge=1)
+
+
+@dataclass
+class CheckpointConfig:
+    save: bool = opt(True, "write last.pt and best.pt into runs/<name>/checkpoints/")
+
+
+@dataclass
+class LoggingConfig:
+    root: str = opt("runs", "directory that holds one sub-directory per run")
+    name: str = opt("", "run name; empty = '<task>-<date>-<time>' chosen by rank 0")
+    progress: str = opt("auto", "auto: a bar on a terminal, plain lines otherwise",
+                        choices=("auto", "bar", "lines", "none"))
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = opt("auto", "auto: nccl with GPUs, gloo on CPU", choices=("auto", "nccl", "gloo"))
+    timeout_s: int = opt(600, "collective timeout in seconds (a dead rank fails the others then)", ge=1)
+    threads_per_rank: int = opt(0, "torch threads per rank; 0 = usable cores / local ranks", ge=0)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _coerce(key: str, value: Any, target: type) -> Any:
+    """Return ``value`` as ``target`` or raise a ConfigError naming ``key``."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[target]
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+    elif target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif target is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif target is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = _sections(cfg)
+    if section_name not in sections or not key:
+        raise ConfigError(f"{dotted}: unknown key (sections: {', '.join(sections)})")
+    section = sections[section_name]
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(f"{dotted}: unknown key (known in {section_name}: {', '.join(fields)})")
+    setattr(section, key, _coerce(dotted, value, type(getattr(section, key))))
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field's constraints and the cross-field rules; return ``cfg``."""
+    for section_name, section in _sections(cfg).items():
+        for f in dataclasses.fields(section):
+            key, value, meta = f"{section_name}.{f.name}", getattr(section, f.name), f.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+            if meta["ge"] is not None and value < meta["ge"]:
+                raise ConfigError(f"{key}: must be >= {meta['ge']}; got {value!r}")
+            if meta["gt"] is not None and value <= meta["gt"]:
+                raise ConfigError(f"{key}: must be > {meta['gt']}; got {value!r}")
+            if meta["le"] is not None and value > meta["le"]:
+                raise ConfigError(f"{key}: must be <= {meta['le']}; got {value!r}")
+    d = cfg.data
+    if d.min_length > d.max_length:
+        raise ConfigError(f"data.min_length: must be <= data.max_length ({d.max_length}); got {d.min_length}")
+    if d.task == "classify" and d.features < d.num_classes:
+        raise ConfigError(f"data.features: classify needs >= data.num_classes ({d.num_classes}); got {d.features}")
+    if d.task == "regress" and cfg.training.monitor == "val_accuracy":
+        raise ConfigError("training.monitor: regress has no accuracy; use val_mse, val_mae or val_loss")
+    if d.task != "regress" and cfg.training.monitor in ("val_mse", "val_mae"):
+        raise ConfigError(f"training.monitor: {cfg.training.monitor} is only for data.task=regress")
+    name = cfg.logging.name
+    if name and (name in (".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(f"logging.name: must be a plain directory name; got {name!r}")
+    return cfg
+
+
+def _yaml_line(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f" line {mark.line + 1}" if mark is not None else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the config: defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}{_yaml_line(e)}: invalid YAML ({problem})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        for section_name, section in tree.items():
+            if not isinstance(section, dict):
+                raise ConfigError(f"{path}: {section_name}: expected a mapping of keys")
+            for key, value in section.items():
+                try:
+                    _set(cfg, f"{section_name}.{key}", value)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item}: overrides are written section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, dotted.strip(), value)
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain nested dicts (YAML, JSON and ``weights_only`` checkpoints take it)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a validated config from :func:`to_dict` output (e.g. read from a checkpoint)."""
+    cfg = Config()
+    for section_name, section in tree.items():
+        for key, value in section.items():
+            _set(cfg, f"{section_name}.{key}", value)
+    return validate(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text, in field order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """A Markdown table of every key, its default and its doc, generated from the dataclasses."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for section_name, section in _sections(Config()).items():
+        for f in dataclasses.fields(section):
+            meta = f.metadata
+            allowed = " \\| ".join(meta["choices"]) if meta["choices"] else ""
+            bounds = [f"{op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta[k] is not None]
+            allowed = allowed or ", ".join(bounds)
+            lines.append(f"| `{section_name}.{f.name}` | `{getattr(section, f.name)!r}` | {allowed} | {meta['doc']} |")
+    return "\n".join(lines)

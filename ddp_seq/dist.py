@@ -1,0 +1,124 @@
+"""Torchrun's environment, read once into :class:`DistInfo`, and the process-group lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import DistributedConfig, UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job. Built once; never re-read from the environment."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None: a single process without a process group
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the only process with side effects (printing, files, checkpoints)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}: expected an integer, got {raw!r}") from None
+
+
+def env_rank() -> int:
+    """Global rank from torchrun's environment (0 when not launched by torchrun)."""
+    return _env_int("RANK", 0)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _pick_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise UserError("distributed.backend: nccl needs CUDA GPUs; none is visible (use auto or gloo)")
+    return requested
+
+
+def setup(cfg: DistributedConfig) -> DistInfo:
+    """Read torchrun's variables, pick device and backend, set threads, join the process group."""
+    rank = env_rank()
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    backend = _pick_backend(cfg.backend) if world_size > 1 else None
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    # Ranks on one machine share its cores; oversubscribing them makes every rank slower
+    # than running fewer threads each (2 cores, 2 ranks -> 1 thread per rank).
+    threads = cfg.threads_per_rank or max(1, usable_cores() // max(1, local_world_size))
+    torch.set_num_threads(threads)
+
+    if backend is not None:
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
+    return DistInfo(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+def teardown() -> None:
+    """Destroy the process group if one exists (safe to call twice, and after errors)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(cfg: DistributedConfig) -> Iterator[DistInfo]:
+    """``with distributed(cfg) as info:`` -- the process group lives exactly as long as the block."""
+    try:
+        yield setup(cfg)
+    finally:
+        teardown()
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over all ranks (identity for a single process). Returns a new CPU float64 tensor."""
+    out = values.detach().to(torch.float64)
+    if info.distributed:
+        # NCCL reduces device tensors only; gloo takes CPU tensors.
+        out = out.to(info.device)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=info.device if info.backend == "nccl" else None)
+    return box[0]

@@ -1,0 +1,115 @@
+"""Run directory, log lines, metrics records and progress -- rank 0's side effects, decided once.
+
+:func:`make_logger` returns a :class:`RunLogger` on global rank 0 and a :class:`NullLogger`
+everywhere else, so training code calls the logger unconditionally and never asks its rank.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+
+class NullLogger:
+    """The logger of every rank but 0: does nothing."""
+
+    run_dir: Path | None = None
+
+    def info(self, message: str) -> None:
+        pass
+
+    def record(self, record: dict[str, Any]) -> None:
+        pass
+
+    def start_progress(self, total: int, description: str) -> None:
+        pass
+
+    def progress(self, steps: int, postfix: str, line: str) -> None:
+        pass
+
+    def end_progress(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    """Prints to stdout and ``train.log``, appends ``metrics.jsonl``, shows progress.
+
+    ``progress``: ``bar`` (tqdm on stderr), ``lines`` (the periodic line is printed), ``none``, or
+    ``auto`` (a bar when stderr is a terminal, lines otherwise -- e.g. in Slurm logs).
+    """
+
+    def __init__(self, run_dir: Path, progress: str = "auto", stream: TextIO | None = None) -> None:
+        self.run_dir = run_dir
+        self.stream = stream or sys.stdout
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = progress
+        self._log = open(run_dir / "train.log", "a", encoding="utf-8")
+        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._bar: tqdm | None = None
+
+    def info(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+        for line in message.splitlines() or [""]:
+            self._log.write(f"{stamp} {line}\n")
+        self._log.flush()
+
+    def record(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def start_progress(self, total: int, description: str) -> None:
+        if self.mode == "bar":
+            self._bar = tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def progress(self, steps: int, postfix: str, line: str) -> None:
+        """Advance by ``steps``; show ``postfix`` on the bar, or print ``line`` in lines mode."""
+        if self._bar is not None:
+            self._bar.update(steps)
+            if postfix:
+                self._bar.set_postfix_str(postfix, refresh=False)
+        elif self.mode == "lines" and line:
+            self.info(line)
+
+    def end_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.end_progress()
+        self._log.close()
+        self._metrics.close()
+
+
+def make_logger(is_main: bool, run_dir: Path | None, progress: str) -> NullLogger:
+    """A :class:`RunLogger` for the main process, a :class:`NullLogger` for the others."""
+    if is_main and run_dir is not None:
+        return RunLogger(run_dir, progress)
+    return NullLogger()
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain fixed-width text table of ``rows`` (missing values print as '-')."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
+        return "-" if v is None else str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
