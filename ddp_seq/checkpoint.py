@@ -64,3 +64,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         found = state.get("format_version") if isinstance(state, dict) else None
         raise UserError(f"{path}: checkpoint format version {found!r}, this ddp_seq reads {FORMAT_VERSION}")
     return state
+
+
+def model_from_checkpoint(path: str | Path):
+    """Rebuild the model saved in a checkpoint: returns ``(model, config, checkpoint dict)`` on the CPU."""
+    from .config import from_dict
+    from .data.synthetic import num_outputs
+    from .model import build_model
+
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.data.task, state["num_inputs"], num_outputs(cfg.data), cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: model weights do not fit its config ({str(e).splitlines()[-1].strip()})") from None
+    return model, cfg, state

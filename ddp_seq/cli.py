@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    sub.add_parser("config-reference", help="print every config key as a Markdown table")
+    ref = sub.add_parser("config-reference", help="print every config key as a Markdown table")
+    ref.add_argument("--update", metavar="README", help="rewrite the table between the config-reference "
+                     "markers of this Markdown file instead of printing it")
     return parser
 
 
@@ -78,11 +80,25 @@ def train(cfg: Config) -> dict:
             logger.close()
 
 
+START_MARK, END_MARK = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def update_reference(readme: Path) -> None:
+    """Replace the text between the config-reference markers of ``readme`` with the current table."""
+    text = readme.read_text(encoding="utf-8")
+    head, _, rest = text.partition(START_MARK)
+    _, _, tail = rest.partition(END_MARK)
+    readme.write_text(f"{head}{START_MARK}\n{reference_markdown()}\n{END_MARK}{tail}", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ddp-seq`` console script; returns the process exit code."""
     args = _parser().parse_args(argv)
     if args.command == "config-reference":
-        print(reference_markdown())
+        if args.update:
+            update_reference(Path(args.update))
+        else:
+            print(reference_markdown())
         return 0
     from .dist import env_rank
 

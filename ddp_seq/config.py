@@ -37,14 +37,14 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | Non
 @dataclass
 class DataConfig:
     task: str = opt("classify", "synthetic task", choices=("classify", "regress", "tag"))
-    num_train: int = opt(12000, "number of training sequences", ge=1)
+    num_train: int = opt(20000, "number of training sequences", ge=1)
     num_val: int = opt(1000, "number of validation sequences", ge=1)
     features: int = opt(8, "feature channels per time step (>= number of classes for classify)", ge=2)
     num_classes: int = opt(4, "classes for classify (tag always uses 2: running parity)", ge=2)
-    length_median: float = opt(24.0, "median sequence length (lognormal)", gt=0)
+    length_median: float = opt(45.0, "median sequence length (lognormal)", gt=0)
     length_sigma: float = opt(0.8, "lognormal sigma of the length distribution (skew)", ge=0)
     min_length: int = opt(1, "shortest sequence (lengths are clipped to [min_length, max_length])", ge=1)
-    max_length: int = opt(200, "longest sequence", ge=1)
+    max_length: int = opt(400, "longest sequence", ge=1)
     noise: float = opt(0.1, "std of the Gaussian noise added to every feature", ge=0)
     seed: int = opt(1234, "seed of the generated data (the same on every rank)")
 
@@ -62,13 +62,15 @@ class BatchingConfig:
 @dataclass
 class ModelConfig:
     cell: str = opt("lstm", "recurrent cell", choices=("lstm", "gru"))
-    hidden: int = opt(64, "hidden units per direction", ge=1)
-    layers: int = opt(1, "stacked recurrent layers", ge=1)
+    hidden: int = opt(128, "hidden units per direction", ge=1)
+    layers: int = opt(2, "stacked recurrent layers", ge=1)
     bidirectional: bool = opt(False, "run a second RNN over each sequence backwards")
     dropout: float = opt(0.0, "dropout between recurrent layers and before the head", ge=0, le=1)
     pooling: str = opt("last", "classify/regress: how a sequence becomes one vector (valid steps only)",
                        choices=("last", "mean", "max"))
-    embedding_dim: int = opt(64, "embedding size when the inputs are token ids", ge=1)
+    embedding_dim: int = opt(64, "width of the input layer (Linear for features, Embedding for token ids)", ge=1)
+    execution: str = opt("auto", "packed: pack_padded_sequence; padded: fused kernel on the padded tensor, "
+                         "exact (auto: padded on CPU, packed on CUDA)", choices=("auto", "packed", "padded"))
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TrainingConfig:
     momentum: float = opt(0.9, "SGD momentum", ge=0, le=1)
     warmup_steps: int = opt(50, "linear warmup steps before the cosine decay", ge=0)
     min_lr_ratio: float = opt(0.05, "final learning rate as a fraction of lr", ge=0, le=1)
+    grad_accum: int = opt(1, "global batches accumulated into one optimizer step (DDP no_sync between)", ge=1)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
     amp: str = opt("none", "mixed precision (fp16 needs CUDA)", choices=("none", "bf16", "fp16"))
     seed: int = opt(0, "seed of model init and batch order")

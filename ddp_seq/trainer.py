@@ -8,14 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import objective
 from .checkpoint import save_atomic
 from .config import Config, UserError, to_dict
-from .data.batching import ShardedBatchSampler
-from .data.collate import collate
+from .data.batching import ShardedBatchSampler, Step, straggler_ratio
+from .data.collate import Batch, collate
 from .data.synthetic import SequenceData, make_synthetic, num_outputs
 from .dist import DistInfo, all_reduce_sum
 from .model import SeqModel, build_model
@@ -96,8 +97,8 @@ class Trainer:
         # The same seed on every rank gives identical initial weights; DDP also broadcasts
         # rank 0's parameters when it wraps the module.
         torch.manual_seed(cfg.training.seed)
-        self.module = build_model(self.task, self.train_data.num_features, num_outputs(cfg.data), cfg.model)
-        self.module.to(info.device)
+        self.module = build_model(self.task, self.train_data.num_features, num_outputs(cfg.data), cfg.model,
+                                  device=info.device)
         if info.distributed:
             self.model = DDP(self.module, device_ids=[info.device] if info.device.type == "cuda" else None)
         else:
@@ -108,60 +109,84 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.training.amp == "fp16")
         self.step = 0
+        self.last_grad_norm: float | None = None
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
 
     def _count_steps(self) -> int:
         """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
-        counter = make_sampler(self.train_data, self.cfg, self.info, train=True)
+        counter, accum = make_sampler(self.train_data, self.cfg, self.info, train=True), self.cfg.training.grad_accum
         total = 0
         for epoch in range(self.cfg.training.epochs):
             counter.set_epoch(epoch)
-            total += len(counter)
+            total += -(-len(counter) // accum)
         return total
 
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self, batch) -> torch.Tensor:
-        """One optimizer step on this rank's share; returns the detached local loss *sum*."""
-        with autocast(self.info.device, self.cfg.training.amp):
-            outputs = self.model(batch.inputs, batch.lengths)
-        local_sum = objective.loss_sum(self.task, outputs, batch)
-        # Loss normalisation. N = global count (sequences, or real tokens for tag), known to every
-        # rank from the global batch plan; S_r = this rank's loss sum; W = world size.
-        # DDP averages gradients:   g = (1/W) * sum_r grad(L_r).
-        # With L_r = W * S_r / N:    g = grad(sum_r S_r / N) = grad(mean loss over the global batch),
-        # the same for any split of the batch and any W. (A mean of per-rank means is not.)
-        loss = local_sum * (self.info.world_size / objective.global_count(self.task, batch))
+    def train_step(self, *batches: Batch) -> torch.Tensor:
+        """One optimizer step over one or more global batches' shares (gradient accumulation).
+
+        Returns the detached local loss *sum* over all of them.
+        """
+        cfg, info = self.cfg, self.info
+        # Loss normalisation. N = global count of the whole accumulated batch (sequences, or real
+        # tokens for tag), known to every rank from the global batch plan; S_r = this rank's loss
+        # sum over its shares; W = world size. DDP averages gradients over ranks:
+        #     g = (1/W) * sum_r grad(L_r)
+        # so with L_r = W * S_r / N:
+        #     g = grad(sum_r S_r / N) = grad(mean loss over the whole accumulated global batch),
+        # the same for any split and any W. (A mean of per-rank means is not.)
+        scale = info.world_size / sum(objective.global_count(self.task, b) for b in batches)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.training.grad_clip > 0:
+        total = torch.zeros((), dtype=torch.float64)
+        for k, batch in enumerate(batches):
+            # Gradients are all-reduced only after the last micro-batch of the step.
+            sync = k == len(batches) - 1 or not info.distributed
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with autocast(info.device, cfg.training.amp):
+                    outputs = self.model(batch.inputs, batch.lengths)
+                local_sum = objective.loss_sum(self.task, outputs, batch)
+                self.scaler.scale(local_sum * scale).backward()
+            total += local_sum.detach().double().cpu()
+        if cfg.training.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip)
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                       cfg.training.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return local_sum.detach().float().cpu()
+        return total
+
+    def _step_groups(self, start: int = 0) -> list[list[Step]]:
+        """This rank's steps of the epoch, grouped by ``training.grad_accum`` global batches."""
+        steps, accum = list(self.sampler.iter_from(start)), self.cfg.training.grad_accum
+        return [steps[i:i + accum] for i in range(0, len(steps), accum)]
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, info, log = self.cfg, self.info, self.log
         self.model.train()
         self.sampler.set_epoch(epoch)
-        steps = len(self.sampler)
-        log.start_progress(steps, f"epoch {epoch + 1}/{cfg.training.epochs}")
+        groups = self._step_groups()
+        log.start_progress(len(groups), f"epoch {epoch + 1}/{cfg.training.epochs}")
         window = torch.zeros(2, dtype=torch.float64)  # [loss sum, global count] since the last log line
         epoch_sum = torch.zeros(2, dtype=torch.float64)
-        real_tokens = padded_tokens = 0
+        # [real tokens, padded tokens computed by each rank ...]: padded includes filler steps.
+        tokens = torch.zeros(1 + info.world_size, dtype=torch.float64)
+        step_times: list[float] = []
         start = last = time.perf_counter()
         logged = 0  # steps already shown on the progress bar
-        for i, step in enumerate(self.sampler):
-            batch = collate(self.train_data, step).to(info.device)
-            local = self.train_step(batch)
+        for i, group in enumerate(groups):
+            step_start = time.perf_counter()
+            batches = [collate(self.train_data, step).to(info.device) for step in group]
+            local = self.train_step(*batches)
+            step_times.append(time.perf_counter() - step_start)
             self.step += 1
-            window += torch.tensor([float(local), objective.global_count(self.task, batch)], dtype=torch.float64)
-            real_tokens += batch.real_tokens
-            padded_tokens += batch.padded_tokens if step.real else 0
-            if (i + 1) % cfg.training.log_every == 0 or i + 1 == steps:
+            window += torch.tensor([float(local), sum(objective.global_count(self.task, b) for b in batches)],
+                                   dtype=torch.float64)
+            tokens[0] += sum(b.real_tokens for b in batches)
+            tokens[1 + info.rank] += sum(b.padded_tokens for b in batches)
+            if (i + 1) % cfg.training.log_every == 0 or i + 1 == len(groups):
                 # Every rank reaches this line on the same steps, so the all-reduce is safe.
                 loss_sum = float(all_reduce_sum(window[:1], info)[0])
                 train_loss = loss_sum / max(window[1].item(), 1.0)
@@ -169,21 +194,26 @@ class Trainer:
                 now = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.record({"kind": "train", "epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
-                            "lr": lr, "elapsed_s": now - start})
+                            "lr": lr, "grad_norm": self.last_grad_norm, "elapsed_s": now - start})
                 log.progress(i + 1 - logged, f"loss {train_loss:.4f}",
-                             f"epoch {epoch + 1} step {i + 1}/{steps} loss {train_loss:.4f} lr {lr:.2e} "
+                             f"epoch {epoch + 1} step {i + 1}/{len(groups)} loss {train_loss:.4f} lr {lr:.2e} "
                              f"({now - last:.1f}s)")
                 logged = i + 1
                 window.zero_()
                 last = now
         log.end_progress()
         seconds = time.perf_counter() - start
-        # Throughput over the whole job: real tokens and padded tokens summed over ranks.
-        totals = all_reduce_sum(torch.tensor([real_tokens, padded_tokens], dtype=torch.float64), info)
+        tokens = all_reduce_sum(tokens, info)
+        per_rank = [int(t) for t in tokens[1:]]
+        times = np.sort(np.asarray(step_times))
         return {"epoch": epoch + 1, "train_loss": float(epoch_sum[0] / max(float(epoch_sum[1]), 1.0)),
                 "train_s": seconds, "seq_per_s": len(self.train_data) / seconds,
-                "tokens_per_s": float(totals[0]) / seconds,
-                "padding_efficiency": float(totals[0] / max(float(totals[1]), 1.0))}
+                "tokens_per_s": float(tokens[0]) / seconds,
+                "padding_efficiency": float(tokens[0]) / max(sum(per_rank), 1),
+                "padded_tokens_per_rank": per_rank,
+                "straggler_ratio": straggler_ratio(self.sampler.batches(), self.train_data.lengths, info.world_size),
+                "step_s_p50": float(np.percentile(times, 50)), "step_s_p90": float(np.percentile(times, 90)),
+                "step_s_max": float(times[-1])}
 
     # -- the job --------------------------------------------------------------------------------
 
@@ -224,7 +254,8 @@ class Trainer:
             metrics = {f"val_{k}": v for k, v in val.items()}
             log.info(f"epoch {epoch + 1}/{cfg.training.epochs}  train_loss {row['train_loss']:.4f}  "
                      + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                     + f"  {row['tokens_per_s']:,.0f} tok/s  {row['train_s']:.1f}s")
+                     + f"  {row['tokens_per_s']:,.0f} tok/s  padding eff {row['padding_efficiency']:.3f}"
+                     f"  straggler {row['straggler_ratio']:.3f}  {row['train_s']:.1f}s")
             if self._improved(metrics[monitor]):
                 self.best = {"epoch": epoch + 1, "value": metrics[monitor], "metrics": metrics,
                              "path": self._save("best", epoch + 1, metrics)}
@@ -243,7 +274,7 @@ class Trainer:
                    "seq_per_s": sum(r["seq_per_s"] for r in self.history) / len(self.history)}
         log.record({"kind": "summary", **summary})
         columns = ["epoch", "train_loss", *[f"val_{k}" for k in objective.METRICS[self.task]],
-                   "seq_per_s", "tokens_per_s", "padding_efficiency", "train_s"]
+                   "seq_per_s", "tokens_per_s", "padding_efficiency", "straggler_ratio", "train_s"]
         log.info("\n" + format_table(self.history, columns))
         log.info(f"best {monitor} {self.best['value']:.4f} at epoch {self.best['epoch']}; "
                  f"{summary['seq_per_s']:,.0f} sequences/s, {summary['tokens_per_s']:,.0f} real tokens/s; "

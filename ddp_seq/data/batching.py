@@ -109,6 +109,17 @@ def padded_cost(share: np.ndarray, lengths: np.ndarray) -> int:
     return int(len(share) * lengths[share].max()) if len(share) else 0
 
 
+def straggler_ratio(batches: list[np.ndarray], lengths: np.ndarray, world_size: int) -> float:
+    """How long ranks wait on the slowest, if time is proportional to padded tokens:
+    ``sum over steps of max_r cost / sum over steps of mean_r cost`` (1.0 = perfectly balanced)."""
+    slowest = mean = 0.0
+    for batch in batches:
+        costs = [padded_cost(share, lengths) for share in split_shares(batch, lengths, world_size)]
+        slowest += max(costs)
+        mean += sum(costs) / world_size
+    return slowest / mean if mean else 1.0
+
+
 @dataclass
 class Step:
     """What one rank computes in one step: its share of a global batch.
