@@ -7,6 +7,7 @@ Under torchrun every rank hits the same error; only global rank 0 prints it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _holds_run(directory: Path) -> bool:
+    """A run directory counts as used once training recorded something: a checkpoint or a metric.
+
+    A run that failed at startup (bad device setting, say) leaves only its config and empty logs,
+    and does not block its name.
+    """
+    metrics = directory / "metrics.jsonl"
+    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    checkpoints = directory / "checkpoints"
+    return has_metrics or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+
 def _run_dir(cfg: Config, info) -> Path:
     """Rank 0 picks and creates ``<root>/<name>/`` and saves the resolved config; all ranks learn it.
 
@@ -43,7 +56,7 @@ def _run_dir(cfg: Config, info) -> Path:
         root = Path(cfg.logging.root)
         name = cfg.logging.name
         if name:
-            if (root / name).exists() and any((root / name).iterdir()):
+            if _holds_run(root / name):
                 decision = ("", f"logging.name: {root / name} already holds a run; choose another name")
         else:
             name = f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -85,7 +98,12 @@ START_MARK, END_MARK = "<!-- config-reference:start -->", "<!-- config-reference
 
 def update_reference(readme: Path) -> None:
     """Replace the text between the config-reference markers of ``readme`` with the current table."""
-    text = readme.read_text(encoding="utf-8")
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{readme}: cannot read ({e.strerror or e})") from None
+    if text.count(START_MARK) != 1 or text.count(END_MARK) != 1 or text.index(START_MARK) > text.index(END_MARK):
+        raise UserError(f"{readme}: needs exactly one {START_MARK} followed by one {END_MARK}; nothing written")
     head, _, rest = text.partition(START_MARK)
     _, _, tail = rest.partition(END_MARK)
     readme.write_text(f"{head}{START_MARK}\n{reference_markdown()}\n{END_MARK}{tail}", encoding="utf-8")
@@ -93,16 +111,19 @@ def update_reference(readme: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ddp-seq`` console script; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    if args.command == "config-reference":
-        if args.update:
-            update_reference(Path(args.update))
-        else:
-            print(reference_markdown())
-        return 0
-    from .dist import env_rank
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
 
+        return bench_main(argv[1:])
+    args = _parser().parse_args(argv)
     try:
+        if args.command == "config-reference":
+            if args.update:
+                update_reference(Path(args.update))
+            else:
+                print(reference_markdown())
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-config":
             print(dump_yaml(cfg), end="")
@@ -110,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
         return 0
     except UserError as e:
-        if env_rank() == 0:
+        # Every rank meets the same error; only global rank 0 reports it. RANK is read here
+        # directly because importing ddp_seq.dist would load torch, and config errors must be fast.
+        if os.environ.get("RANK", "0") in ("", "0"):
             print(f"ddp-seq: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 

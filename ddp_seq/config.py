@@ -162,6 +162,21 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     setattr(section, key, _coerce(dotted, value, type(getattr(section, key))))
 
 
+def _is_string_key(cfg: Config, dotted: str) -> bool:
+    """Whether ``dotted`` names a string field: its override text is taken literally ('007' stays '007')."""
+    section_name, _, key = dotted.partition(".")
+    section = _sections(cfg).get(section_name)
+    return section is not None and isinstance(getattr(section, key, None), str)
+
+
+def _parse_scalar(raw: str) -> Any:
+    """An override's text read as a YAML scalar (``true``, ``3``, ``3e-3``); unparsable text stays text."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's constraints and the cross-field rules; return ``cfg``."""
     for section_name, section in _sections(cfg).items():
@@ -223,11 +238,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         dotted, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"{item}: overrides are written section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        _set(cfg, dotted.strip(), value)
+        dotted = dotted.strip()
+        _set(cfg, dotted, raw if _is_string_key(cfg, dotted) else _parse_scalar(raw))
     return validate(cfg)
 
 

@@ -1,0 +1,142 @@
+"""``ddp-seq bench``: training configurations measured side by side, in one run, on real torchrun jobs.
+
+Variants run in alternation (A B A B ...) and each figure is the median over repeats, because the
+machine is shared and noisy: ratios measured in the same run are the headline, absolute numbers
+second. Each run is an ordinary ``train.py`` job; its figures come from its ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .runlog import format_table
+
+#: name -> (world size, overrides). ``base`` overrides apply to every variant of the suite.
+SUITES: dict[str, dict[str, Any]] = {
+    "batching": {
+        "base": ["training.epochs=3"],
+        "variants": {
+            "random+packed": (2, ["batching.strategy=random", "model.execution=packed"]),
+            "random+padded": (2, ["batching.strategy=random", "model.execution=padded"]),
+            "bucket+packed": (2, ["batching.strategy=bucket", "model.execution=packed"]),
+            "bucket+auto": (2, ["batching.strategy=bucket", "model.execution=auto"]),
+        },
+        "baseline": "random+packed",
+    },
+}
+
+#: A few seconds a run: exercises the whole suite's code in the test suite.
+QUICK = ["data.num_train=256", "data.num_val=64", "data.max_length=60", "model.hidden=16", "model.layers=1",
+         "training.epochs=2", "batching.batch_size=32", "training.warmup_steps=2"]
+
+
+def run_once(world_size: int, overrides: list[str], root: Path, name: str, config: str) -> list[dict[str, Any]]:
+    """Train one job (torchrun when ``world_size`` > 1) and return its ``metrics.jsonl`` records."""
+    args = ["--config", config, *overrides, f"logging.root={root}", f"logging.name={name}",
+            "logging.progress=none", "checkpoint.save=false"]
+    if world_size > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+               "-m", "ddp_seq", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "ddp_seq", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench run {name} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    lines = (root / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def summarise(records: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
+    """One run's figures: throughput over all epochs, balance, and the monitored metric per epoch."""
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    seconds = sum(r["train_s"] for r in epochs)
+    real_tokens = sum(r["tokens_per_s"] * r["train_s"] for r in epochs)
+    elapsed, curve = 0.0, []
+    for r in epochs:
+        elapsed += r["train_s"]
+        curve.append((elapsed, r[monitor]))
+    return {"tokens_per_s": real_tokens / seconds, "seq_per_s": statistics.mean(r["seq_per_s"] for r in epochs),
+            "epoch_s": seconds / len(epochs),
+            "padding_efficiency": statistics.mean(r["padding_efficiency"] for r in epochs),
+            "straggler_ratio": statistics.mean(r["straggler_ratio"] for r in epochs),
+            "final_metric": epochs[-1][monitor], "curve": curve}
+
+
+def metric_at(curve: list[tuple[float, float]], seconds: float) -> float | None:
+    """The metric of the last evaluation reached within ``seconds`` of training (None if none was)."""
+    reached = [m for t, m in curve if t <= seconds + 1e-9]
+    return reached[-1] if reached else None
+
+
+def run_suite(suite: str, repeats: int, quick: bool, config: str, monitor: str = "val_accuracy") -> dict[str, Any]:
+    """Run every variant ``repeats`` times in alternation; return per-variant medians and ratios."""
+    spec = SUITES[suite]
+    base = spec["base"] + (QUICK if quick else [])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in spec["variants"]}
+    with tempfile.TemporaryDirectory(prefix="ddp-seq-bench-") as tmp:
+        for rep in range(repeats):
+            for name, (world_size, overrides) in spec["variants"].items():
+                records = run_once(world_size, base + overrides, Path(tmp), f"{name.replace('+', '_')}-{rep}", config)
+                runs[name].append(summarise(records, monitor))
+                print(f"  {name} #{rep + 1}: {runs[name][-1]['tokens_per_s']:,.0f} tok/s, "
+                      f"{monitor} {runs[name][-1]['final_metric']:.4f}", flush=True)
+    rows = {}
+    for name, results in runs.items():
+        row = {k: statistics.median(r[k] for r in results) for k in results[0] if k != "curve"}
+        row["curve"] = results[len(results) // 2]["curve"]
+        rows[name] = row
+    budget = min(row["curve"][-1][0] for row in rows.values())  # the fastest variant's total time
+    baseline = rows[spec["baseline"]]["tokens_per_s"]
+    for row in rows.values():
+        row["speedup"] = row["tokens_per_s"] / baseline
+        row["metric_at_budget"] = metric_at(row["curve"], budget)
+    return {"suite": suite, "monitor": monitor, "repeats": repeats, "quick": quick, "base_overrides": base,
+            "budget_s": budget, "baseline": spec["baseline"], "variants": rows, "machine": machine()}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"host": platform.node(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The suite's result as a text table."""
+    monitor = result["monitor"]
+    rows = [{"variant": name, **{k: v for k, v in row.items() if k != "curve"}}
+            for name, row in result["variants"].items()]
+    columns = ["variant", "tokens_per_s", "speedup", "seq_per_s", "epoch_s", "padding_efficiency",
+               "straggler_ratio", "final_metric", "metric_at_budget"]
+    return (f"suite {result['suite']} ({result['repeats']} alternating repeats, medians; {monitor} after the "
+            f"fixed epochs and at the fastest variant's total time, {result['budget_s']:.1f}s)\n"
+            + format_table(rows, columns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddp-seq bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="batching", choices=sorted(SUITES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, measures nothing")
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--out", default=None, help="write the result as JSON to this file")
+    args = parser.parse_args(argv)
+    result = run_suite(args.suite, args.repeats, args.quick, args.config)
+    print(render(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0

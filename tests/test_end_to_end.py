@@ -1,0 +1,169 @@
+"""The real job: ``torchrun --nproc_per_node=2 train.py`` and ``python train.py`` on a tiny config."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY_YAML, Proc, python, torchrun
+
+from ddp_seq.checkpoint import load_checkpoint, model_from_checkpoint
+from ddp_seq.config import from_dict, load_config
+from ddp_seq.data.synthetic import make_synthetic, num_outputs
+from ddp_seq.dist import DistInfo
+from ddp_seq.model import build_model
+from ddp_seq.objective import METRICS
+from ddp_seq.trainer import evaluate
+
+pytestmark = pytest.mark.slow
+
+SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
+RUN_FILES = ["config.yaml", "train.log", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt"]
+
+
+class Run:
+    def __init__(self, proc: Proc, root: Path, name: str, yaml_path: Path, overrides: list[str]) -> None:
+        self.proc, self.root, self.name, self.yaml_path, self.overrides = proc, root, name, yaml_path, overrides
+        self.dir = root / name
+
+    def records(self) -> list[dict]:
+        lines = (self.dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def epochs(self) -> dict[int, dict]:
+        return {r["epoch"]: r for r in self.records() if r["kind"] == "epoch"}
+
+
+def start(tmp: Path, launcher, name: str, extra: list[str] = ()) -> Run:
+    yaml_path = tmp / "tiny.yaml"
+    yaml_path.write_text(TINY_YAML, encoding="utf-8")
+    root = tmp / "runs"
+    overrides = [f"logging.root={root}", f"logging.name={name}", *extra]
+    proc = launcher("train.py", "--config", yaml_path, *overrides)
+    return Run(proc, root, name, yaml_path, overrides)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Run:
+    return start(tmp_path_factory.mktemp("e2e"), torchrun, "e2e")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Run:
+    # a different task through the single-process path: per-token normalisation, val_loss monitor
+    return start(tmp_path_factory.mktemp("single"), python, "single",
+                 ["data.task=tag", "training.monitor=val_loss", "model.bidirectional=true"])
+
+
+def check_run_directory(run: Run, world_size: int) -> None:
+    run.proc.check(0)
+    assert "Traceback" not in run.proc.stderr, run.proc.report()
+    for rel in RUN_FILES:
+        assert (run.dir / rel).is_file(), f"{rel} missing\n" + run.proc.report()
+    cfg = load_config(str(run.yaml_path), run.overrides)
+    assert load_config(str(run.dir / "config.yaml")) == cfg, "config.yaml is not the resolved config"
+    log = (run.dir / "train.log").read_text()
+    assert f"world size {world_size}" in log
+    assert f"epoch {cfg.training.epochs}/{cfg.training.epochs}" in log
+    # only rank 0 prints: the closing lines appear once however many ranks ran
+    assert run.proc.stdout.count("best checkpoint:") == 1, run.proc.report()
+    assert run.proc.stdout.count("run directory:") == 1, run.proc.report()
+
+    records = run.records()
+    epochs = run.epochs()
+    assert sorted(epochs) == list(range(1, cfg.training.epochs + 1))
+    for row in epochs.values():
+        for metric in METRICS[cfg.data.task]:
+            assert math.isfinite(row[f"val_{metric}"])
+        assert math.isfinite(row["train_loss"])
+    assert any(r["kind"] == "train" for r in records)
+    summary = [r for r in records if r["kind"] == "summary"]
+    assert len(summary) == 1 and summary[0]["best_epoch"] in epochs
+
+
+def check_checkpoints_reproduce_logged_metrics(run: Run) -> None:
+    epochs = run.epochs()
+    monitor = load_config(str(run.dir / "config.yaml")).training.monitor
+    summary = next(r for r in run.records() if r["kind"] == "summary")
+    for name in ("best", "last"):
+        path = run.dir / "checkpoints" / f"{name}.pt"
+        raw = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+        state = load_checkpoint(path)
+        assert raw.keys() == state.keys() and {"model", "config", "epoch", "metrics", "num_inputs"} <= raw.keys()
+        epoch = state["epoch"]
+        if name == "last":
+            assert epoch == max(epochs)
+        else:
+            assert epoch == summary["best_epoch"]
+            assert summary[f"best_{monitor}"] == epochs[epoch][monitor]
+
+        cfg = from_dict(state["config"])
+        val = make_synthetic(cfg.data, "val")
+        model = build_model(cfg.data.task, state["num_inputs"], num_outputs(cfg.data), cfg.model)
+        model.load_state_dict(state["model"])
+        got = {f"val_{k}": v for k, v in evaluate(model, val, cfg, SINGLE).items()}
+        logged = epochs[epoch]
+        for key, value in got.items():
+            assert abs(value - logged[key]) <= 1e-6, (name, key, value, logged[key])
+            assert abs(value - state["metrics"][key]) <= 1e-6, (name, key, value, state["metrics"][key])
+
+        rebuilt, cfg2, _ = model_from_checkpoint(path)
+        assert cfg2 == cfg
+        again = {f"val_{k}": v for k, v in evaluate(rebuilt, val, cfg2, SINGLE).items()}
+        assert again.keys() == got.keys()
+        for key in got:
+            assert abs(again[key] - got[key]) <= 1e-6
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_torchrun_two_ranks_writes_the_run(ddp_run):
+    check_run_directory(ddp_run, world_size=2)
+
+
+def test_torchrun_checkpoints_reproduce_logged_val_metrics(ddp_run):
+    ddp_run.proc.check(0)
+    check_checkpoints_reproduce_logged_metrics(ddp_run)
+
+
+def test_single_process_run(single_run):
+    check_run_directory(single_run, world_size=1)
+    check_checkpoints_reproduce_logged_metrics(single_run)
+
+
+def test_existing_run_directory_is_refused_and_left_untouched(ddp_run):
+    ddp_run.proc.check(0)
+    before = snapshot(ddp_run.dir)
+    assert set(RUN_FILES) <= set(before)
+
+    single = python("train.py", "--config", ddp_run.yaml_path, *ddp_run.overrides)
+    single.check(2)
+    lines = single.stderr.strip().splitlines()
+    assert len(lines) == 1 and "logging.name" in lines[0], single.report()
+    assert "Traceback" not in single.stderr
+    assert snapshot(ddp_run.dir) == before
+
+    # under torchrun every rank refuses; only rank 0 prints the error (torchrun itself exits 1)
+    multi = torchrun("train.py", "--config", ddp_run.yaml_path, *ddp_run.overrides)
+    assert multi.returncode != 0, multi.report()
+    assert (multi.stdout + multi.stderr).count("ddp-seq: error: logging.name") == 1, multi.report()
+    assert snapshot(ddp_run.dir) == before
+
+
+def test_run_that_fails_at_startup_does_not_block_its_name(tmp_path):
+    """A user error found while the job starts (fp16 on a CPU) leaves no run behind: after fixing
+    the config, the same logging.name must be usable (it holds no run: no checkpoint, no metrics)."""
+    yaml_path = tmp_path / "tiny.yaml"
+    yaml_path.write_text(TINY_YAML, encoding="utf-8")
+    common = ["--config", yaml_path, f"logging.root={tmp_path / 'runs'}", "logging.name=retry", "training.epochs=1"]
+    failed = python("train.py", *common, "training.amp=fp16")
+    failed.check(2)
+    assert failed.stderr.strip().count("\n") == 0 and "training.amp" in failed.stderr, failed.report()
+    assert not (tmp_path / "runs" / "retry" / "checkpoints").exists()
+    python("train.py", *common).check(0)
