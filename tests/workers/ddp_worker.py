@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ddp_seq import dist as ddist
+from ddp_seq.cli import exit_worker
 from ddp_seq.config import load_config
 from ddp_seq.data.collate import collate
 from ddp_seq.runlog import NullLogger
@@ -76,4 +77,6 @@ def main(spec_path: str, out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    code = main(*sys.argv[1:])
+    exit_worker(code)  # under torchrun: skip the interpreter finalisation that can abort (see cli)
+    sys.exit(code)
