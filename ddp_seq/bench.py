@@ -30,6 +30,9 @@ SUITES: dict[str, dict[str, Any]] = {
             "random+padded": (2, ["batching.strategy=random", "model.execution=padded"]),
             "bucket+packed": (2, ["batching.strategy=bucket", "model.execution=packed"]),
             "bucket+auto": (2, ["batching.strategy=bucket", "model.execution=auto"]),
+            "bucket+auto noise0.2": (2, ["batching.strategy=bucket", "model.execution=auto",
+                                         "batching.padding_noise=0.2"]),
+            "bucket+auto pool5": (2, ["batching.strategy=bucket", "model.execution=auto", "batching.pool=5"]),
         },
         "baseline": "random+packed",
     },
@@ -88,7 +91,7 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str, monitor: str =
     with tempfile.TemporaryDirectory(prefix="ddp-seq-bench-") as tmp:
         for rep in range(repeats):
             for name, (world_size, overrides) in spec["variants"].items():
-                records = run_once(world_size, base + overrides, Path(tmp), f"{name.replace('+', '_')}-{rep}", config)
+                records = run_once(world_size, base + overrides, Path(tmp), f"{name.replace('+', '_').replace(' ', '_')}-{rep}", config)
                 runs[name].append(summarise(records, monitor))
                 print(f"  {name} #{rep + 1}: {runs[name][-1]['tokens_per_s']:,.0f} tok/s, "
                       f"{monitor} {runs[name][-1]['final_metric']:.4f}", flush=True)

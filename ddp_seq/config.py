@@ -56,6 +56,8 @@ class BatchingConfig:
     batch_size: int = opt(64, "sequences per global batch (split across all ranks)", ge=1)
     max_tokens: int = opt(0, "padded-token budget per global batch (batch x longest); 0 = off", ge=0)
     pool: int = opt(50, "bucket: sort by length inside pools of this many batches", ge=1)
+    padding_noise: float = opt(0.0, "bucket: sort by length x U(1-noise, 1+noise): more randomness, more padding",
+                               ge=0, le=1)
     eval_batch_size: int = opt(256, "sequences per global batch in evaluation", ge=1)
 
 

@@ -57,7 +57,7 @@ def make_sampler(data: SequenceData, cfg: Config, info: DistInfo, train: bool) -
     return ShardedBatchSampler(data.lengths, rank=info.rank, world_size=info.world_size,
                                batch_size=b.batch_size if train else b.eval_batch_size,
                                max_tokens=b.max_tokens if train else 0, strategy=b.strategy, pool=b.pool,
-                               seed=cfg.training.seed, shuffle=train)
+                               padding_noise=b.padding_noise, seed=cfg.training.seed, shuffle=train)
 
 
 @torch.no_grad()

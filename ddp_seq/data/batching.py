@@ -40,12 +40,14 @@ def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: in
 
 
 def global_batches(lengths: np.ndarray, *, batch_size: int, max_tokens: int = 0, strategy: str = "random",
-                   pool: int = 50, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list[np.ndarray]:
+                   pool: int = 50, padding_noise: float = 0.0, seed: int = 0, epoch: int = 0,
+                   shuffle: bool = True) -> list[np.ndarray]:
     """The epoch's global batches (arrays of sample indices); every index appears exactly once.
 
-    ``random``: shuffle, cut. ``bucket``: shuffle, sort by length inside pools of ``pool`` batches,
-    cut, then shuffle the batches so that lengths do not come in order. ``shuffle=False`` (evaluation)
-    sorts everything by length for the least padding.
+    ``random``: shuffle, cut. ``bucket``: shuffle, sort by length inside pools of ``pool`` batches
+    (by ``length * U(1 - padding_noise, 1 + padding_noise)``, as AllenNLP does, so that batches mix
+    neighbouring lengths), cut, then shuffle the batches so that lengths do not come in order.
+    ``shuffle=False`` (evaluation) sorts everything by length for the least padding.
     """
     n = len(lengths)
     if not shuffle:
@@ -56,10 +58,11 @@ def global_batches(lengths: np.ndarray, *, batch_size: int, max_tokens: int = 0,
     if strategy == "random":
         return _cut(order, lengths, batch_size, max_tokens)
     pool_size = batch_size * pool
+    sort_key = lengths * rng.uniform(1 - padding_noise, 1 + padding_noise, size=n) if padding_noise else lengths
     batches: list[np.ndarray] = []
     for start in range(0, n, pool_size):
         chunk = order[start:start + pool_size]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        chunk = chunk[np.argsort(-sort_key[chunk], kind="stable")]
         batches.extend(_cut(chunk, lengths, batch_size, max_tokens))
     return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -142,12 +145,12 @@ class ShardedBatchSampler:
     """
 
     def __init__(self, lengths: np.ndarray, *, rank: int, world_size: int, batch_size: int,
-                 max_tokens: int = 0, strategy: str = "random", pool: int = 50, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 max_tokens: int = 0, strategy: str = "random", pool: int = 50, padding_noise: float = 0.0,
+                 seed: int = 0, shuffle: bool = True) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.rank, self.world_size = rank, world_size
         self.options = dict(batch_size=batch_size, max_tokens=max_tokens, strategy=strategy, pool=pool,
-                            seed=seed, shuffle=shuffle)
+                            padding_noise=padding_noise, seed=seed, shuffle=shuffle)
         self.epoch = 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
