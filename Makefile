@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-single test test-fast lint clean
+.PHONY: help install train train-single test test-fast lint bench clean
 
 help:  ## list the targets
 	@echo "ddp_seq make targets (overrides: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='section.key=value ...'):"
@@ -45,6 +45,10 @@ test-fast: $(STAMP)  ## the tests that start no extra processes
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check ddp_seq tests train.py
+
+bench: $(STAMP)  ## benchmark batching strategies and execution paths side by side (~20 min)
+	@mkdir -p bench/results
+	$(BIN)/ddp-seq bench --suite batching --config $(CONFIG) --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-batching.json
 
 clean:  ## remove runs/, caches and .venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV) *.egg-info

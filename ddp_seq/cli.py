@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import Config, UserError, dump_yaml, load_config, reference_markdown
 
 EXIT_USER_ERROR = 2
+COMMANDS = ("train", "check-config", "config-reference", "bench")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,6 +158,6 @@ def exit_worker(code: int) -> None:
 def train_main() -> int:
     """``train.py`` / ``python -m ddp_seq``: ``train`` is implied."""
     argv = sys.argv[1:]
-    if not argv or argv[0] not in ("train", "check-config", "config-reference", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["train", *argv]
     return main(argv)

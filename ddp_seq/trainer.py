@@ -75,7 +75,7 @@ def evaluate(module: SeqModel, data: SequenceData, cfg: Config, info: DistInfo) 
         batch = collate(data, step).to(info.device)
         with autocast(info.device, cfg.training.amp):
             outputs = module(batch.inputs, batch.lengths)
-        part = objective.metric_sums(cfg.data.task, outputs, batch).cpu()
+        part = objective.metric_sums(cfg.data.task, outputs, batch)  # stays on the device: no sync per batch
         sums = part if sums is None else sums + part
     module.train(was_training)
     return objective.finalize(cfg.data.task, all_reduce_sum(sums, info))
@@ -109,7 +109,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.training.amp == "fp16")
         self.step = 0
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None  # read when logging only
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
 
@@ -127,7 +127,8 @@ class Trainer:
     def train_step(self, *batches: Batch) -> torch.Tensor:
         """One optimizer step over one or more global batches' shares (gradient accumulation).
 
-        Returns the detached local loss *sum* over all of them.
+        Returns the detached local loss *sum* over all of them, on the device (reading it would
+        wait for the device; the caller reads it only when it logs).
         """
         cfg, info = self.cfg, self.info
         # Loss normalisation. N = global count of the whole accumulated batch (sequences, or real
@@ -139,7 +140,7 @@ class Trainer:
         # the same for any split and any W. (A mean of per-rank means is not.)
         scale = info.world_size / sum(objective.global_count(self.task, b) for b in batches)
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=info.device)
         for k, batch in enumerate(batches):
             # Gradients are all-reduced only after the last micro-batch of the step.
             sync = k == len(batches) - 1 or not info.distributed
@@ -148,11 +149,10 @@ class Trainer:
                     outputs = self.model(batch.inputs, batch.lengths)
                 local_sum = objective.loss_sum(self.task, outputs, batch)
                 self.scaler.scale(local_sum * scale).backward()
-            total += local_sum.detach().double().cpu()
+            total += local_sum.detach().double()
         if cfg.training.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                       cfg.training.grad_clip))
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.training.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -169,8 +169,9 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         groups = self._step_groups()
         log.start_progress(len(groups), f"epoch {epoch + 1}/{cfg.training.epochs}")
-        window = torch.zeros(2, dtype=torch.float64)  # [loss sum, global count] since the last log line
-        epoch_sum = torch.zeros(2, dtype=torch.float64)
+        # Since the last log line: the local loss sum (on the device) and the global count.
+        window_loss, window_count = torch.zeros(1, dtype=torch.float64, device=info.device), 0
+        epoch_loss = epoch_count = 0.0
         # [real tokens, padded tokens computed by each rank ...]: padded includes filler steps.
         tokens = torch.zeros(1 + info.world_size, dtype=torch.float64)
         step_times: list[float] = []
@@ -182,31 +183,33 @@ class Trainer:
             local = self.train_step(*batches)
             step_times.append(time.perf_counter() - step_start)
             self.step += 1
-            window += torch.tensor([float(local), sum(objective.global_count(self.task, b) for b in batches)],
-                                   dtype=torch.float64)
+            window_loss += local
+            window_count += sum(objective.global_count(self.task, b) for b in batches)
             tokens[0] += sum(b.real_tokens for b in batches)
             tokens[1 + info.rank] += sum(b.padded_tokens for b in batches)
             if (i + 1) % cfg.training.log_every == 0 or i + 1 == len(groups):
                 # Every rank reaches this line on the same steps, so the all-reduce is safe.
-                loss_sum = float(all_reduce_sum(window[:1], info)[0])
-                train_loss = loss_sum / max(window[1].item(), 1.0)
-                epoch_sum += torch.tensor([loss_sum, window[1].item()], dtype=torch.float64)
+                loss_sum = float(all_reduce_sum(window_loss, info)[0])
+                train_loss = loss_sum / max(window_count, 1)
+                epoch_loss, epoch_count = epoch_loss + loss_sum, epoch_count + window_count
                 now = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.record({"kind": "train", "epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
-                            "lr": lr, "grad_norm": self.last_grad_norm, "elapsed_s": now - start})
+                            "lr": lr, "elapsed_s": now - start,
+                            "grad_norm": None if self.last_grad_norm is None else float(self.last_grad_norm)})
                 log.progress(i + 1 - logged, f"loss {train_loss:.4f}",
                              f"epoch {epoch + 1} step {i + 1}/{len(groups)} loss {train_loss:.4f} lr {lr:.2e} "
                              f"({now - last:.1f}s)")
                 logged = i + 1
-                window.zero_()
+                window_loss.zero_()
+                window_count = 0
                 last = now
         log.end_progress()
         seconds = time.perf_counter() - start
         tokens = all_reduce_sum(tokens, info)
         per_rank = [int(t) for t in tokens[1:]]
         times = np.sort(np.asarray(step_times))
-        return {"epoch": epoch + 1, "train_loss": float(epoch_sum[0] / max(float(epoch_sum[1]), 1.0)),
+        return {"epoch": epoch + 1, "train_loss": epoch_loss / max(epoch_count, 1),
                 "train_s": seconds, "seq_per_s": len(self.train_data) / seconds,
                 "tokens_per_s": float(tokens[0]) / seconds,
                 "padding_efficiency": float(tokens[0]) / max(sum(per_rank), 1),
