@@ -46,8 +46,9 @@ test-fast: $(STAMP)  ## the tests that start no extra processes
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check ddp_seq tests train.py
 
-bench: $(STAMP)  ## benchmark batching strategies and execution paths side by side (~20 min)
+bench: $(STAMP)  ## benchmark execution paths, then batching strategies, side by side (~40 min)
 	@mkdir -p bench/results
+	$(BIN)/ddp-seq bench --suite execution --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-execution.json
 	$(BIN)/ddp-seq bench --suite batching --config $(CONFIG) --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-batching.json
 
 clean:  ## remove runs/, caches and .venv

@@ -112,6 +112,60 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str, monitor: str =
             "budget_s": budget, "baseline": spec["baseline"], "variants": rows, "machine": machine()}
 
 
+def execution_matrix(repeats: int = 3, quick: bool = False) -> dict[str, Any]:
+    """Packed vs padded forward+backward of SeqModel (2 layers, hidden 128) on one thread, for every
+    cell and direction, on length-bucketed and on random batches: what ``model.execution=auto``
+    is chosen from. Alternates the two paths; medians of ``repeats``."""
+    import numpy as np
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = _execution_rows(repeats, quick, rng=np.random.default_rng(0))
+    finally:
+        torch.set_num_threads(threads)
+    return {"suite": "execution", "repeats": repeats, "quick": quick, "variants": rows, "machine": machine()}
+
+
+def _execution_rows(repeats: int, quick: bool, rng) -> dict[str, dict[str, float]]:
+    import numpy as np
+    import torch
+
+    from .config import ModelConfig
+    from .model import SeqModel
+
+    hidden, batches, batch_size = (16, 2, 8) if quick else (128, 6, 32)
+
+    def make_batch(bucketed: bool):
+        lengths = np.clip(rng.lognormal(np.log(45), 0.8, batch_size), 1, 400).astype(np.int64)
+        if bucketed:  # a bucketed batch: lengths within a few steps of each other
+            lengths = np.full(batch_size, int(np.median(lengths))) + rng.integers(0, 3, batch_size)
+        return torch.randn(batch_size, int(lengths.max()), 8), torch.from_numpy(lengths)
+
+    rows = {}
+    for cell in ("lstm", "gru"):
+        for bidirectional in (False, True):
+            for bucketed in (True, False):
+                data = [make_batch(bucketed) for _ in range(batches)]
+                tokens = sum(int(lengths.sum()) for _, lengths in data)
+                speed: dict[str, list[float]] = {"packed": [], "padded": []}
+                for _ in range(repeats):
+                    for execution in speed:
+                        torch.manual_seed(0)
+                        cfg = ModelConfig(cell=cell, hidden=hidden, layers=2, bidirectional=bidirectional)
+                        model = SeqModel("classify", 8, 4, cfg, execution=execution)
+                        start = time.perf_counter()
+                        for x, lengths in data:
+                            model(x, lengths).sum().backward()
+                        speed[execution].append(tokens / (time.perf_counter() - start))
+                name = f"{cell} {'bi' if bidirectional else 'uni'} {'bucket' if bucketed else 'random'}"
+                packed, padded = statistics.median(speed["packed"]), statistics.median(speed["padded"])
+                rows[name] = {"packed_tokens_per_s": packed, "padded_tokens_per_s": padded,
+                              "padded_over_packed": padded / packed}
+    return rows
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -134,14 +188,19 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddp-seq bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="batching", choices=sorted(SUITES))
+    parser.add_argument("--suite", default="batching", choices=sorted([*SUITES, "execution"]))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, measures nothing")
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--out", default=None, help="write the result as JSON to this file")
     args = parser.parse_args(argv)
-    result = run_suite(args.suite, args.repeats, args.quick, args.config)
-    print(render(result))
+    if args.suite == "execution":
+        result = execution_matrix(args.repeats, args.quick)
+        print(format_table([{"configuration": k, **v} for k, v in result["variants"].items()],
+                           ["configuration", "packed_tokens_per_s", "padded_tokens_per_s", "padded_over_packed"]))
+    else:
+        result = run_suite(args.suite, args.repeats, args.quick, args.config)
+        print(render(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

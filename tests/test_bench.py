@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import python
 
-from ddp_seq.bench import SUITES, metric_at, summarise
+from ddp_seq.bench import SUITES, execution_matrix, metric_at, summarise
 
 
 def test_summarise_and_metric_at_budget():
@@ -38,3 +38,11 @@ def test_quick_suite_runs_every_variant(tmp_path):
         assert name in proc.stdout
     bucket, random = result["variants"]["bucket+auto"], result["variants"]["random+packed"]
     assert bucket["padding_efficiency"] > random["padding_efficiency"]
+
+
+def test_execution_matrix_quick_covers_every_configuration():
+    result = execution_matrix(repeats=1, quick=True)
+    assert len(result["variants"]) == 8  # lstm/gru x uni/bi x bucketed/random
+    for name, row in result["variants"].items():
+        assert row["packed_tokens_per_s"] > 0 and row["padded_tokens_per_s"] > 0, name
+        assert row["padded_over_packed"] == pytest.approx(row["padded_tokens_per_s"] / row["packed_tokens_per_s"])
