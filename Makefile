@@ -40,7 +40,7 @@ train-single: $(STAMP)  ## train CONFIG in one process, no torchrun
 test: $(STAMP)  ## the whole test suite (real torchrun processes on gloo)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)  ## the tests that start no extra processes
+test-fast: $(STAMP)  ## the tests not marked slow (no torchrun launches)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff

@@ -18,8 +18,6 @@ from tqdm import tqdm
 class NullLogger:
     """The logger of every rank but 0: does nothing."""
 
-    run_dir: Path | None = None
-
     def info(self, message: str) -> None:
         pass
 
