@@ -45,11 +45,6 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}: expected an integer, got {raw!r}") from None
 
 
-def env_rank() -> int:
-    """Global rank from torchrun's environment (0 when not launched by torchrun)."""
-    return _env_int("RANK", 0)
-
-
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -67,7 +62,7 @@ def _pick_backend(requested: str) -> str:
 
 def setup(cfg: DistributedConfig) -> DistInfo:
     """Read torchrun's variables, pick device and backend, set threads, join the process group."""
-    rank = env_rank()
+    rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
@@ -102,9 +97,9 @@ def distributed(cfg: DistributedConfig) -> Iterator[DistInfo]:
     info = setup(cfg)
     try:
         yield info
-        # Ranks reach the end at different times; destroying the group while a peer is still
-        # tearing down its DDP reducer can abort a process (seen with torch 2.13 + gloo, about
-        # 1 run in 20). A barrier first lines them up. Skipped after an error: a peer may be gone.
+        # Ranks reach the end at different times; a barrier lines them up before the group is
+        # destroyed, so none tears down while a peer still talks to it. Skipped after an error:
+        # a peer may be gone. (The gloo abort at interpreter exit is handled by cli.exit_worker.)
         if info.distributed:
             dist.barrier()
     finally:

@@ -115,11 +115,11 @@ class Trainer:
 
     def _count_steps(self) -> int:
         """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
-        counter, accum = make_sampler(self.train_data, self.cfg, self.info, train=True), self.cfg.training.grad_accum
-        total = 0
+        accum, total = self.cfg.training.grad_accum, 0
         for epoch in range(self.cfg.training.epochs):
-            counter.set_epoch(epoch)
-            total += -(-len(counter) // accum)
+            self.sampler.set_epoch(epoch)
+            total += -(-len(self.sampler) // accum)
+        self.sampler.set_epoch(0)
         return total
 
     # -- training -------------------------------------------------------------------------------
@@ -158,9 +158,9 @@ class Trainer:
         self.scheduler.step()
         return total
 
-    def _step_groups(self, start: int = 0) -> list[list[Step]]:
+    def _step_groups(self) -> list[list[Step]]:
         """This rank's steps of the epoch, grouped by ``training.grad_accum`` global batches."""
-        steps, accum = list(self.sampler.iter_from(start)), self.cfg.training.grad_accum
+        steps, accum = list(self.sampler), self.cfg.training.grad_accum
         return [steps[i:i + accum] for i in range(0, len(steps), accum)]
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
