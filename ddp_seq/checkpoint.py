@@ -7,6 +7,7 @@ unpickling arbitrary classes -- so loading it can never execute code from the fi
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 
 from .config import UserError
 
-FORMAT_VERSION = 1
+# 2: resumable mid-epoch (position, RNG states, history, num_outputs).
+FORMAT_VERSION = 2
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -66,17 +68,46 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def check_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, source: str) -> None:
+    """Refuse weights that do not fit ``module``, naming the first mismatching parameter."""
+    expected = module.state_dict()
+    for name, tensor in expected.items():
+        if name not in saved:
+            raise UserError(f"{source}: checkpoint has no parameter {name!r}: it was saved from a different model "
+                            "(compare the model.* keys)")
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise UserError(f"{source}: parameter {name!r} has shape {list(saved[name].shape)} in the checkpoint "
+                            f"but {list(tensor.shape)} for this config (compare the model.* and data.* keys)")
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise UserError(f"{source}: checkpoint has parameter {extra[0]!r} that this config's model lacks "
+                        "(compare the model.* keys)")
+
+
+def link_latest(target: Path, link: Path) -> None:
+    """Point ``link`` (e.g. ``last.pt``) at ``target`` without writing the bytes again.
+
+    A hard link made under a temporary name and renamed over ``link``, so readers see the old file
+    or the new one; falls back to a copy where hard links are not supported.
+    """
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
 def model_from_checkpoint(path: str | Path):
     """Rebuild the model saved in a checkpoint: returns ``(model, config, checkpoint dict)`` on the CPU."""
     from .config import from_dict
-    from .data.synthetic import num_outputs
     from .model import build_model
 
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
-    model = build_model(cfg.data.task, state["num_inputs"], num_outputs(cfg.data), cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: model weights do not fit its config ({str(e).splitlines()[-1].strip()})") from None
+    model = build_model(cfg.data.task, state["num_inputs"], state["num_outputs"], cfg.model)
+    check_shapes(state["model"], model, str(path))
+    model.load_state_dict(state["model"])
     return model, cfg, state

@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import Config, UserError, dump_yaml, load_config, reference_markdown
 
 EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
 COMMANDS = ("train", "check-config", "config-reference", "bench")
 
 
@@ -45,37 +46,80 @@ def _holds_run(directory: Path) -> bool:
     return has_metrics or (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
-def _run_dir(cfg: Config, info) -> Path:
-    """Rank 0 picks and creates ``<root>/<name>/`` and saves the resolved config; all ranks learn it.
+JOB_FILE = ".job"  # the torchrun rendezvous id of the job that created the run directory
 
-    An explicit name whose directory already holds a run is refused rather than overwritten.
+
+def _find_job_run(root: Path, identity: str) -> str:
+    """The run directory created by this same job (an earlier attempt of it), or ''."""
+    if not identity or not root.is_dir():
+        return ""
+    for directory in sorted(root.iterdir()):
+        job = directory / JOB_FILE
+        if job.is_file() and job.read_text(encoding="utf-8").strip() == identity:
+            return directory.name
+    return ""
+
+
+def _decide_run(cfg: Config) -> tuple[Path, Path | None, list[str]]:
+    """Rank 0's decision: the run directory, the checkpoint to resume from, and notes to log.
+
+    * ``logging.name`` given: that directory. Empty: the directory an earlier attempt of this job
+      created (torchrun restarts and Slurm requeues keep the rendezvous id), else a new
+      ``<task>-<date>-<time>``.
+    * ``checkpoint.resume``: ``auto`` resumes from the directory's newest valid step checkpoint;
+      ``none`` refuses a directory that already holds a run (nothing is overwritten); a path resumes
+      from that file.
     """
+    from .checkpoint import load_checkpoint
+    from .resume import job_identity, newest_valid, remove_partial_writes
+
+    root, name, resume = Path(cfg.logging.root), cfg.logging.name, cfg.checkpoint.resume
+    identity = job_identity()
+    name = name or _find_job_run(root, identity)
+    if name:
+        if resume == "none" and _holds_run(root / name):
+            raise UserError(f"logging.name: {root / name} already holds a run; resume it with checkpoint.resume=auto "
+                            "or choose another name")
+    else:
+        name = stem = f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        suffix = 1
+        while (root / name).exists():
+            suffix += 1
+            name = f"{stem}-{suffix}"
+    run_dir = root / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():  # a resumed run keeps the config it started with
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        if identity and not (run_dir / JOB_FILE).exists():
+            (run_dir / JOB_FILE).write_text(identity + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"logging.root: cannot create {run_dir} ({e.strerror or e})") from None
+    notes: list[str] = []
+    if resume == "none":
+        return run_dir, None, notes
+    if resume == "auto":
+        remove_partial_writes(run_dir / "checkpoints")
+        return run_dir, newest_valid(run_dir / "checkpoints", notes.append), notes
+    load_checkpoint(resume)  # a bad path is reported here, once, before any rank builds anything
+    return run_dir, Path(resume), notes
+
+
+def _prepare_run(cfg: Config, info) -> tuple[Path, Path | None, list[str]]:
+    """:func:`_decide_run` on rank 0; every rank learns the decision (or the error)."""
     from .dist import broadcast_object
 
-    decision: tuple[str, str] = ("", "")
+    decision: tuple = ("", None, [], "")
     if info.is_main:
-        root = Path(cfg.logging.root)
-        name = cfg.logging.name
-        if name:
-            if _holds_run(root / name):
-                decision = ("", f"logging.name: {root / name} already holds a run; choose another name")
-        else:
-            name = f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-            suffix = 1
-            while (root / (name if suffix == 1 else f"{name}-{suffix}")).exists():
-                suffix += 1
-            name = name if suffix == 1 else f"{name}-{suffix}"
-        if not decision[1]:
-            try:
-                (root / name).mkdir(parents=True, exist_ok=True)
-                (root / name / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-                decision = (str(root / name), "")
-            except OSError as e:
-                decision = ("", f"logging.root: cannot create {root / name} ({e.strerror or e})")
-    path, error = broadcast_object(decision, info)
+        try:
+            run_dir, resume_from, notes = _decide_run(cfg)
+            decision = (str(run_dir), str(resume_from) if resume_from else None, notes, "")
+        except UserError as e:
+            decision = ("", None, [], str(e))
+    run_dir, resume_from, notes, error = broadcast_object(decision, info)
     if error:
         raise UserError(error)
-    return Path(path)
+    return Path(run_dir), Path(resume_from) if resume_from else None, notes
 
 
 def train(cfg: Config) -> dict:
@@ -85,11 +129,13 @@ def train(cfg: Config) -> dict:
     from .trainer import Trainer
 
     with distributed(cfg.distributed) as info:
-        run_dir = _run_dir(cfg, info)
+        run_dir, resume_from, notes = _prepare_run(cfg, info)
         logger = make_logger(info.is_main, run_dir, cfg.logging.progress)
         try:
             logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
-            return Trainer(cfg, info, logger, run_dir).fit()
+            for note in notes:
+                logger.info(note)
+            return Trainer(cfg, info, logger, run_dir, resume_from).fit()
         finally:
             logger.close()
 
@@ -129,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             print(dump_yaml(cfg), end="")
             return 0
-        train(cfg)
-        exit_worker(0)
-        return 0
+        return _train_and_exit(cfg)
     except UserError as e:
         # Every rank meets the same error; only global rank 0 reports it. RANK is read here
         # directly because importing ddp_seq.dist would load torch, and config errors must be fast.
@@ -139,6 +183,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ddp-seq: error: {e}", file=sys.stderr, flush=True)
         exit_worker(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
+
+
+def _lost_peers(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank died or hung."""
+    text = str(error)
+    return type(error).__name__ in ("DistBackendError", "DistNetworkError") or any(
+        marker in text for marker in ("Timed out waiting", "Connection reset by peer", "Connection closed by peer",
+                                      "NCCL communicator was aborted", "Broken pipe"))
+
+
+def _train_and_exit(cfg: Config) -> int:
+    """Train; map preemption and lost peers to their exit codes (each with one line, no traceback)."""
+    from .resume import EXIT_PREEMPTED, Preempted
+
+    try:
+        train(cfg)
+    except Preempted:
+        exit_worker(EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+    except RuntimeError as e:
+        if not _lost_peers(e):
+            raise
+        # Every surviving rank says it: the one that could print may be the one that died.
+        rank = os.environ.get("RANK", "0")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ddp-seq: error: rank {rank} lost contact with the other ranks ({reason[:300]}); one of them died "
+              f"or hung for longer than distributed.timeout_s={cfg.distributed.timeout_s}", file=sys.stderr, flush=True)
+        exit_worker(EXIT_PEER_LOST)
+        return EXIT_PEER_LOST
+    exit_worker(0)
+    return 0
 
 
 def exit_worker(code: int) -> None:

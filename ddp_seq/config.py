@@ -36,17 +36,24 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | Non
 
 @dataclass
 class DataConfig:
-    task: str = opt("classify", "synthetic task", choices=("classify", "regress", "tag"))
-    num_train: int = opt(20000, "number of training sequences", ge=1)
-    num_val: int = opt(1000, "number of validation sequences", ge=1)
-    features: int = opt(8, "feature channels per time step (>= number of classes for classify)", ge=2)
-    num_classes: int = opt(4, "classes for classify (tag always uses 2: running parity)", ge=2)
-    length_median: float = opt(45.0, "median sequence length (lognormal)", gt=0)
-    length_sigma: float = opt(0.8, "lognormal sigma of the length distribution (skew)", ge=0)
-    min_length: int = opt(1, "shortest sequence (lengths are clipped to [min_length, max_length])", ge=1)
-    max_length: int = opt(400, "longest sequence", ge=1)
-    noise: float = opt(0.1, "std of the Gaussian noise added to every feature", ge=0)
-    seed: int = opt(1234, "seed of the generated data (the same on every rank)")
+    task: str = opt("classify", "classify: one label per sequence; regress: one value; tag: one label per step",
+                    choices=("classify", "regress", "tag"))
+    format: str = opt("synthetic", "synthetic: the embedded generated task; npz: ragged arrays from train_path",
+                      choices=("synthetic", "npz"))
+    train_path: str = opt("", "npz: training file (data, offsets or lengths, labels/targets/tags)")
+    val_path: str = opt("", "npz: validation file; empty = hold out val_fraction of train_path")
+    val_fraction: float = opt(0.1, "npz without val_path: fraction of train_path held out (fixed by data.seed)",
+                              gt=0, le=0.5)
+    num_train: int = opt(20000, "synthetic: number of training sequences", ge=1)
+    num_val: int = opt(1000, "synthetic: number of validation sequences", ge=1)
+    features: int = opt(8, "synthetic: feature channels per time step (>= number of classes for classify)", ge=2)
+    num_classes: int = opt(4, "synthetic: classes for classify (tag always uses 2: running parity)", ge=2)
+    length_median: float = opt(45.0, "synthetic: median sequence length (lognormal)", gt=0)
+    length_sigma: float = opt(0.8, "synthetic: lognormal sigma of the length distribution (skew)", ge=0)
+    min_length: int = opt(1, "synthetic: shortest sequence (lengths are clipped to [min_length, max_length])", ge=1)
+    max_length: int = opt(400, "synthetic: longest sequence", ge=1)
+    noise: float = opt(0.1, "synthetic: std of the Gaussian noise added to every feature", ge=0)
+    seed: int = opt(1234, "seed of the synthetic data and of the npz val split (the same on every rank)")
 
 
 @dataclass
@@ -96,7 +103,14 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: bool = opt(True, "write last.pt and best.pt into runs/<name>/checkpoints/")
+    save: bool = opt(True, "write checkpoints into runs/<name>/checkpoints/ (step-<N>.pt and best.pt)")
+    every_steps: int = opt(100, "also checkpoint every this many optimizer steps mid-epoch; 0 = epoch ends only",
+                           ge=0)
+    keep_last: int = opt(2, "step checkpoints kept (oldest deleted first); best.pt is kept apart", ge=1)
+    resume: str = opt("auto", "auto: newest valid checkpoint of this run's directory, if any; none: never "
+                      "(refuse a used directory); or a checkpoint path")
+    signal_check_steps: int = opt(10, "steps between checks whether any rank got SIGTERM (one tiny all-reduce)",
+                                  ge=1)
 
 
 @dataclass
@@ -195,12 +209,14 @@ def validate(cfg: Config) -> Config:
     d = cfg.data
     if d.min_length > d.max_length:
         raise ConfigError(f"data.min_length: must be <= data.max_length ({d.max_length}); got {d.min_length}")
-    if d.task == "classify" and d.features < d.num_classes:
+    if d.format == "synthetic" and d.task == "classify" and d.features < d.num_classes:
         raise ConfigError(f"data.features: classify needs >= data.num_classes ({d.num_classes}); got {d.features}")
     if d.task == "regress" and cfg.training.monitor == "val_accuracy":
         raise ConfigError("training.monitor: regress has no accuracy; use val_mse, val_mae or val_loss")
     if d.task != "regress" and cfg.training.monitor in ("val_mse", "val_mae"):
         raise ConfigError(f"training.monitor: {cfg.training.monitor} is only for data.task=regress")
+    if d.format != "synthetic" and not d.train_path:
+        raise ConfigError(f"data.train_path: data.format={d.format} needs a training file")
     name = cfg.logging.name
     if name and (name in (".", "..") or "/" in name or "\\" in name):
         raise ConfigError(f"logging.name: must be a plain directory name; got {name!r}")

@@ -1,104 +1,72 @@
-"""The Trainer: DDP training over per-rank shares of global batches, exact evaluation, checkpoints."""
+"""The Trainer: DDP training over per-rank shares of global batches, resumable at any step."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import objective
-from .checkpoint import save_atomic
+from .checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
 from .config import Config, UserError, to_dict
-from .data.batching import ShardedBatchSampler, Step, straggler_ratio
+from .data.batching import Step, straggler_ratio
 from .data.collate import Batch, collate
-from .data.synthetic import SequenceData, make_synthetic, num_outputs
+from .data.sources import load_splits, num_outputs
 from .dist import DistInfo, all_reduce_sum
-from .model import SeqModel, build_model
+from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_sampler
+from .model import build_model
+from .resume import Preempted, StopFlag, capture_rng, prune, restore_rng, step_path
 from .runlog import NullLogger, format_table
 
-
-def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.training
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+__all__ = ["Trainer", "evaluate"]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
-    warmup, floor = cfg.training.warmup_steps, cfg.training.min_lr_ratio
+@dataclass
+class EpochProgress:
+    """Global totals of the epoch in progress, carried through a mid-epoch checkpoint."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast(device: torch.device, amp: str):
-    """The autocast context for ``training.amp`` (a no-op context for ``none``)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def make_sampler(data: SequenceData, cfg: Config, info: DistInfo, train: bool) -> ShardedBatchSampler:
-    """Training: the configured strategy, shuffled from (seed, epoch). Evaluation: length-sorted."""
-    b = cfg.batching
-    return ShardedBatchSampler(data.lengths, rank=info.rank, world_size=info.world_size,
-                               batch_size=b.batch_size if train else b.eval_batch_size,
-                               max_tokens=b.max_tokens if train else 0, strategy=b.strategy, pool=b.pool,
-                               padding_noise=b.padding_noise, seed=cfg.training.seed, shuffle=train)
-
-
-@torch.no_grad()
-def evaluate(module: SeqModel, data: SequenceData, cfg: Config, info: DistInfo) -> dict[str, float]:
-    """Metrics over every sample of ``data`` exactly once, whatever the world size.
-
-    Each rank evaluates its shares of length-sorted global batches (filler samples weigh 0);
-    the sums and counts are all-reduced and divided once. Uses the unwrapped module: evaluation
-    needs no gradient synchronisation, and ranks may see different numbers of real samples.
-    """
-    was_training = module.training
-    module.eval()
-    sums = None
-    for step in make_sampler(data, cfg, info, train=False):
-        batch = collate(data, step).to(info.device)
-        with autocast(info.device, cfg.training.amp):
-            outputs = module(batch.inputs, batch.lengths)
-        part = objective.metric_sums(cfg.data.task, outputs, batch)  # stays on the device: no sync per batch
-        sums = part if sums is None else sums + part
-    module.train(was_training)
-    return objective.finalize(cfg.data.task, all_reduce_sum(sums, info))
+    loss_sum: float = 0.0  # summed over every rank
+    count: float = 0.0  # the global count the loss is divided by
+    real_tokens: float = 0.0
+    padded_tokens: float = 0.0  # over all ranks, filler steps included
+    seconds: float = 0.0
 
 
 class Trainer:
-    """Builds data, model, optimizer and samplers from the config; ``fit()`` runs the job."""
+    """Builds data, model, optimizer and samplers from the config; ``fit()`` runs the job.
 
-    def __init__(self, cfg: Config, info: DistInfo, logger: NullLogger, run_dir: Path | None) -> None:
+    Where training stands is ``(epoch, position)``: the next global batch to train is
+    ``position`` in epoch ``epoch``'s list, which depends on (seed, epoch) only -- so a checkpoint
+    taken with one world size resumes exactly under another.
+    """
+
+    def __init__(self, cfg: Config, info: DistInfo, logger: NullLogger, run_dir: Path | None,
+                 resume_from: Path | None = None) -> None:
         self.cfg, self.info, self.log, self.run_dir = cfg, info, logger, run_dir
         self.task = cfg.data.task
         if cfg.training.amp == "fp16" and info.device.type != "cuda":
             raise UserError("training.amp: fp16 needs a CUDA device; use bf16 or none on CPU")
-        self.train_data = make_synthetic(cfg.data, "train")
-        self.val_data = make_synthetic(cfg.data, "val")
+        self.train_data, self.val_data = load_splits(cfg.data)
         if info.world_size > len(self.train_data):
-            raise UserError(f"data.num_train: {len(self.train_data)} sequences cannot feed "
-                            f"{info.world_size} ranks; use at least one per rank")
+            raise UserError(f"data: {len(self.train_data)} training sequences cannot feed {info.world_size} ranks; "
+                            "use at least one per rank (data.num_train, or a bigger data.train_path)")
+        self.num_outputs = num_outputs(cfg.data, self.train_data, self.val_data)
         # The same seed on every rank gives identical initial weights; DDP also broadcasts
         # rank 0's parameters when it wraps the module.
         torch.manual_seed(cfg.training.seed)
-        self.module = build_model(self.task, self.train_data.num_features, num_outputs(cfg.data), cfg.model,
+        self.module = build_model(self.task, self.train_data.num_features, self.num_outputs, cfg.model,
                                   device=info.device)
+        state = load_checkpoint(resume_from) if resume_from is not None else None
+        if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
+            check_shapes(state["model"], self.module, str(resume_from))
+            self.module.load_state_dict(state["model"])
         if info.distributed:
             self.model = DDP(self.module, device_ids=[info.device] if info.device.type == "cuda" else None)
         else:
@@ -108,10 +76,18 @@ class Trainer:
         self.total_steps = self._count_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.training.amp == "fp16")
-        self.step = 0
-        self.last_grad_norm: torch.Tensor | None = None  # read when logging only
+        self.step = self.epoch = self.position = 0
+        self.progress = EpochProgress()
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.stale = 0  # epochs since the monitored metric last improved
+        self.finished = False
+        self.last_grad_norm: torch.Tensor | None = None  # read when logging only
+        self.saved_step = -1  # the step of the newest checkpoint this process took part in
+        self.checkpoint_s = 0.0  # rank 0's time spent writing checkpoints this epoch
+        self.stop = StopFlag()
+        if state is not None:
+            self._restore(state, resume_from)
 
     def _count_steps(self) -> int:
         """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
@@ -121,6 +97,71 @@ class Trainer:
             total += -(-len(self.sampler) // accum)
         self.sampler.set_epoch(0)
         return total
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _restore(self, state: dict[str, Any], source: Path) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.progress = EpochProgress(**state["progress"])
+        self.history, self.best, self.stale = state["history"], state["best"], state["stale"]
+        self.finished = state["finished"]
+        self.saved_step = self.step
+        # Ranks that did not exist in the saved job (resumed on more ranks) take rank 0's states.
+        rng = state["rng"]
+        restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
+        saved_cfg, now = state["config"], to_dict(self.cfg)
+        changed = [f"{s}.{k} {saved_cfg[s].get(k)!r} -> {v!r}" for s in ("data", "batching", "model", "training")
+                   for k, v in now[s].items() if saved_cfg.get(s, {}).get(k) != v]
+        self.log.info(f"resuming from {source}: epoch {self.epoch + 1}, global batch {self.position}, "
+                      f"step {self.step}, saved with world size {len(rng)}"
+                      + (f"; config changed since: {', '.join(changed)}" if changed else ""))
+
+    def _progress_now(self, tokens: torch.Tensor, segment_start: float) -> tuple[EpochProgress, list[int]]:
+        """The epoch's global totals so far (carried ones plus this segment's), and this segment's
+        padded tokens per rank. A collective: every rank calls it at the same step."""
+        tokens = all_reduce_sum(tokens, self.info)
+        p = self.progress
+        totals = EpochProgress(p.loss_sum, p.count, p.real_tokens + float(tokens[0]),
+                               p.padded_tokens + float(tokens[1:].sum()),
+                               p.seconds + time.perf_counter() - segment_start)
+        return totals, [int(t) for t in tokens[1:]]
+
+    def _save(self, progress: EpochProgress, best: bool = False) -> Path | None:
+        """Every rank calls this at the same step; rank 0 writes ``step-<N>.pt`` and updates ``last.pt``."""
+        cfg, info = self.cfg.checkpoint, self.info
+        if not cfg.save or self.run_dir is None:
+            return None
+        rng = [capture_rng()]
+        if info.distributed:  # RNG states differ per rank (e.g. dropout): keep every rank's
+            rng = [None] * info.world_size
+            dist.all_gather_object(rng, capture_rng())
+        self.saved_step = self.step
+        if not info.is_main:
+            return None
+        start = time.perf_counter()
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "config": to_dict(self.cfg), "num_inputs": self.train_data.num_features,
+                 "num_outputs": self.num_outputs, "step": self.step, "epoch": self.epoch,
+                 "position": self.position, "progress": asdict(progress), "history": self.history,
+                 "best": self.best, "stale": self.stale, "finished": self.finished, "rng": rng,
+                 "metrics": self.history[-1] if self.history else {}}
+        directory = self.run_dir / "checkpoints"
+        path = save_atomic(state, step_path(directory, self.step))
+        link_latest(path, directory / "last.pt")
+        if best:
+            link_latest(path, directory / "best.pt")
+        prune(directory, cfg.keep_last)
+        self.checkpoint_s += time.perf_counter() - start
+        return path
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM. Every rank asks at the same steps, so they stop together."""
+        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0])
+        return bool(all_reduce_sum(flag, self.info)[0] > 0)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -158,65 +199,91 @@ class Trainer:
         self.scheduler.step()
         return total
 
-    def _step_groups(self) -> list[list[Step]]:
-        """This rank's steps of the epoch, grouped by ``training.grad_accum`` global batches."""
-        steps, accum = list(self.sampler), self.cfg.training.grad_accum
+    def _step_groups(self, start: int) -> list[list[Step]]:
+        """This rank's steps from global batch ``start`` on, grouped by ``training.grad_accum``."""
+        steps, accum = list(self.sampler.iter_from(start)), self.cfg.training.grad_accum
         return [steps[i:i + accum] for i in range(0, len(steps), accum)]
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train epoch ``epoch`` from ``self.position`` to its end; raises :class:`Preempted` on SIGTERM."""
         cfg, info, log = self.cfg, self.info, self.log
         self.model.train()
         self.sampler.set_epoch(epoch)
-        groups = self._step_groups()
+        num_batches, start_position = len(self.sampler), self.position
+        groups = self._step_groups(start_position)
+        done = -(-start_position // cfg.training.grad_accum)  # groups finished before this segment
+        total_groups = done + len(groups)
         log.start_progress(len(groups), f"epoch {epoch + 1}/{cfg.training.epochs}")
-        # Since the last log line: the local loss sum (on the device) and the global count.
+        # Since the last flush: the local loss sum (on the device) and the global count.
         window_loss, window_count = torch.zeros(1, dtype=torch.float64, device=info.device), 0
-        epoch_loss = epoch_count = 0.0
-        # [real tokens, padded tokens computed by each rank ...]: padded includes filler steps.
+        # [real tokens, padded tokens computed by each rank ...] of this segment (filler steps included).
         tokens = torch.zeros(1 + info.world_size, dtype=torch.float64)
         step_times: list[float] = []
+        self.checkpoint_s = 0.0
+        check_every = cfg.checkpoint.signal_check_steps if info.distributed else 1
         start = last = time.perf_counter()
         logged = 0  # steps already shown on the progress bar
+
+        def flush() -> float:
+            """All-reduce the loss window into the epoch totals; returns the window's mean loss."""
+            nonlocal window_count
+            loss_sum = float(all_reduce_sum(window_loss, info)[0])
+            mean = loss_sum / max(window_count, 1)
+            self.progress.loss_sum += loss_sum
+            self.progress.count += window_count
+            window_loss.zero_()
+            window_count = 0
+            return mean
+
         for i, group in enumerate(groups):
             step_start = time.perf_counter()
             batches = [collate(self.train_data, step).to(info.device) for step in group]
             local = self.train_step(*batches)
             step_times.append(time.perf_counter() - step_start)
             self.step += 1
+            self.position = min(num_batches, self.position + len(group))
             window_loss += local
             window_count += sum(objective.global_count(self.task, b) for b in batches)
             tokens[0] += sum(b.real_tokens for b in batches)
             tokens[1 + info.rank] += sum(b.padded_tokens for b in batches)
-            if (i + 1) % cfg.training.log_every == 0 or i + 1 == len(groups):
-                # Every rank reaches this line on the same steps, so the all-reduce is safe.
-                loss_sum = float(all_reduce_sum(window_loss, info)[0])
-                train_loss = loss_sum / max(window_count, 1)
-                epoch_loss, epoch_count = epoch_loss + loss_sum, epoch_count + window_count
+            last_group = i + 1 == len(groups)
+            # Every rank evaluates these conditions identically, so the collectives below line up.
+            if (i + 1) % cfg.training.log_every == 0 or last_group:
+                train_loss = flush()
                 now = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.record({"kind": "train", "epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
-                            "lr": lr, "elapsed_s": now - start,
+                            "lr": lr, "elapsed_s": self.progress.seconds + now - start,
                             "grad_norm": None if self.last_grad_norm is None else float(self.last_grad_norm)})
                 log.progress(i + 1 - logged, f"loss {train_loss:.4f}",
-                             f"epoch {epoch + 1} step {i + 1}/{len(groups)} loss {train_loss:.4f} lr {lr:.2e} "
-                             f"({now - last:.1f}s)")
-                logged = i + 1
-                window_loss.zero_()
-                window_count = 0
-                last = now
+                             f"epoch {epoch + 1} step {done + i + 1}/{total_groups} loss {train_loss:.4f} "
+                             f"lr {lr:.2e} ({now - last:.1f}s)")
+                logged, last = i + 1, now
+            if last_group:
+                break  # the epoch-end checkpoint follows evaluation
+            every = cfg.checkpoint.every_steps
+            if every and self.step % every == 0:
+                flush()
+                self._save(self._progress_now(tokens, start)[0])
+            if (i + 1) % check_every == 0 and self._stop_requested():
+                flush()
+                path = self._save(self._progress_now(tokens, start)[0]) if self.saved_step != self.step else \
+                    (self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None)
+                log.end_progress()
+                log.info(f"SIGTERM: stopped at epoch {epoch + 1}, step {self.step}; checkpoint {path}. "
+                         "Run the same command again to resume.")
+                raise Preempted(path)
         log.end_progress()
-        seconds = time.perf_counter() - start
-        tokens = all_reduce_sum(tokens, info)
-        per_rank = [int(t) for t in tokens[1:]]
-        times = np.sort(np.asarray(step_times))
-        return {"epoch": epoch + 1, "train_loss": epoch_loss / max(epoch_count, 1),
-                "train_s": seconds, "seq_per_s": len(self.train_data) / seconds,
-                "tokens_per_s": float(tokens[0]) / seconds,
-                "padding_efficiency": float(tokens[0]) / max(sum(per_rank), 1),
+        totals, per_rank = self._progress_now(tokens, start)
+        times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
+        return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.count, 1),
+                "train_s": totals.seconds, "seq_per_s": len(self.train_data) / totals.seconds,
+                "tokens_per_s": totals.real_tokens / totals.seconds,
+                "padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
                 "padded_tokens_per_rank": per_rank,
                 "straggler_ratio": straggler_ratio(self.sampler.batches(), self.train_data.lengths, info.world_size),
                 "step_s_p50": float(np.percentile(times, 50)), "step_s_p90": float(np.percentile(times, 90)),
-                "step_s_max": float(times[-1])}
+                "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s}
 
     # -- the job --------------------------------------------------------------------------------
 
@@ -227,53 +294,59 @@ class Trainer:
         better = value > self.best["value"] if objective.HIGHER_IS_BETTER[metric] else value < self.best["value"]
         return better
 
-    def _checkpoint_state(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "config": to_dict(self.cfg), "epoch": epoch, "step": self.step, "metrics": metrics,
-                "num_inputs": self.train_data.num_features}
-
-    def _save(self, name: str, epoch: int, metrics: dict[str, float]) -> Path | None:
-        """Rank 0 writes ``checkpoints/<name>.pt`` atomically; other ranks return None."""
-        if not (self.info.is_main and self.cfg.checkpoint.save and self.run_dir is not None):
-            return None
-        return save_atomic(self._checkpoint_state(epoch, metrics), self.run_dir / "checkpoints" / f"{name}.pt")
+    def _end_epoch(self, epoch: int) -> Path | None:
+        """Evaluate, record, decide best and early stopping, checkpoint; returns the checkpoint path."""
+        cfg, log, monitor = self.cfg, self.log, self.cfg.training.monitor
+        row = self.train_epoch(epoch)
+        val = evaluate(self.module, self.val_data, cfg, self.info)
+        metrics = {f"val_{k}": v for k, v in val.items()}
+        row.update(metrics)
+        self.history.append(row)
+        log.record({"kind": "epoch", "step": self.step, **row})
+        log.info(f"epoch {epoch + 1}/{cfg.training.epochs}  train_loss {row['train_loss']:.4f}  "
+                 + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                 + f"  {row['tokens_per_s']:,.0f} tok/s  padding eff {row['padding_efficiency']:.3f}"
+                 f"  straggler {row['straggler_ratio']:.3f}  {row['train_s']:.1f}s")
+        improved = self._improved(metrics[monitor])
+        if improved:
+            best_path = self.run_dir / "checkpoints" / "best.pt" if cfg.checkpoint.save and self.run_dir else None
+            self.best = {"epoch": epoch + 1, "value": metrics[monitor], "metrics": metrics,
+                         "path": str(best_path) if best_path else None}
+            self.stale = 0
+        else:
+            self.stale += 1
+        patience = cfg.training.patience
+        stopping = bool(patience and self.stale >= patience)
+        self.epoch, self.position, self.progress = epoch + 1, 0, EpochProgress()
+        self.finished = stopping or self.epoch >= cfg.training.epochs
+        path = self._save(self.progress, best=improved)
+        if stopping:
+            log.info(f"early stopping: {monitor} did not improve for {patience} epoch(s)")
+        return path
 
     def fit(self) -> dict[str, Any]:
-        """Train for the configured epochs with evaluation after each; return the summary."""
-        cfg, log = self.cfg, self.log
-        monitor, patience = cfg.training.monitor, cfg.training.patience
+        """Train from where the run stands to the configured epochs; return the summary."""
+        cfg, log, monitor = self.cfg, self.log, self.cfg.training.monitor
         params = sum(p.numel() for p in self.module.parameters())
         log.info(f"training {self.task} on {len(self.train_data)} sequences ({int(self.train_data.lengths.sum()):,} "
                  f"steps), {params:,} parameters, world size {self.info.world_size}, device {self.info.device}, "
                  f"{torch.get_num_threads()} thread(s) per rank, {self.total_steps} steps")
-        job_start, stale = time.perf_counter(), 0
-        for epoch in range(cfg.training.epochs):
-            row = self.train_epoch(epoch)
-            val = evaluate(self.module, self.val_data, cfg, self.info)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            self.history.append(row)
-            log.record({"kind": "epoch", "step": self.step, **row})
-            metrics = {f"val_{k}": v for k, v in val.items()}
-            log.info(f"epoch {epoch + 1}/{cfg.training.epochs}  train_loss {row['train_loss']:.4f}  "
-                     + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                     + f"  {row['tokens_per_s']:,.0f} tok/s  padding eff {row['padding_efficiency']:.3f}"
-                     f"  straggler {row['straggler_ratio']:.3f}  {row['train_s']:.1f}s")
-            if self._improved(metrics[monitor]):
-                self.best = {"epoch": epoch + 1, "value": metrics[monitor], "metrics": metrics,
-                             "path": self._save("best", epoch + 1, metrics)}
-                stale = 0
-            else:
-                stale += 1
-            last_path = self._save("last", epoch + 1, metrics)
-            if patience and stale >= patience:
-                log.info(f"early stopping: {monitor} did not improve for {patience} epoch(s)")
-                break
+        if self.finished:
+            log.info("this run has already finished; nothing to train")
+        job_start = time.perf_counter()
+        with self.stop:
+            while not self.finished:
+                self._end_epoch(self.epoch)
+                if not self.finished and self._stop_requested():
+                    path = self.run_dir / "checkpoints" / "last.pt" if self.run_dir and cfg.checkpoint.save else None
+                    log.info(f"SIGTERM: stopped after epoch {self.epoch}; checkpoint {path}. "
+                             "Run the same command again to resume.")
+                    raise Preempted(path)
         wall = time.perf_counter() - job_start
+        last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir and cfg.checkpoint.save else None
         summary = {"best_epoch": self.best["epoch"], f"best_{monitor}": self.best["value"],
-                   "best_checkpoint": str(self.best["path"]) if self.best["path"] else None,
-                   "last_checkpoint": str(last_path) if last_path else None, "wall_s": wall,
-                   "tokens_per_s": sum(r["tokens_per_s"] for r in self.history) / len(self.history),
+                   "best_checkpoint": self.best["path"], "last_checkpoint": str(last) if last else None,
+                   "wall_s": wall, "tokens_per_s": sum(r["tokens_per_s"] for r in self.history) / len(self.history),
                    "seq_per_s": sum(r["seq_per_s"] for r in self.history) / len(self.history)}
         log.record({"kind": "summary", **summary})
         columns = ["epoch", "train_loss", *[f"val_{k}" for k in objective.METRICS[self.task]],

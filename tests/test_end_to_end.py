@@ -137,12 +137,13 @@ def test_single_process_run(single_run):
     check_checkpoints_reproduce_logged_metrics(single_run)
 
 
-def test_existing_run_directory_is_refused_and_left_untouched(ddp_run):
+def test_existing_run_directory_is_refused_without_resume_and_left_untouched(ddp_run):
     ddp_run.proc.check(0)
     before = snapshot(ddp_run.dir)
     assert set(RUN_FILES) <= set(before)
 
-    single = python("train.py", "--config", ddp_run.yaml_path, *ddp_run.overrides)
+    # checkpoint.resume=none: a used directory is refused, never trained into (auto would resume it)
+    single = python("train.py", "--config", ddp_run.yaml_path, *ddp_run.overrides, "checkpoint.resume=none")
     single.check(2)
     lines = single.stderr.strip().splitlines()
     assert len(lines) == 1 and "logging.name" in lines[0], single.report()
@@ -150,7 +151,7 @@ def test_existing_run_directory_is_refused_and_left_untouched(ddp_run):
     assert snapshot(ddp_run.dir) == before
 
     # under torchrun every rank refuses; only rank 0 prints the error (torchrun itself exits 1)
-    multi = torchrun("train.py", "--config", ddp_run.yaml_path, *ddp_run.overrides)
+    multi = torchrun("train.py", "--config", ddp_run.yaml_path, *ddp_run.overrides, "checkpoint.resume=none")
     assert multi.returncode != 0, multi.report()
     assert (multi.stdout + multi.stderr).count("ddp-seq: error: logging.name") == 1, multi.report()
     assert snapshot(ddp_run.dir) == before

@@ -1,0 +1,74 @@
+"""The pieces a training loop is made of: optimizer, LR schedule, autocast, samplers, exact evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from . import objective
+from .config import Config
+from .data.batching import ShardedBatchSampler
+from .data.collate import collate
+from .data.synthetic import SequenceData
+from .dist import DistInfo, all_reduce_sum
+from .model import SeqModel
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
+    warmup, floor = cfg.training.warmup_steps, cfg.training.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for ``training.amp`` (a no-op context for ``none``)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def make_sampler(data: SequenceData, cfg: Config, info: DistInfo, train: bool) -> ShardedBatchSampler:
+    """Training: the configured strategy, shuffled from (seed, epoch). Evaluation: length-sorted."""
+    b = cfg.batching
+    return ShardedBatchSampler(data.lengths, rank=info.rank, world_size=info.world_size,
+                               batch_size=b.batch_size if train else b.eval_batch_size,
+                               max_tokens=b.max_tokens if train else 0, strategy=b.strategy, pool=b.pool,
+                               padding_noise=b.padding_noise, seed=cfg.training.seed, shuffle=train)
+
+
+@torch.no_grad()
+def evaluate(module: SeqModel, data: SequenceData, cfg: Config, info: DistInfo) -> dict[str, float]:
+    """Metrics over every sample of ``data`` exactly once, whatever the world size.
+
+    Each rank evaluates its shares of length-sorted global batches (filler samples weigh 0);
+    the sums and counts are all-reduced and divided once. Uses the unwrapped module: evaluation
+    needs no gradient synchronisation, and ranks may see different numbers of real samples.
+    """
+    was_training = module.training
+    module.eval()
+    sums = None
+    for step in make_sampler(data, cfg, info, train=False):
+        batch = collate(data, step).to(info.device)
+        with autocast(info.device, cfg.training.amp):
+            outputs = module(batch.inputs, batch.lengths)
+        part = objective.metric_sums(cfg.data.task, outputs, batch)  # stays on the device: no sync per batch
+        sums = part if sums is None else sums + part
+    module.train(was_training)
+    return objective.finalize(cfg.data.task, all_reduce_sum(sums, info))
