@@ -7,6 +7,7 @@ unpickling arbitrary classes -- so loading it can never execute code from the fi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,19 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _why_unloadable(error: Exception) -> str:
+    """One plain line for a failed ``torch.load`` (torch's own text spans lines, carries terminal
+    escapes, and for a refused pickle explains how to load the file anyway -- not our advice)."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        return ("holds pickled Python objects beyond tensors and plain containers; ddp_seq loads checkpoints "
+                "with weights_only=True and never unpickles code, so it refuses this file")
+    lines = [line for line in (re.sub(r"\x1b\[[0-9;]*m|[\x00-\x1f\x7f]", "", raw).strip()
+                               for raw in text.splitlines()) if line]
+    reason = lines[0][:200] if lines else type(error).__name__
+    return f"not a loadable ddp_seq checkpoint: truncated or corrupt ({reason})"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint onto the CPU with ``weights_only=True``; a bad file is a :class:`UserError`."""
     path = Path(path)
@@ -59,9 +73,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable ddp_seq checkpoint ({reason[:200]})") from None
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets a one-line answer
+        raise UserError(f"{path}: {_why_unloadable(e)}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else None
         raise UserError(f"{path}: checkpoint format version {found!r}, this ddp_seq reads {FORMAT_VERSION}")

@@ -68,12 +68,14 @@ def _decide_run(cfg: Config) -> tuple[Path, Path | None, list[str]]:
       ``<task>-<date>-<time>``.
     * ``checkpoint.resume``: ``auto`` resumes from the directory's newest valid step checkpoint;
       ``none`` refuses a directory that already holds a run (nothing is overwritten); a path resumes
-      from that file.
+      from that file (after a torchrun restart: from the run's own newest checkpoint, if any).
     """
     from .checkpoint import load_checkpoint
     from .resume import job_identity, newest_valid, remove_partial_writes
 
     root, name, resume = Path(cfg.logging.root), cfg.logging.name, cfg.checkpoint.resume
+    if resume not in ("auto", "none"):
+        load_checkpoint(resume)  # a bad file is reported before anything is created
     identity = job_identity()
     name = name or _find_job_run(root, identity)
     if name:
@@ -98,10 +100,15 @@ def _decide_run(cfg: Config) -> tuple[Path, Path | None, list[str]]:
     notes: list[str] = []
     if resume == "none":
         return run_dir, None, notes
+    remove_partial_writes(run_dir / "checkpoints")
+    own = newest_valid(run_dir / "checkpoints", notes.append)
     if resume == "auto":
-        remove_partial_writes(run_dir / "checkpoints")
-        return run_dir, newest_valid(run_dir / "checkpoints", notes.append), notes
-    load_checkpoint(resume)  # a bad path is reported here, once, before any rank builds anything
+        return run_dir, own, notes
+    # A path names where the job starts. When torchrun restarts the job's workers, the run's own
+    # newer checkpoints are where it stands now; starting from the path again would redo the work.
+    if own is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        notes.append(f"restart: resuming from the run's own {own.name} rather than checkpoint.resume={resume}")
+        return run_dir, own, notes
     return run_dir, Path(resume), notes
 
 

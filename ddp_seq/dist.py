@@ -108,7 +108,9 @@ def distributed(cfg: DistributedConfig) -> Iterator[DistInfo]:
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a tensor over all ranks (identity for a single process). Returns a new CPU float64 tensor."""
-    out = values.detach().to(torch.float64)
+    # copy=True: all_reduce works in place, and the caller's tensor must keep its local values
+    # (the epoch's token counters are reduced at every checkpoint and again at the epoch end).
+    out = values.detach().to(torch.float64, copy=True)
     if info.distributed:
         # NCCL reduces device tensors only; gloo takes CPU tensors.
         out = out.to(info.device)

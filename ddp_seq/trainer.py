@@ -84,7 +84,8 @@ class Trainer:
         self.finished = False
         self.last_grad_norm: torch.Tensor | None = None  # read when logging only
         self.saved_step = -1  # the step of the newest checkpoint this process took part in
-        self.checkpoint_s = 0.0  # rank 0's time spent writing checkpoints this epoch
+        self.checkpoint_s = 0.0  # rank 0's time in mid-epoch checkpoints this epoch (gather + write)
+        self.saves: list[float] = []  # rank 0's seconds per checkpoint of this process
         self.stop = StopFlag()
         if state is not None:
             self._restore(state, resume_from)
@@ -97,6 +98,10 @@ class Trainer:
             total += -(-len(self.sampler) // accum)
         self.sampler.set_epoch(0)
         return total
+
+    def _batches_in(self, epoch: int) -> int:
+        self.sampler.set_epoch(epoch)
+        return len(self.sampler)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -115,8 +120,9 @@ class Trainer:
         saved_cfg, now = state["config"], to_dict(self.cfg)
         changed = [f"{s}.{k} {saved_cfg[s].get(k)!r} -> {v!r}" for s in ("data", "batching", "model", "training")
                    for k, v in now[s].items() if saved_cfg.get(s, {}).get(k) != v]
-        self.log.info(f"resuming from {source}: epoch {self.epoch + 1}, global batch {self.position}, "
-                      f"step {self.step}, saved with world size {len(rng)}"
+        where = "the run had finished" if self.finished else \
+            f"epoch {self.epoch + 1}, global batch {self.position}/{self._batches_in(self.epoch)}"
+        self.log.info(f"resuming from {source}: {where}, step {self.step}, saved with world size {len(rng)}"
                       + (f"; config changed since: {', '.join(changed)}" if changed else ""))
 
     def _progress_now(self, tokens: torch.Tensor, segment_start: float) -> tuple[EpochProgress, list[int]]:
@@ -134,6 +140,7 @@ class Trainer:
         cfg, info = self.cfg.checkpoint, self.info
         if not cfg.save or self.run_dir is None:
             return None
+        start = time.perf_counter()
         rng = [capture_rng()]
         if info.distributed:  # RNG states differ per rank (e.g. dropout): keep every rank's
             rng = [None] * info.world_size
@@ -141,7 +148,6 @@ class Trainer:
         self.saved_step = self.step
         if not info.is_main:
             return None
-        start = time.perf_counter()
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "config": to_dict(self.cfg), "num_inputs": self.train_data.num_features,
@@ -155,8 +161,17 @@ class Trainer:
         if best:
             link_latest(path, directory / "best.pt")
         prune(directory, cfg.keep_last)
-        self.checkpoint_s += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.checkpoint_s += seconds
+        self.saves.append(seconds)
         return path
+
+    def _preempted(self, where: str) -> Preempted:
+        """Log where SIGTERM stopped the run (its checkpoint is written) and build the exception."""
+        path = self.run_dir / "checkpoints" / "last.pt" if self.run_dir and self.cfg.checkpoint.save else None
+        self.log.info(f"SIGTERM: stopped {where}; " + (f"checkpoint {path}. Run the same command again to resume."
+                                                        if path else "checkpoint.save=false: nothing saved."))
+        return Preempted(path)
 
     def _stop_requested(self) -> bool:
         """Whether any rank got SIGTERM. Every rank asks at the same steps, so they stop together."""
@@ -267,12 +282,10 @@ class Trainer:
                 self._save(self._progress_now(tokens, start)[0])
             if (i + 1) % check_every == 0 and self._stop_requested():
                 flush()
-                path = self._save(self._progress_now(tokens, start)[0]) if self.saved_step != self.step else \
-                    (self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None)
+                if self.saved_step != self.step:
+                    self._save(self._progress_now(tokens, start)[0])
                 log.end_progress()
-                log.info(f"SIGTERM: stopped at epoch {epoch + 1}, step {self.step}; checkpoint {path}. "
-                         "Run the same command again to resume.")
-                raise Preempted(path)
+                raise self._preempted(f"at epoch {epoch + 1}, step {self.step}")
         log.end_progress()
         totals, per_rank = self._progress_now(tokens, start)
         times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
@@ -280,7 +293,7 @@ class Trainer:
                 "train_s": totals.seconds, "seq_per_s": len(self.train_data) / totals.seconds,
                 "tokens_per_s": totals.real_tokens / totals.seconds,
                 "padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
-                "padded_tokens_per_rank": per_rank,
+                "real_tokens": int(totals.real_tokens), "padded_tokens_per_rank": per_rank,
                 "straggler_ratio": straggler_ratio(self.sampler.batches(), self.train_data.lengths, info.world_size),
                 "step_s_p50": float(np.percentile(times, 50)), "step_s_p90": float(np.percentile(times, 90)),
                 "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s}
@@ -338,15 +351,13 @@ class Trainer:
             while not self.finished:
                 self._end_epoch(self.epoch)
                 if not self.finished and self._stop_requested():
-                    path = self.run_dir / "checkpoints" / "last.pt" if self.run_dir and cfg.checkpoint.save else None
-                    log.info(f"SIGTERM: stopped after epoch {self.epoch}; checkpoint {path}. "
-                             "Run the same command again to resume.")
-                    raise Preempted(path)
+                    raise self._preempted(f"after epoch {self.epoch}, step {self.step}")
         wall = time.perf_counter() - job_start
         last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir and cfg.checkpoint.save else None
         summary = {"best_epoch": self.best["epoch"], f"best_{monitor}": self.best["value"],
                    "best_checkpoint": self.best["path"], "last_checkpoint": str(last) if last else None,
-                   "wall_s": wall, "tokens_per_s": sum(r["tokens_per_s"] for r in self.history) / len(self.history),
+                   "wall_s": wall, "checkpoints": len(self.saves), "checkpoint_s": sum(self.saves),
+                   "tokens_per_s": sum(r["tokens_per_s"] for r in self.history) / len(self.history),
                    "seq_per_s": sum(r["seq_per_s"] for r in self.history) / len(self.history)}
         log.record({"kind": "summary", **summary})
         columns = ["epoch", "train_loss", *[f"val_{k}" for k in objective.METRICS[self.task]],
@@ -355,6 +366,10 @@ class Trainer:
         log.info(f"best {monitor} {self.best['value']:.4f} at epoch {self.best['epoch']}; "
                  f"{summary['seq_per_s']:,.0f} sequences/s, {summary['tokens_per_s']:,.0f} real tokens/s; "
                  f"wall time {wall:.1f}s")
+        if self.saves:
+            log.info(f"{len(self.saves)} checkpoints written in {sum(self.saves):.2f}s "
+                     f"({1000 * sum(self.saves) / len(self.saves):.0f} ms each, "
+                     f"{100 * sum(self.saves) / max(wall, 1e-9):.2f}% of the wall time)")
         if summary["best_checkpoint"]:
             log.info(f"best checkpoint: {summary['best_checkpoint']}\nlast checkpoint: {summary['last_checkpoint']}")
         return summary

@@ -2,7 +2,7 @@
 
 Every subprocess runs with ``OMP_NUM_THREADS=1``, from the repository root, with its output
 captured; a failing check prints that output. A process that outlives its timeout is killed with
-its whole process group (torchrun and the ranks it started), never by name.
+the ranks it started (found through /proc), never by name.
 """
 
 from __future__ import annotations
@@ -56,15 +56,50 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (from /proc), or None once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """``{rank: pid}`` of the workers torchrun process ``agent`` started (their RANK from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or parent_pid(int(entry.name)) != agent:
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(entry.name)
+    return found
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session`` and, if it is torchrun, its workers:
+    torch 2.13 starts each worker in a session of its own, out of reach of the launcher's group."""
+    workers = worker_pids(proc.pid).values()
+    for group in (proc.pid, *workers):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def run(args: list[str], *, timeout: float = TIMEOUT_S, cwd: Path = REPO, **env: str) -> Proc:
-    """Run ``args`` to completion (or kill its process group at ``timeout``)."""
+    """Run ``args`` to completion (or kill it, and the workers it started, at ``timeout``)."""
     args = [str(a) for a in args]
     proc = subprocess.Popen(args, cwd=cwd, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started: torchrun and its ranks
+        kill_job(proc)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s\n" + Proc(args, -9, out, err).report())
     return Proc(args, proc.returncode, out, err)

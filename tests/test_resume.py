@@ -1,0 +1,240 @@
+"""Resuming: mid-epoch (bitwise on CPU), under another world size, after SIGTERM, after torchrun restarts.
+
+The reference runs train uninterrupted and keep every step checkpoint; resuming one of those
+checkpoints must reproduce the rest of the reference run. Dropout is on, so the RNG states in the
+checkpoint matter: without them the resumed run draws other masks and the parameters differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PYTHON, REPO, child_env, kill_job, python, torchrun, worker_pids
+
+from ddp_seq.checkpoint import load_checkpoint
+from ddp_seq.resume import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.slow
+
+#: 12 global batches per epoch, 2 epochs; random batches so shares differ; dropout draws RNG.
+SMALL = ["data.num_train=192", "data.num_val=37", "data.length_median=10", "data.max_length=40",
+         "model.hidden=16", "model.embedding_dim=16", "model.layers=2", "model.dropout=0.2",
+         "batching.strategy=random", "batching.batch_size=16", "batching.eval_batch_size=8",
+         "training.epochs=2", "training.warmup_steps=3", "training.log_every=4", "training.lr=0.05",
+         "checkpoint.every_steps=5", "checkpoint.keep_last=100",
+         "logging.progress=lines", "distributed.backend=gloo"]
+
+#: Long enough (several seconds) to be interrupted mid-epoch.
+LONG = ["data.num_train=3000", "data.num_val=64", "data.length_median=10", "data.max_length=40",
+        "model.hidden=16", "model.embedding_dim=16", "model.dropout=0.1", "batching.batch_size=16",
+        "training.epochs=2", "training.log_every=20", "checkpoint.every_steps=20",
+        "checkpoint.signal_check_steps=2", "logging.progress=lines", "distributed.backend=gloo"]
+
+
+def launch(world_size: int, *args: str) -> list[str]:
+    prefix = [PYTHON] if world_size == 1 else [PYTHON, "-m", "torch.distributed.run", "--standalone",
+                                                f"--nproc_per_node={world_size}"]
+    return [*prefix, "train.py", *args]
+
+
+def train(root: Path, name: str, world_size: int, *overrides: str):
+    args = ["train.py", *SMALL, *overrides, f"logging.root={root}", f"logging.name={name}"]
+    proc = python(*args) if world_size == 1 else torchrun(*args, nproc=world_size)
+    proc.check()
+    return proc
+
+
+def final(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "last.pt")
+
+
+def epochs(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "epoch"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {float((a[k] - b[k]).abs().max())}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, Path]:
+    """Uninterrupted runs on 1 and 2 ranks, every step checkpoint kept."""
+    root = tmp_path_factory.mktemp("reference")
+    train(root, "w1", 1)
+    train(root, "w2", 2)
+    return {1: root / "w1", 2: root / "w2"}
+
+
+@pytest.fixture(scope="module")
+def reference_no_dropout(tmp_path_factory) -> dict[int, Path]:
+    """The same without dropout: each rank draws its own masks, so with dropout a run cannot match
+    another world size (the shares, and with them the masks, move between ranks)."""
+    root = tmp_path_factory.mktemp("reference-no-dropout")
+    train(root, "w1", 1, "model.dropout=0")
+    train(root, "w2", 2, "model.dropout=0")
+    return {1: root / "w1", 2: root / "w2"}
+
+
+def test_step_checkpoints_hold_the_position_in_the_global_batch_list(reference):
+    steps = sorted(p.name for p in (reference[2] / "checkpoints").glob("step-*.pt"))
+    # every 5 steps mid-epoch, plus each epoch end (12 and 24)
+    assert steps == [f"step-{n:08d}.pt" for n in (5, 10, 12, 15, 20, 24)]
+    mid = load_checkpoint(reference[2] / "checkpoints" / "step-00000015.pt")
+    assert (mid["epoch"], mid["position"], mid["step"]) == (1, 3, 15)
+    assert len(mid["rng"]) == 2  # one RNG state per rank
+    end = load_checkpoint(reference[2] / "checkpoints" / "step-00000012.pt")
+    assert (end["epoch"], end["position"], len(end["history"])) == (1, 0, 1)
+    assert final(reference[2])["finished"] and final(reference[2])["step"] == 24
+
+
+def test_every_epoch_counts_each_training_token_once(reference):
+    """Mid-epoch checkpoints all-reduce the token counters; the counters must stay local (an
+    in-place all-reduce would count earlier steps W times over)."""
+    from ddp_seq.config import load_config
+    from ddp_seq.data.synthetic import make_synthetic
+
+    total = int(make_synthetic(load_config(overrides=SMALL).data, "train").lengths.sum())
+    for world_size in (1, 2):
+        assert [e["real_tokens"] for e in epochs(reference[world_size])] == [total, total]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("step", [5, 15])
+def test_mid_epoch_resume_is_bitwise(reference, tmp_path, world_size, step):
+    source = reference[world_size] / "checkpoints" / f"step-{step:08d}.pt"
+    proc = train(tmp_path, "resumed", world_size, f"checkpoint.resume={source}")
+    assert f"resuming from {source}" in proc.stdout
+    resumed, uninterrupted = final(tmp_path / "resumed"), final(reference[world_size])
+    assert_bitwise(resumed["model"], uninterrupted["model"])
+    assert resumed["step"] == uninterrupted["step"]
+    assert resumed["history"][-1]["val_accuracy"] == uninterrupted["history"][-1]["val_accuracy"]
+
+
+def test_dropout_rng_is_restored(reference, tmp_path):
+    """Control for the test above: the same resume with fresh RNG states must NOT be bitwise equal,
+    otherwise that test could not detect a missing RNG restore."""
+    state = load_checkpoint(reference[1] / "checkpoints" / "step-00000005.pt")
+    for rank_state in state["rng"]:
+        rank_state["torch"] = torch.manual_seed(999).get_state()
+    tampered = tmp_path / "tampered.pt"
+    torch.save(state, tampered)
+    train(tmp_path, "tampered", 1, f"checkpoint.resume={tampered}")
+    assert max_diff(final(tmp_path / "tampered")["model"], final(reference[1])["model"]) > 0
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(2, 1), (1, 2)])
+def test_resume_under_another_world_size(reference_no_dropout, tmp_path, saved, resumed):
+    runs = reference_no_dropout
+    source = runs[saved] / "checkpoints" / "step-00000015.pt"
+    proc = train(tmp_path, "moved", resumed, "model.dropout=0", f"checkpoint.resume={source}")
+    assert f"saved with world size {saved}" in proc.stdout
+    run = tmp_path / "moved"
+    # No sample of the interrupted epoch skipped or repeated: its real tokens add up to the
+    # uninterrupted epoch's, and the train loss of its logging windows is the same.
+    assert epochs(run)[-1]["real_tokens"] == epochs(runs[saved])[-1]["real_tokens"]
+    assert epochs(run)[-1]["train_loss"] == pytest.approx(epochs(runs[saved])[-1]["train_loss"], rel=1e-5)
+    # Same global batches, same loss normalisation: equal up to float summation order, as for
+    # whole runs on 1 and 2 ranks (test_world_size.py).
+    diff = max_diff(final(run)["model"], final(runs[resumed])["model"])
+    assert diff <= 1e-5, f"parameters differ by {diff:.2e}"
+    moved = max_diff(load_checkpoint(source)["model"], final(run)["model"])
+    assert moved > 1e-2, f"the resumed part must train far beyond the tolerance (moved {moved:.2e})"
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"process ended ({proc.returncode}) before {path} appeared: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_job(proc)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out:\n{out[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("long")
+    torchrun("train.py", *LONG, f"logging.root={root}", "logging.name=ref").check()
+    return root / "ref"
+
+
+@pytest.mark.parametrize("world_size", [2, 1])
+def test_sigterm_checkpoints_and_the_same_command_resumes(long_reference, tmp_path, world_size):
+    args = launch(world_size, *LONG, f"logging.root={tmp_path}", "logging.name=job")
+    proc = start(args)
+    try:
+        wait_for(tmp_path / "job" / "checkpoints" / "step-00000020.pt", proc)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers, as under Slurm
+        out = finish(proc)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    # a single process exits with the documented code; torchrun reports its workers' exit as a failure
+    assert proc.returncode == (EXIT_PREEMPTED if world_size == 1 else 1), out
+    assert "SIGTERM: stopped at epoch 1" in out, out
+    stopped = load_checkpoint(tmp_path / "job" / "checkpoints" / "last.pt")
+    assert not stopped["finished"] and 0 < stopped["position"] < 188
+    assert "Traceback" not in out.split("SIGTERM: stopped")[0]
+
+    again = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"step {stopped['step']}" in again.stdout and "resuming from" in again.stdout
+    resumed = final(tmp_path / "job")
+    assert resumed["finished"]
+    if world_size == 2:  # same world size as the reference: bitwise
+        assert_bitwise(resumed["model"], final(long_reference)["model"])
+
+
+def test_elastic_restart_after_a_worker_is_killed(long_reference, tmp_path):
+    """torchrun --max-restarts=2: a SIGKILLed worker makes torchrun restart the group; the new
+    workers find the run directory again (same rendezvous id, no logging.name) and resume."""
+    args = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+            "--monitor-interval=0.5", "train.py", *LONG, f"logging.root={tmp_path}"]
+    proc = start(args)
+    try:
+        deadline = time.monotonic() + 90
+        while not list(tmp_path.glob("*/checkpoints/step-00000020.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+        out = finish(proc, timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    assert proc.returncode == 0, out
+    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs  # the restarted workers reused the run directory
+    log = (runs[0] / "train.log").read_text()
+    assert "resuming from" in log, log
+    resumed, uninterrupted = final(runs[0]), final(long_reference)
+    assert resumed["finished"]
+    ours, theirs = resumed["history"][-1]["val_accuracy"], uninterrupted["history"][-1]["val_accuracy"]
+    assert abs(ours - theirs) <= 0.02, (ours, theirs)
+    assert max_diff(resumed["model"], uninterrupted["model"]) < 1e-6
