@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-single test test-fast lint bench clean
+.PHONY: help install train train-single test test-fast lint bench slurm-up slurm-down slurm-submit clean
 
 help:  ## list the targets
 	@echo "ddp_seq make targets (overrides: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='section.key=value ...'):"
@@ -50,6 +50,17 @@ bench: $(STAMP)  ## benchmark execution paths, then batching strategies, side by
 	@mkdir -p bench/results
 	$(BIN)/ddp-seq bench --suite execution --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-execution.json
 	$(BIN)/ddp-seq bench --suite batching --config $(CONFIG) --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-batching.json
+
+slurm-up:  ## start a real single-node Slurm on this machine (installs it with apt; root)
+	launch/slurm/local-cluster.sh up
+
+slurm-down:  ## stop that Slurm
+	launch/slurm/local-cluster.sh down
+
+SBATCH_ARGS ?= --partition=debug --time=30
+slurm-submit: $(STAMP)  ## sbatch CONFIG through launch/slurm/train.sbatch, follow the log, print where results are
+	@$(BIN)/python -m ddp_seq check-config --config $(CONFIG) $(ARGS) >/dev/null
+	launch/slurm/submit.sh $(SBATCH_ARGS) -- --config $(CONFIG) $(ARGS)
 
 clean:  ## remove runs/, caches and .venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV) *.egg-info
