@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-single test test-fast lint bench slurm-up slurm-down slurm-submit clean
+.PHONY: help install train train-dp train-single test test-fast lint bench parity slurm-up slurm-down slurm-submit clean
 
 help:  ## list the targets
 	@echo "ddp_seq make targets (overrides: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='section.key=value ...'):"
@@ -34,6 +34,10 @@ train: $(STAMP)  ## train CONFIG on NPROC ranks with torchrun (the main job)
 	@$(BIN)/python -m ddp_seq check-config --config $(CONFIG) $(ARGS) >/dev/null
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) train.py --config $(CONFIG) $(ARGS)
 
+train-dp: $(STAMP)  ## train CONFIG in the legacy nn.DataParallel mode (one process, every visible GPU)
+	@$(BIN)/python -m ddp_seq check-config --config $(CONFIG) training.mode=dp $(ARGS) >/dev/null
+	$(BIN)/python train.py --config $(CONFIG) training.mode=dp $(ARGS)
+
 train-single: $(STAMP)  ## train CONFIG in one process, no torchrun
 	$(BIN)/python train.py --config $(CONFIG) $(ARGS)
 
@@ -50,6 +54,9 @@ bench: $(STAMP)  ## benchmark execution paths, then batching strategies, side by
 	@mkdir -p bench/results
 	$(BIN)/ddp-seq bench --suite execution --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-execution.json
 	$(BIN)/ddp-seq bench --suite batching --config $(CONFIG) --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-batching.json
+
+parity: $(STAMP)  ## single vs dp vs ddp (2 ranks): same loss and gradients on a fixed batch, or exit 1
+	$(BIN)/torchrun --standalone --nproc_per_node=2 -m ddp_seq parity
 
 slurm-up:  ## start a real single-node Slurm on this machine (installs it with apt; root)
 	launch/slurm/local-cluster.sh up

@@ -21,7 +21,8 @@ from typing import Any
 
 from .runlog import format_table
 
-#: name -> (world size, overrides). ``base`` overrides apply to every variant of the suite.
+#: name -> (world size, overrides); world size 0 = one rank per visible GPU (2 without GPUs).
+#: ``base`` overrides apply to every variant of the suite.
 SUITES: dict[str, dict[str, Any]] = {
     "batching": {
         # The default task's length distribution on half its sequences: the random+packed baseline
@@ -38,6 +39,17 @@ SUITES: dict[str, dict[str, Any]] = {
         },
         "baseline": "random+packed",
     },
+    # DistributedDataParallel (one process per GPU) beside the legacy nn.DataParallel (one process
+    # driving every visible GPU) -- the comparison that matters on a GPU machine. Without GPUs
+    # DataParallel only calls the module: 2 ranks x 1 thread against 1 process x all cores.
+    "modes": {
+        "base": ["training.epochs=3", "data.num_train=10000"],
+        "variants": {
+            "ddp": (0, ["training.mode=ddp"]),
+            "dp": (1, ["training.mode=dp"]),
+        },
+        "baseline": "ddp",
+    },
 }
 
 #: A few seconds a run: exercises the whole suite's code in the test suite.
@@ -45,8 +57,16 @@ QUICK = ["data.num_train=256", "data.num_val=64", "data.max_length=60", "model.h
          "training.epochs=2", "batching.batch_size=32", "training.warmup_steps=2"]
 
 
+def gpu_world_size() -> int:
+    """Ranks for a variant with world size 0: one per visible GPU, 2 on a machine without GPUs."""
+    import torch
+
+    return torch.cuda.device_count() or 2
+
+
 def run_once(world_size: int, overrides: list[str], root: Path, name: str, config: str) -> list[dict[str, Any]]:
     """Train one job (torchrun when ``world_size`` > 1) and return its ``metrics.jsonl`` records."""
+    world_size = world_size or gpu_world_size()
     args = ["--config", config, *overrides, f"logging.root={root}", f"logging.name={name}",
             "logging.progress=none", "checkpoint.save=false"]
     if world_size > 1:

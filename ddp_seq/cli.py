@@ -1,4 +1,4 @@
-"""Command line: ``ddp-seq train|check-config|config-reference`` (``train.py`` calls ``train``).
+"""Command line: ``ddp-seq train|check-config|config-reference|bench|parity`` (``train.py`` calls ``train``).
 
 User errors (config, data, checkpoints) are one line on stderr and exit code 2, never a traceback.
 Under torchrun every rank hits the same error; only global rank 0 prints it.
@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, UserError, dump_yaml, load_config, reference_markdown
+from .config import Config, UserError, check_mode, dump_yaml, load_config, reference_markdown
 
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
-COMMANDS = ("train", "check-config", "config-reference", "bench")
+PEER_ERROR_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on a user error
+COMMANDS = ("train", "check-config", "config-reference", "bench", "parity")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["parity"]:
+        from .parity import main as parity_main
+
+        return parity_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "config-reference":
@@ -182,12 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             print(dump_yaml(cfg), end="")
             return 0
+        # dp and single are one process: refused under torchrun before torch is even imported.
+        check_mode(cfg.training.mode, _env_world_size())
         return _train_and_exit(cfg)
     except UserError as e:
         # Every rank meets the same error; only global rank 0 reports it. RANK is read here
         # directly because importing ddp_seq.dist would load torch, and config errors must be fast.
         if os.environ.get("RANK", "0") in ("", "0"):
             print(f"ddp-seq: error: {e}", file=sys.stderr, flush=True)
+        elif _env_world_size() > 1:
+            # torchrun stops every worker as soon as one exits != 0: a moment's grace lets rank 0,
+            # which meets the same error (maybe a little later), print it before being stopped.
+            time.sleep(PEER_ERROR_GRACE_S)
         exit_worker(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
 
@@ -223,6 +234,14 @@ def _train_and_exit(cfg: Config) -> int:
     return 0
 
 
+def _env_world_size() -> int:
+    """torchrun's WORLD_SIZE (1 without torchrun; a malformed value counts as 1 here, dist.setup names it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
 def exit_worker(code: int) -> None:
     """End a torchrun worker right away, once its process group is destroyed and its files closed.
 
@@ -231,7 +250,7 @@ def exit_worker(code: int) -> None:
     destruction), about 1 run in 12 on a loaded 2-core machine, turning a finished run into a failed
     one. Nothing is left to do at that point, so skip finalisation. Single processes exit normally.
     """
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if _env_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

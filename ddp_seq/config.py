@@ -92,6 +92,9 @@ class TrainingConfig:
     warmup_steps: int = opt(50, "linear warmup steps before the cosine decay", ge=0)
     min_lr_ratio: float = opt(0.05, "final learning rate as a fraction of lr", ge=0, le=1)
     grad_accum: int = opt(1, "global batches accumulated into one optimizer step (DDP no_sync between)", ge=1)
+    mode: str = opt("ddp", "ddp: DistributedDataParallel, one process per rank (torchrun) or one process; "
+                    "dp: legacy nn.DataParallel over the visible GPUs, one process; single: one process, one device",
+                    choices=("ddp", "dp", "single"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
     amp: str = opt("none", "mixed precision (fp16 needs CUDA)", choices=("none", "bf16", "fp16"))
     seed: int = opt(0, "seed of model init and batch order")
@@ -221,6 +224,14 @@ def validate(cfg: Config) -> Config:
     if name and (name in (".", "..") or "/" in name or "\\" in name):
         raise ConfigError(f"logging.name: must be a plain directory name; got {name!r}")
     return cfg
+
+
+def check_mode(mode: str, world_size: int) -> None:
+    """Refuse a one-process ``training.mode`` (``dp``, ``single``) in a job of several processes."""
+    if mode != "ddp" and world_size > 1:
+        raise ConfigError(f"training.mode: {mode} runs in one process, but this is one of {world_size} "
+                          f"(WORLD_SIZE={world_size}, set by torchrun); run it as `python train.py ...`, "
+                          "or use training.mode=ddp for several processes")
 
 
 def _yaml_line(err: yaml.YAMLError) -> str:

@@ -80,9 +80,28 @@ def setup(cfg: DistributedConfig) -> DistInfo:
     torch.set_num_threads(threads)
 
     if backend is not None:
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs: dict = {"device_id": device} if backend == "nccl" else {}
+        store = _restart_scoped_store(cfg.timeout_s, world_size)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
     return DistInfo(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+def _restart_scoped_store(timeout_s: int, world_size: int) -> dist.Store | None:
+    """The agent's store, with keys scoped to this restart, when torchrun shares its store.
+
+    torchrun's c10d rendezvous hands its own TCPStore to the workers and does not separate one
+    restart's keys from the next (pytorch/pytorch#135712): after ``--max-restarts`` restarts a
+    group, a rank can read the previous attempt's gloo/NCCL addresses and fail with "Connection
+    refused". Prefixing the keys with the restart count (the same on every rank of a restart)
+    keeps attempts apart. None outside torchrun, or when torchrun does not share its store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), world_size,
+                          is_master=False, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"ddp_seq/restart-{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
 def teardown() -> None:

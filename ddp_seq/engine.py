@@ -10,10 +10,9 @@ import torch
 from . import objective
 from .config import Config
 from .data.batching import ShardedBatchSampler
-from .data.collate import collate
+from .data.collate import collate_for
 from .data.synthetic import SequenceData
 from .dist import DistInfo, all_reduce_sum
-from .model import SeqModel
 
 
 def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
@@ -54,20 +53,22 @@ def make_sampler(data: SequenceData, cfg: Config, info: DistInfo, train: bool) -
 
 
 @torch.no_grad()
-def evaluate(module: SeqModel, data: SequenceData, cfg: Config, info: DistInfo) -> dict[str, float]:
+def evaluate(module: torch.nn.Module, data: SequenceData, cfg: Config, info: DistInfo) -> dict[str, float]:
     """Metrics over every sample of ``data`` exactly once, whatever the world size.
 
     Each rank evaluates its shares of length-sorted global batches (filler samples weigh 0);
-    the sums and counts are all-reduced and divided once. Uses the unwrapped module: evaluation
-    needs no gradient synchronisation, and ranks may see different numbers of real samples.
+    the sums and counts are all-reduced and divided once. Under DDP, pass the unwrapped module:
+    evaluation needs no gradient synchronisation, and ranks may see different numbers of real
+    samples. In dp mode the DataParallel wrapper may be passed (batches come from ``collate_dp``).
     """
+    collate = collate_for(cfg.training.mode)
     was_training = module.training
     module.eval()
     sums = None
     for step in make_sampler(data, cfg, info, train=False):
         batch = collate(data, step).to(info.device)
         with autocast(info.device, cfg.training.amp):
-            outputs = module(batch.inputs, batch.lengths)
+            outputs = module(batch.inputs, batch.model_lengths)
         part = objective.metric_sums(cfg.data.task, outputs, batch)  # stays on the device: no sync per batch
         sums = part if sums is None else sums + part
     module.train(was_training)

@@ -10,9 +10,16 @@ Two execution paths give the same outputs and gradients:
   a valid step. A backward direction would, so it runs on each sequence reversed within its own
   length and its outputs are reversed back, layer by layer, with the very parameters of the
   bidirectional ``nn.LSTM``/``nn.GRU`` (checkpoints are interchangeable between paths).
+
+Both paths also serve the legacy ``training.mode=dp``: ``forward`` takes the lengths as a tensor
+(DataParallel splits it along dim 0 with the inputs), moves each replica's chunk of it where it is
+needed, and returns the whole batch's time dimension ``T = inputs.shape[1]`` whatever the longest
+sequence of the chunk, so DataParallel can gather ``tag`` outputs of the replicas.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +52,13 @@ def reverse_within_lengths(lengths: torch.Tensor, total_length: int) -> torch.Te
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+# functional_call swaps parameters into the template module for the duration of the call, and
+# DataParallel's replicas share the templates (replicate() copies __dict__) while they run in
+# threads: without this lock one replica can run with another's weights. On a GPU the lock is held
+# while kernels are queued, not while they run, so the replicas still overlap.
+_TEMPLATE_LOCK = threading.Lock()
 
 
 class SeqModel(nn.Module):
@@ -89,7 +103,7 @@ class SeqModel(nn.Module):
 
         Args:
             inputs: ``[B, T, F]`` features or ``[B, T]`` token ids, padded after each sequence's end.
-            lengths: ``[B]`` int64 valid lengths (moved to the CPU here if needed).
+            lengths: ``[B]`` int64 valid lengths, on any device (moved to the CPU here for packing).
 
         Returns:
             classify ``[B, C]`` logits; regress ``[B]``; tag ``[B, T, C]`` logits (zeros' logits at
@@ -147,7 +161,8 @@ class SeqModel(nn.Module):
         template = self._templates[min(layer, 1)]
         params = {f"{name}_l0": getattr(self.rnn, f"{name}_l{layer}{suffix}")
                   for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-        return functional_call(template, params, (x,))[0]
+        with _TEMPLATE_LOCK:
+            return functional_call(template, params, (x,))[0]
 
 
 def build_model(task: str, num_inputs: int, num_outputs: int, cfg: ModelConfig, vocab_size: int = 0,

@@ -1,4 +1,9 @@
-"""The Trainer: DDP training over per-rank shares of global batches, resumable at any step."""
+"""The Trainer: DDP training over per-rank shares of global batches, resumable at any step.
+
+``training.mode`` changes only how the model is wrapped (``parallel.wrap_model``) and which
+collate prepares a batch (``collate_for``); loss normalisation, metrics, checkpoints (the
+unwrapped module's state) and resuming are the same code for ``ddp``, ``dp`` and ``single``.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import objective
 from .checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
-from .config import Config, UserError, to_dict
+from .config import Config, UserError, check_mode, to_dict
 from .data.batching import Step, straggler_ratio
-from .data.collate import Batch, collate
+from .data.collate import Batch, collate_for
 from .data.sources import load_splits, num_outputs
 from .dist import DistInfo, all_reduce_sum
 from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_sampler
 from .model import build_model
+from .parallel import wrap_model
 from .resume import Preempted, StopFlag, capture_rng, prune, restore_rng, step_path
 from .runlog import NullLogger, format_table
 
@@ -50,7 +55,8 @@ class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, logger: NullLogger, run_dir: Path | None,
                  resume_from: Path | None = None) -> None:
         self.cfg, self.info, self.log, self.run_dir = cfg, info, logger, run_dir
-        self.task = cfg.data.task
+        self.task, self.mode = cfg.data.task, cfg.training.mode
+        check_mode(self.mode, info.world_size)
         if cfg.training.amp == "fp16" and info.device.type != "cuda":
             raise UserError("training.amp: fp16 needs a CUDA device; use bf16 or none on CPU")
         self.train_data, self.val_data = load_splits(cfg.data)
@@ -67,10 +73,8 @@ class Trainer:
         if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
             check_shapes(state["model"], self.module, str(resume_from))
             self.module.load_state_dict(state["model"])
-        if info.distributed:
-            self.model = DDP(self.module, device_ids=[info.device] if info.device.type == "cuda" else None)
-        else:
-            self.model = self.module
+        self.model = wrap_model(self.module, self.mode, info, logger)
+        self.collate = collate_for(self.mode)
         self.sampler = make_sampler(self.train_data, cfg, info, train=True)
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         self.total_steps = self._count_steps()
@@ -202,7 +206,7 @@ class Trainer:
             sync = k == len(batches) - 1 or not info.distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(info.device, cfg.training.amp):
-                    outputs = self.model(batch.inputs, batch.lengths)
+                    outputs = self.model(batch.inputs, batch.model_lengths)
                 local_sum = objective.loss_sum(self.task, outputs, batch)
                 self.scaler.scale(local_sum * scale).backward()
             total += local_sum.detach().double()
@@ -252,7 +256,7 @@ class Trainer:
 
         for i, group in enumerate(groups):
             step_start = time.perf_counter()
-            batches = [collate(self.train_data, step).to(info.device) for step in group]
+            batches = [self.collate(self.train_data, step).to(info.device) for step in group]
             local = self.train_step(*batches)
             step_times.append(time.perf_counter() - step_start)
             self.step += 1
@@ -311,7 +315,9 @@ class Trainer:
         """Evaluate, record, decide best and early stopping, checkpoint; returns the checkpoint path."""
         cfg, log, monitor = self.cfg, self.log, self.cfg.training.monitor
         row = self.train_epoch(epoch)
-        val = evaluate(self.module, self.val_data, cfg, self.info)
+        # ddp: the unwrapped module (no gradients to synchronise); dp: the DataParallel wrapper,
+        # so evaluation is split over the GPUs like training.
+        val = evaluate(self.model if self.mode == "dp" else self.module, self.val_data, cfg, self.info)
         metrics = {f"val_{k}": v for k, v in val.items()}
         row.update(metrics)
         self.history.append(row)
@@ -342,8 +348,8 @@ class Trainer:
         cfg, log, monitor = self.cfg, self.log, self.cfg.training.monitor
         params = sum(p.numel() for p in self.module.parameters())
         log.info(f"training {self.task} on {len(self.train_data)} sequences ({int(self.train_data.lengths.sum()):,} "
-                 f"steps), {params:,} parameters, world size {self.info.world_size}, device {self.info.device}, "
-                 f"{torch.get_num_threads()} thread(s) per rank, {self.total_steps} steps")
+                 f"steps), {params:,} parameters, mode {self.mode}, world size {self.info.world_size}, "
+                 f"device {self.info.device}, {torch.get_num_threads()} thread(s) per rank, {self.total_steps} steps")
         if self.finished:
             log.info("this run has already finished; nothing to train")
         job_start = time.perf_counter()

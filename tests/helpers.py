@@ -116,6 +116,22 @@ def torchrun(*args: str | Path, nproc: int = 2, **kwargs) -> Proc:
                 *map(str, args)], **kwargs)
 
 
+# -- data -----------------------------------------------------------------------------------------
+
+def ragged(lengths: list[int], features: int, per_step: bool, seed: int = 0):
+    """A :class:`SequenceData` of Gaussian sequences of these lengths, labels 0..2 per sequence or per step."""
+    import numpy as np
+
+    from ddp_seq.data.synthetic import SequenceData
+
+    rng = np.random.default_rng(seed)
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths_a)]).astype(np.int64)
+    values = rng.standard_normal((int(lengths_a.sum()), features)).astype(np.float32)
+    targets = rng.integers(0, 3, size=int(lengths_a.sum()) if per_step else len(lengths)).astype(np.int64)
+    return SequenceData(values, offsets, targets, per_step)
+
+
 # -- tiny configs -------------------------------------------------------------------------------
 
 #: A job that trains in about a second per rank on 2 cores.

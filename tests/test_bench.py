@@ -46,3 +46,15 @@ def test_execution_matrix_quick_covers_every_configuration():
     for name, row in result["variants"].items():
         assert row["packed_tokens_per_s"] > 0 and row["padded_tokens_per_s"] > 0, name
         assert row["padded_over_packed"] == pytest.approx(row["padded_tokens_per_s"] / row["packed_tokens_per_s"])
+
+
+@pytest.mark.slow
+def test_quick_modes_suite_runs_dp_beside_ddp(tmp_path):
+    out = tmp_path / "modes.json"
+    python("-m", "ddp_seq", "bench", "--suite", "modes", "--quick", "--repeats", "1", "--out", out,
+           timeout=240).check()
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"ddp", "dp"} and result["baseline"] == "ddp"
+    assert "training.mode=dp" in SUITES["modes"]["variants"]["dp"][1] and SUITES["modes"]["variants"]["dp"][0] == 1
+    for name, row in result["variants"].items():
+        assert row["tokens_per_s"] > 0 and 0 <= row["final_metric"] <= 1, name

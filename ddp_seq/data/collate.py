@@ -2,10 +2,14 @@
 
 Nothing here is ever scattered across devices: each process builds, pads and (in the model)
 packs its own batch, which is what removes DataParallel's PackedSequence problem at the root.
+
+The legacy ``training.mode=dp`` is the exception: :func:`collate_dp` prepares the whole global
+batch the way the known DataParallel workaround does (see its doc).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +29,9 @@ class Batch:
     ``lengths`` is a 1-D int64 CPU tensor: ``pack_padded_sequence`` wants its lengths on the CPU
     even when the data is on a GPU. ``weights`` is 1 for real samples and 0 for the filler sample
     of an empty share. ``global_count`` and ``global_tokens`` describe the whole global batch.
+    ``scatter_lengths`` is set by :func:`collate_dp` only: a copy of ``lengths`` that moves to the
+    device with ``inputs`` (``lengths`` itself stays on the CPU for the token counters, which must
+    not wait for the device).
     """
 
     inputs: torch.Tensor  # [B, T, F] float32 or [B, T] int64
@@ -35,6 +42,7 @@ class Batch:
     weights: torch.Tensor  # [B] float32
     global_count: int
     global_tokens: int
+    scatter_lengths: torch.Tensor | None = None  # [B] int64, travels with inputs (dp mode); None otherwise
 
     def to(self, device: torch.device) -> Batch:
         """Move the tensors the model computes on; ``lengths`` and ``indices`` stay on the CPU."""
@@ -42,7 +50,13 @@ class Batch:
         return Batch(self.inputs.to(device, non_blocking=nb), self.lengths,
                      self.targets.to(device, non_blocking=nb), self.mask.to(device, non_blocking=nb),
                      self.indices, self.weights.to(device, non_blocking=nb), self.global_count,
-                     self.global_tokens)
+                     self.global_tokens,
+                     None if self.scatter_lengths is None else self.scatter_lengths.to(device, non_blocking=nb))
+
+    @property
+    def model_lengths(self) -> torch.Tensor:
+        """The lengths the model is called with: ``scatter_lengths`` in dp mode, else ``lengths``."""
+        return self.lengths if self.scatter_lengths is None else self.scatter_lengths
 
     @property
     def real_tokens(self) -> int:
@@ -75,3 +89,29 @@ def collate(data: SequenceData, step: Step, pad_value: float = 0.0) -> Batch:
     return Batch(torch.from_numpy(inputs), torch.from_numpy(lengths.astype(np.int64)),
                  torch.from_numpy(np.ascontiguousarray(targets)), torch.from_numpy(mask),
                  torch.from_numpy(indices), torch.from_numpy(weights), step.global_count, step.global_tokens)
+
+
+def collate_dp(data: SequenceData, step: Step, pad_value: float = 0.0) -> Batch:
+    """``training.mode=dp``: the whole global batch prepared as the known DataParallel workaround does.
+
+    Sorted by length, longest first; the padded tensor ``[B, T, ...]``; the lengths as a 1-D int64
+    tensor that travels with the batch to the device (``scatter_lengths``), so that DataParallel's
+    scatter splits lengths and inputs along dim 0 alike -- a Python list would be copied whole to
+    every replica, and a ``PackedSequence`` would be split field by field into nonsense (README).
+    Each replica packs its chunk in ``SeqModel.forward`` and unpacks it to the whole batch's ``T``.
+
+    The sort is what the classic recipe needs for ``enforce_sorted=True``; SeqModel packs with
+    ``enforce_sorted=False`` and does not rely on it, so it is kept for fidelity: targets, mask and
+    indices are sorted together with the inputs, so nothing has to be unsorted afterwards.
+    """
+    lengths = data.lengths[np.asarray(step.indices, dtype=np.int64)]
+    order = np.argsort(-lengths, kind="stable")
+    batch = collate(data, Step(np.asarray(step.indices)[order], step.real, step.global_count, step.global_tokens),
+                    pad_value)
+    batch.scatter_lengths = batch.lengths.clone()
+    return batch
+
+
+def collate_for(mode: str) -> Callable[..., Batch]:
+    """The collate function of ``training.mode``: :func:`collate_dp` for ``dp``, :func:`collate` otherwise."""
+    return collate_dp if mode == "dp" else collate
