@@ -17,7 +17,7 @@ from .config import Config, UserError, check_mode, dump_yaml, load_config, refer
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
 PEER_ERROR_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on a user error
-COMMANDS = ("train", "check-config", "config-reference", "bench", "parity")
+COMMANDS = ("train", "check-config", "config-reference", "bench", "parity", "report")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,14 +138,38 @@ def train(cfg: Config) -> dict:
 
     with distributed(cfg.distributed) as info:
         run_dir, resume_from, notes = _prepare_run(cfg, info)
-        logger = make_logger(info.is_main, run_dir, cfg.logging.progress)
+        logger = make_logger(info.is_main, run_dir, cfg.logging.progress, _start_tracking(cfg, run_dir, info))
+        exit_code = 1
         try:
             logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
             for note in notes:
                 logger.info(note)
-            return Trainer(cfg, info, logger, run_dir, resume_from).fit()
+            summary = Trainer(cfg, info, logger, run_dir, resume_from).fit()
+            exit_code = 0
+            return summary
         finally:
-            logger.close()
+            logger.close(exit_code)
+
+
+def _start_tracking(cfg: Config, run_dir: Path, info):
+    """This rank's wandb run (or None). A failure on any rank (online without a server, say) is
+    every rank's error: the others would otherwise wait for it at the first collective."""
+    from .dist import first_error
+    from .tracking import start_wandb
+
+    tracker, error = None, ""
+    try:
+        tracker = start_wandb(cfg, run_dir, info.rank, info.is_main)
+    except UserError as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 -- reported on every rank below rather than leaving peers waiting
+        error = f"wandb: could not start a run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    error = first_error(error, info)
+    if error:
+        if tracker is not None:
+            tracker.finish(1)
+        raise UserError(error)
+    return tracker
 
 
 START_MARK, END_MARK = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
@@ -171,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     if argv[:1] == ["parity"]:
         from .parity import main as parity_main
 

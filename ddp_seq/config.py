@@ -125,6 +125,20 @@ class LoggingConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: str = opt("disabled", "disabled; offline: files under the run directory (`wandb sync` later); online. "
+                    "WANDB_MODE in the environment wins", choices=("disabled", "offline", "online"))
+    project: str = opt("ddp_seq", "wandb project")
+    entity: str = opt("", "wandb entity (team or user); empty = your default")
+    group: str = opt("", "wandb group; empty = none, or the run name with per_rank")
+    name: str = opt("", "wandb run name; empty = the run directory's name")
+    tags: str = opt("", "comma-separated wandb tags")
+    per_rank: bool = opt(False, "one wandb run per rank, in one group, instead of one run from rank 0")
+    init_timeout_s: int = opt(20, "online: give up reaching the server after this many seconds (one clear line)",
+                              ge=1)
+
+
+@dataclass
 class DistributedConfig:
     backend: str = opt("auto", "auto: nccl with GPUs, gloo on CPU", choices=("auto", "nccl", "gloo"))
     timeout_s: int = opt(600, "collective timeout in seconds (a dead rank fails the others then)", ge=1)
@@ -139,6 +153,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

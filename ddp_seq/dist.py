@@ -144,3 +144,12 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=info.device if info.backend == "nccl" else None)
     return box[0]
+
+
+def first_error(error: str, info: DistInfo) -> str:
+    """The first non-empty error message over the ranks (by rank), the same on every rank."""
+    if not info.distributed:
+        return error
+    errors: list = [None] * info.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), "")

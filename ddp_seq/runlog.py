@@ -33,8 +33,21 @@ class NullLogger:
     def end_progress(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         pass
+
+
+class TrackerLogger(NullLogger):
+    """A rank other than 0 with its own wandb run (``wandb.per_rank``): records go there only."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.tracker.log(record)
+
+    def close(self, exit_code: int = 0) -> None:
+        self.tracker.finish(exit_code)
 
 
 class RunLogger(NullLogger):
@@ -44,8 +57,9 @@ class RunLogger(NullLogger):
     ``auto`` (a bar when stderr is a terminal, lines otherwise -- e.g. in Slurm logs).
     """
 
-    def __init__(self, run_dir: Path, progress: str = "auto", stream: TextIO | None = None) -> None:
+    def __init__(self, run_dir: Path, progress: str = "auto", stream: TextIO | None = None, tracker=None) -> None:
         self.run_dir = run_dir
+        self.tracker = tracker  # a tracking.WandbRun, or None
         self.stream = stream or sys.stdout
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"
@@ -67,6 +81,8 @@ class RunLogger(NullLogger):
     def record(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def start_progress(self, total: int, description: str) -> None:
         if self.mode == "bar":
@@ -86,17 +102,22 @@ class RunLogger(NullLogger):
             self._bar.close()
             self._bar = None
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.end_progress()
+        if self.tracker is not None:
+            self.info(self.tracker.cost())
         self._log.close()
         self._metrics.close()
+        if self.tracker is not None:
+            self.tracker.finish(exit_code)
 
 
-def make_logger(is_main: bool, run_dir: Path | None, progress: str) -> NullLogger:
-    """A :class:`RunLogger` for the main process, a :class:`NullLogger` for the others."""
+def make_logger(is_main: bool, run_dir: Path | None, progress: str, tracker=None) -> NullLogger:
+    """A :class:`RunLogger` for the main process; for the others a :class:`TrackerLogger` when
+    they have a wandb run of their own (``wandb.per_rank``), else a :class:`NullLogger`."""
     if is_main and run_dir is not None:
-        return RunLogger(run_dir, progress)
-    return NullLogger()
+        return RunLogger(run_dir, progress, tracker=tracker)
+    return TrackerLogger(tracker) if tracker is not None else NullLogger()
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -27,6 +27,7 @@ from .dist import DistInfo, all_reduce_sum
 from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_sampler
 from .model import build_model
 from .parallel import wrap_model
+from .report import table_columns
 from .resume import Preempted, StopFlag, capture_rng, prune, restore_rng, step_path
 from .runlog import NullLogger, format_table
 
@@ -242,6 +243,8 @@ class Trainer:
         check_every = cfg.checkpoint.signal_check_steps if info.distributed else 1
         start = last = time.perf_counter()
         logged = 0  # steps already shown on the progress bar
+        # Throughput of the logging window: global sequences, and the token counters at its start.
+        window_seqs, tokens_at_log = 0, tokens.clone()
 
         def flush() -> float:
             """All-reduce the loss window into the epoch totals; returns the window's mean loss."""
@@ -263,18 +266,25 @@ class Trainer:
             self.position = min(num_batches, self.position + len(group))
             window_loss += local
             window_count += sum(objective.global_count(self.task, b) for b in batches)
+            window_seqs += sum(b.global_count for b in batches)
             tokens[0] += sum(b.real_tokens for b in batches)
             tokens[1 + info.rank] += sum(b.padded_tokens for b in batches)
             last_group = i + 1 == len(groups)
             # Every rank evaluates these conditions identically, so the collectives below line up.
             if (i + 1) % cfg.training.log_every == 0 or last_group:
                 train_loss = flush()
+                local = tokens - tokens_at_log
+                real, padded = all_reduce_sum(torch.stack([local[0], local[1:].sum()]), info).tolist()
                 now = time.perf_counter()
+                seconds = max(now - last, 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.record({"kind": "train", "epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
                             "lr": lr, "elapsed_s": self.progress.seconds + now - start,
-                            "grad_norm": None if self.last_grad_norm is None else float(self.last_grad_norm)})
-                log.progress(i + 1 - logged, f"loss {train_loss:.4f}",
+                            "grad_norm": None if self.last_grad_norm is None else float(self.last_grad_norm),
+                            "seq_per_s": window_seqs / seconds, "tokens_per_s": real / seconds,
+                            "padding_efficiency": real / max(padded, 1)})
+                window_seqs, tokens_at_log = 0, tokens.clone()
+                log.progress(i + 1 - logged, f"loss {train_loss:.4f}, {real / seconds:,.0f} tok/s",
                              f"epoch {epoch + 1} step {done + i + 1}/{total_groups} loss {train_loss:.4f} "
                              f"lr {lr:.2e} ({now - last:.1f}s)")
                 logged, last = i + 1, now
@@ -366,9 +376,7 @@ class Trainer:
                    "tokens_per_s": sum(r["tokens_per_s"] for r in self.history) / len(self.history),
                    "seq_per_s": sum(r["seq_per_s"] for r in self.history) / len(self.history)}
         log.record({"kind": "summary", **summary})
-        columns = ["epoch", "train_loss", *[f"val_{k}" for k in objective.METRICS[self.task]],
-                   "seq_per_s", "tokens_per_s", "padding_efficiency", "straggler_ratio", "train_s"]
-        log.info("\n" + format_table(self.history, columns))
+        log.info("\n" + format_table(self.history, table_columns(self.task)))
         log.info(f"best {monitor} {self.best['value']:.4f} at epoch {self.best['epoch']}; "
                  f"{summary['seq_per_s']:,.0f} sequences/s, {summary['tokens_per_s']:,.0f} real tokens/s; "
                  f"wall time {wall:.1f}s")
