@@ -273,8 +273,8 @@ class Trainer:
             # Every rank evaluates these conditions identically, so the collectives below line up.
             if (i + 1) % cfg.training.log_every == 0 or last_group:
                 train_loss = flush()
-                local = tokens - tokens_at_log
-                real, padded = all_reduce_sum(torch.stack([local[0], local[1:].sum()]), info).tolist()
+                since_log = tokens - tokens_at_log
+                real, padded = all_reduce_sum(torch.stack([since_log[0], since_log[1:].sum()]), info).tolist()
                 now = time.perf_counter()
                 seconds = max(now - last, 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]
