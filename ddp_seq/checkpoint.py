@@ -7,14 +7,13 @@ unpickling arbitrary classes -- so loading it can never execute code from the fi
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import UserError
+from .config import UserError, first_line
 
 # 2: resumable mid-epoch (position, RNG states, history, num_outputs).
 FORMAT_VERSION = 2
@@ -60,10 +59,7 @@ def _why_unloadable(error: Exception) -> str:
     if "Weights only load failed" in text:
         return ("holds pickled Python objects beyond tensors and plain containers; ddp_seq loads checkpoints "
                 "with weights_only=True and never unpickles code, so it refuses this file")
-    lines = [line for line in (re.sub(r"\x1b\[[0-9;]*m|[\x00-\x1f\x7f]", "", raw).strip()
-                               for raw in text.splitlines()) if line]
-    reason = lines[0][:200] if lines else type(error).__name__
-    return f"not a loadable ddp_seq checkpoint: truncated or corrupt ({reason})"
+    return f"not a loadable ddp_seq checkpoint: truncated or corrupt ({first_line(error)})"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

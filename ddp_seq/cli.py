@@ -1,4 +1,4 @@
-"""Command line: ``ddp-seq train|check-config|config-reference|bench|parity`` (``train.py`` calls ``train``).
+"""Command line: ``ddp-seq train|check-config|config-reference|bench|parity|report`` (``train.py`` calls ``train``).
 
 User errors (config, data, checkpoints) are one line on stderr and exit code 2, never a traceback.
 Under torchrun every rank hits the same error; only global rank 0 prints it.
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, UserError, check_mode, dump_yaml, load_config, reference_markdown
+from .config import Config, UserError, check_mode, dump_yaml, first_line, load_config, reference_markdown
 
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
@@ -102,12 +102,13 @@ def _decide_run(cfg: Config) -> tuple[Path, Path | None, list[str]]:
     if resume == "none":
         return run_dir, None, notes
     remove_partial_writes(run_dir / "checkpoints")
-    own = newest_valid(run_dir / "checkpoints", notes.append)
-    if resume == "auto":
-        return run_dir, own, notes
     # A path names where the job starts. When torchrun restarts the job's workers, the run's own
     # newer checkpoints are where it stands now; starting from the path again would redo the work.
-    if own is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    own = newest_valid(run_dir / "checkpoints", notes.append) if resume == "auto" or restarted else None
+    if resume == "auto":
+        return run_dir, own, notes
+    if own is not None:
         notes.append(f"restart: resuming from the run's own {own.name} rather than checkpoint.resume={resume}")
         return run_dir, own, notes
     return run_dir, Path(resume), notes
@@ -163,7 +164,7 @@ def _start_tracking(cfg: Config, run_dir: Path, info):
     except UserError as e:
         error = str(e)
     except Exception as e:  # noqa: BLE001 -- reported on every rank below rather than leaving peers waiting
-        error = f"wandb: could not start a run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        error = f"wandb: could not start a run ({type(e).__name__}: {first_line(e)})"
     error = first_error(error, info)
     if error:
         if tracker is not None:
@@ -253,8 +254,7 @@ def _train_and_exit(cfg: Config) -> int:
             raise
         # Every surviving rank says it: the one that could print may be the one that died.
         rank = os.environ.get("RANK", "0")
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"ddp-seq: error: rank {rank} lost contact with the other ranks ({reason[:300]}); one of them died "
+        print(f"ddp-seq: error: rank {rank} lost contact with the other ranks ({first_line(e, 300)}); one of them died "
               f"or hung for longer than distributed.timeout_s={cfg.distributed.timeout_s}", file=sys.stderr, flush=True)
         exit_worker(EXIT_PEER_LOST)
         return EXIT_PEER_LOST

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import Config, UserError, to_dict
+from .config import Config, UserError, first_line, to_dict
 
 
 def wandb_mode(cfg: Config) -> str:
@@ -95,9 +95,8 @@ def start_wandb(cfg: Config, run_dir: Path, rank: int, is_main: bool) -> WandbRu
                          name=f"{name}-rank{rank}" if w.per_rank else name, mode=mode, dir=str(run_dir),
                          config=to_dict(cfg), settings=settings, reinit="create_new", id=run_id, resume="allow")
     except Exception as e:  # noqa: BLE001 -- wandb raises CommError, UsageError, ...: one line for all
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         hint = (f"; gave up after wandb.init_timeout_s={w.init_timeout_s}: check the network and WANDB_API_KEY, "
                 "or use wandb.mode=offline and `wandb sync` the run directory later") if mode == "online" else ""
-        raise UserError(f"wandb.mode={mode}: wandb.init failed ({first[:200]}){hint}") from None
+        raise UserError(f"wandb.mode={mode}: wandb.init failed ({first_line(e)}){hint}") from None
     id_file.write_text(run_id + "\n", encoding="utf-8")
     return WandbRun(run, time.perf_counter() - start)

@@ -27,7 +27,7 @@ from .dist import DistInfo, all_reduce_sum
 from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_sampler
 from .model import build_model
 from .parallel import wrap_model
-from .report import table_columns
+from .report import summary_lines, table_columns
 from .resume import Preempted, StopFlag, capture_rng, prune, restore_rng, step_path
 from .runlog import NullLogger, format_table
 
@@ -97,16 +97,19 @@ class Trainer:
 
     def _count_steps(self) -> int:
         """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
-        accum, total = self.cfg.training.grad_accum, 0
-        for epoch in range(self.cfg.training.epochs):
-            self.sampler.set_epoch(epoch)
-            total += -(-len(self.sampler) // accum)
+        accum = self.cfg.training.grad_accum
+        total = sum(-(-self._batches_in(epoch) // accum) for epoch in range(self.cfg.training.epochs))
         self.sampler.set_epoch(0)
         return total
 
     def _batches_in(self, epoch: int) -> int:
+        """Global batches of ``epoch`` (a function of seed and epoch only)."""
         self.sampler.set_epoch(epoch)
         return len(self.sampler)
+
+    def _checkpoint_path(self, name: str) -> Path | None:
+        """``checkpoints/<name>`` of this run, or None when checkpoints are off."""
+        return self.run_dir / "checkpoints" / name if self.run_dir and self.cfg.checkpoint.save else None
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -173,7 +176,7 @@ class Trainer:
 
     def _preempted(self, where: str) -> Preempted:
         """Log where SIGTERM stopped the run (its checkpoint is written) and build the exception."""
-        path = self.run_dir / "checkpoints" / "last.pt" if self.run_dir and self.cfg.checkpoint.save else None
+        path = self._checkpoint_path("last.pt")
         self.log.info(f"SIGTERM: stopped {where}; " + (f"checkpoint {path}. Run the same command again to resume."
                                                         if path else "checkpoint.save=false: nothing saved."))
         return Preempted(path)
@@ -338,7 +341,7 @@ class Trainer:
                  f"  straggler {row['straggler_ratio']:.3f}  {row['train_s']:.1f}s")
         improved = self._improved(metrics[monitor])
         if improved:
-            best_path = self.run_dir / "checkpoints" / "best.pt" if cfg.checkpoint.save and self.run_dir else None
+            best_path = self._checkpoint_path("best.pt")
             self.best = {"epoch": epoch + 1, "value": metrics[monitor], "metrics": metrics,
                          "path": str(best_path) if best_path else None}
             self.stale = 0
@@ -355,7 +358,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train from where the run stands to the configured epochs; return the summary."""
-        cfg, log, monitor = self.cfg, self.log, self.cfg.training.monitor
+        log, monitor = self.log, self.cfg.training.monitor
         params = sum(p.numel() for p in self.module.parameters())
         log.info(f"training {self.task} on {len(self.train_data)} sequences ({int(self.train_data.lengths.sum()):,} "
                  f"steps), {params:,} parameters, mode {self.mode}, world size {self.info.world_size}, "
@@ -369,21 +372,14 @@ class Trainer:
                 if not self.finished and self._stop_requested():
                     raise self._preempted(f"after epoch {self.epoch}, step {self.step}")
         wall = time.perf_counter() - job_start
-        last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir and cfg.checkpoint.save else None
+        last = self._checkpoint_path("last.pt")
         summary = {"best_epoch": self.best["epoch"], f"best_{monitor}": self.best["value"],
                    "best_checkpoint": self.best["path"], "last_checkpoint": str(last) if last else None,
                    "wall_s": wall, "checkpoints": len(self.saves), "checkpoint_s": sum(self.saves),
                    "tokens_per_s": sum(r["tokens_per_s"] for r in self.history) / len(self.history),
                    "seq_per_s": sum(r["seq_per_s"] for r in self.history) / len(self.history)}
         log.record({"kind": "summary", **summary})
+        # The same table and lines as `ddp-seq report` prints from metrics.jsonl later.
         log.info("\n" + format_table(self.history, table_columns(self.task)))
-        log.info(f"best {monitor} {self.best['value']:.4f} at epoch {self.best['epoch']}; "
-                 f"{summary['seq_per_s']:,.0f} sequences/s, {summary['tokens_per_s']:,.0f} real tokens/s; "
-                 f"wall time {wall:.1f}s")
-        if self.saves:
-            log.info(f"{len(self.saves)} checkpoints written in {sum(self.saves):.2f}s "
-                     f"({1000 * sum(self.saves) / len(self.saves):.0f} ms each, "
-                     f"{100 * sum(self.saves) / max(wall, 1e-9):.2f}% of the wall time)")
-        if summary["best_checkpoint"]:
-            log.info(f"best checkpoint: {summary['best_checkpoint']}\nlast checkpoint: {summary['last_checkpoint']}")
+        log.info("\n".join(summary_lines(summary, monitor)))
         return summary

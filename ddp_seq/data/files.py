@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import UserError
+from ..config import UserError, first_line
 from .synthetic import SequenceData
 
 #: The target array each task reads, and whether it is per step and integer.
@@ -19,12 +19,6 @@ TARGETS = {"classify": ("labels", False, True), "regress": ("targets", False, Fa
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what np.load takes for an npz archive (the second: empty zip)
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-def _reason(e: BaseException) -> str:
-    """First line of an exception's text, short enough for a one-line message."""
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _read(npz, path: str, name: str) -> np.ndarray:
@@ -36,9 +30,9 @@ def _read(npz, path: str, name: str) -> np.ndarray:
         if "allow_pickle" in str(e):
             raise UserError(f"{path}: array '{name}' holds Python objects (object dtype); ddp_seq never unpickles "
                             "files: save plain numeric arrays") from None
-        raise UserError(f"{path}: array '{name}' is unreadable ({_reason(e)})") from None
+        raise UserError(f"{path}: array '{name}' is unreadable ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 -- a truncated or corrupt member: zipfile, zlib, EOF, OS errors
-        raise UserError(f"{path}: array '{name}' is unreadable ({_reason(e)})") from None
+        raise UserError(f"{path}: array '{name}' is unreadable ({first_line(e)})") from None
 
 
 def _integers(path: str, name: str, arr: np.ndarray) -> np.ndarray:
@@ -117,7 +111,7 @@ def load_npz(path: str | Path, task: str) -> SequenceData:
     try:
         npz = np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 -- truncated or corrupt zip: BadZipFile, EOFError, OSError, ...
-        raise UserError(f"{path}: not a readable .npz file ({_reason(e)})") from None
+        raise UserError(f"{path}: not a readable .npz file ({first_line(e)})") from None
     with npz:
         needed = ["data", "offsets or lengths", target_name]
         framed = "offsets" in npz.files or "lengths" in npz.files
