@@ -50,12 +50,26 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | Non
 class DataConfig:
     task: str = opt("classify", "classify: one label per sequence; regress: one value; tag: one label per step",
                     choices=("classify", "regress", "tag"))
-    format: str = opt("synthetic", "synthetic: the embedded generated task; npz: ragged arrays from train_path",
-                      choices=("synthetic", "npz"))
-    train_path: str = opt("", "npz: training file (data, offsets or lengths, labels/targets/tags)")
-    val_path: str = opt("", "npz: validation file; empty = hold out val_fraction of train_path")
-    val_fraction: float = opt(0.1, "npz without val_path: fraction of train_path held out (fixed by data.seed)",
+    format: str = opt("synthetic", "synthetic: the embedded generated task; npz: ragged numeric arrays; tsv: "
+                      "label<TAB>text lines; jsonl: one JSON object per line; ts: UEA/UCR time-series archive",
+                      choices=("synthetic", "npz", "tsv", "jsonl", "ts"))
+    train_path: str = opt("", "training file (every format but synthetic)")
+    val_path: str = opt("", "validation file; empty = hold out val_fraction of train_path")
+    val_fraction: float = opt(0.1, "without val_path: fraction of train_path held out (fixed by data.seed)",
                               gt=0, le=0.5)
+    tokenizer: str = opt("char", "tsv: how text becomes tokens (char: every character; whitespace: words)",
+                         choices=("char", "whitespace"))
+    min_freq: int = opt(1, "tokens seen fewer times in the training split become <unk>", ge=1)
+    max_length: int = opt(0, "longest sequence; 0 = no limit. Files: longer samples follow data.truncate; "
+                          "synthetic: lengths are clipped to it", ge=0)
+    truncate: str = opt("error", "samples longer than max_length: error (names the longest); pre: keep the last "
+                        "max_length steps; post: keep the first", choices=("error", "pre", "post"))
+    empty: str = opt("error", "samples of length 0 (pack_padded_sequence rejects them): error, or drop them",
+                     choices=("error", "drop"))
+    missing: str = opt("error", "ts: missing values '?': error (names the line); zero; ffill: the last value seen "
+                       "(0 before the first)", choices=("error", "zero", "ffill"))
+    folds: int = opt(0, "k-fold cross-validation: train k models in turn, fold i validating on the i-th part of "
+                     "the training data; 0 = off", ge=0)
     num_train: int = opt(20000, "synthetic: number of training sequences", ge=1)
     num_val: int = opt(1000, "synthetic: number of validation sequences", ge=1)
     features: int = opt(8, "synthetic: feature channels per time step (>= number of classes for classify)", ge=2)
@@ -63,9 +77,8 @@ class DataConfig:
     length_median: float = opt(45.0, "synthetic: median sequence length (lognormal)", gt=0)
     length_sigma: float = opt(0.8, "synthetic: lognormal sigma of the length distribution (skew)", ge=0)
     min_length: int = opt(1, "synthetic: shortest sequence (lengths are clipped to [min_length, max_length])", ge=1)
-    max_length: int = opt(400, "synthetic: longest sequence", ge=1)
     noise: float = opt(0.1, "synthetic: std of the Gaussian noise added to every feature", ge=0)
-    seed: int = opt(1234, "seed of the synthetic data and of the npz val split (the same on every rank)")
+    seed: int = opt(1234, "seed of the synthetic data, of the val_fraction split and of the folds (every rank)")
 
 
 @dataclass
@@ -237,8 +250,16 @@ def validate(cfg: Config) -> Config:
             if meta["le"] is not None and value > meta["le"]:
                 raise ConfigError(f"{key}: must be <= {meta['le']}; got {value!r}")
     d = cfg.data
-    if d.min_length > d.max_length:
+    if d.max_length and d.min_length > d.max_length:
         raise ConfigError(f"data.min_length: must be <= data.max_length ({d.max_length}); got {d.min_length}")
+    if d.folds == 1:
+        raise ConfigError("data.folds: k-fold cross-validation needs at least 2 folds; 0 turns it off")
+    if d.folds and d.val_path:
+        raise ConfigError("data.val_path: not used with data.folds (each fold validates on its held-out part of "
+                          "data.train_path); remove one of them")
+    if d.task == "tag" and d.format in ("tsv", "ts"):
+        raise ConfigError(f"data.task: tag needs a label per step, which data.format={d.format} files do not hold; "
+                          "use jsonl (\"tags\") or npz (tags)")
     if d.format == "synthetic" and d.task == "classify" and d.features < d.num_classes:
         raise ConfigError(f"data.features: classify needs >= data.num_classes ({d.num_classes}); got {d.features}")
     if d.task == "regress" and cfg.training.monitor == "val_accuracy":

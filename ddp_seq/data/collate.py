@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .batching import Step
-from .synthetic import SequenceData
+from .sequences import SequenceData
 
 #: Target value at padded time steps of per-step (tag) targets; ignored by loss and metrics.
 IGNORE_INDEX = -100
@@ -78,7 +78,7 @@ def collate(data: SequenceData, step: Step, pad_value: float = 0.0) -> Batch:
     if data.per_step:
         targets = np.full((batch, longest), IGNORE_INDEX, dtype=data.targets.dtype)
     for row, (idx, length) in enumerate(zip(indices, lengths)):
-        start = data.offsets[idx]
+        start = data.starts[idx]
         inputs[row, :length] = data.values[start:start + length]
         mask[row, :length] = True
         if data.per_step:

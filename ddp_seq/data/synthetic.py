@@ -1,46 +1,20 @@
-"""Ragged sequence storage and the embedded synthetic tasks (deterministic from the seed).
-
-Sequences are stored as one concatenated array plus offsets -- no per-sample Python objects --
-so every rank can hold the whole dataset and gather any subset cheaply.
-"""
+"""The embedded synthetic tasks (deterministic from the seed), stored as :class:`SequenceData`."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import DataConfig
+from .sequences import SequenceData
 
-
-@dataclass
-class SequenceData:
-    """``n`` sequences; sequence ``i`` is ``values[offsets[i]:offsets[i+1]]``.
-
-    ``targets`` is per sequence (classify: int64 class, regress: float32 value) or, for
-    ``per_step`` tasks (tag), per time step and aligned with ``values``.
-    """
-
-    values: np.ndarray  # [total_steps, features] float32, or [total_steps] int64 token ids
-    offsets: np.ndarray  # [n + 1] int64, offsets[0] == 0
-    targets: np.ndarray
-    per_step: bool
-
-    def __post_init__(self) -> None:
-        self.lengths = np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_features(self) -> int:
-        return 0 if self.values.ndim == 1 else self.values.shape[1]
+__all__ = ["SequenceData", "make_synthetic", "num_outputs", "sample_lengths"]
 
 
 def sample_lengths(cfg: DataConfig, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Skewed lengths: lognormal with the configured median and sigma, clipped to [min, max]."""
+    """Skewed lengths: lognormal with the configured median and sigma, clipped to [min_length, max_length]
+    (``max_length`` 0: no upper bound)."""
     raw = rng.lognormal(mean=np.log(cfg.length_median), sigma=cfg.length_sigma, size=n)
-    return np.clip(np.rint(raw), cfg.min_length, cfg.max_length).astype(np.int64)
+    return np.clip(np.rint(raw), cfg.min_length, cfg.max_length or None).astype(np.int64)
 
 
 def _classify(cfg: DataConfig, lengths: np.ndarray, rng: np.random.Generator):
@@ -109,7 +83,7 @@ def make_synthetic(cfg: DataConfig, split: str) -> SequenceData:
     rng = np.random.default_rng([cfg.seed, {"train": 0, "val": 1}[split]])
     lengths = sample_lengths(cfg, n, rng)
     values, offsets, targets, per_step = _TASKS[cfg.task](cfg, lengths, rng)
-    return SequenceData(values, offsets.astype(np.int64), targets, per_step)
+    return SequenceData(values, offsets.astype(np.int64), targets, per_step, source=f"synthetic {split} data")
 
 
 def num_outputs(cfg: DataConfig) -> int:
