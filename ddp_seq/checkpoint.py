@@ -14,42 +14,18 @@ from typing import Any
 import torch
 
 from .config import UserError, first_line
+from .fileio import atomic_write, fsync_dir
 
 # 2: resumable mid-epoch (position, RNG states, history, num_outputs).
 FORMAT_VERSION = 2
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the file
-    is renamed over ``path`` (atomic on POSIX); the directory is fsynced so the rename survives a crash.
-    """
+    """Write ``state`` to ``path`` so that readers see the old file or the new one, never a part
+    (:func:`~ddp_seq.fileio.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 
 
 def _why_unloadable(error: Exception) -> str:
@@ -93,6 +69,21 @@ def check_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, source
                         "(compare the model.* keys)")
 
 
+def check_encoding(state: dict[str, Any], encoding, source: str) -> None:
+    """Refuse to resume when the data now encodes differently from the checkpoint's (the training file,
+    ``data.tokenizer`` or ``data.min_freq`` changed): the same ids would mean other tokens or classes."""
+    saved = state.get("encoding")
+    if saved is None:  # written before encodings were stored (synthetic and npz data): check_shapes suffices
+        return
+    for name, what in (("vocab", "vocabulary"), ("classes", "set of classes")):
+        old, new = saved.get(name), getattr(encoding, name)
+        if old != new:
+            sizes = f"{len(old) if old is not None else 'none'} entries in the checkpoint, " \
+                    f"{len(new) if new is not None else 'none'} now"
+            raise UserError(f"{source}: the {what} built from the data differs from the checkpoint's ({sizes}); "
+                            "the training file, data.tokenizer or data.min_freq changed since it was saved")
+
+
 def link_latest(target: Path, link: Path) -> None:
     """Point ``link`` (e.g. ``last.pt``) at ``target`` without writing the bytes again.
 
@@ -106,7 +97,7 @@ def link_latest(target: Path, link: Path) -> None:
     except OSError:
         shutil.copyfile(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
 
 
 def model_from_checkpoint(path: str | Path):
@@ -116,7 +107,9 @@ def model_from_checkpoint(path: str | Path):
 
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
-    model = build_model(cfg.data.task, state["num_inputs"], state["num_outputs"], cfg.model)
+    encoding = state.get("encoding") or {}
+    vocab_size = len(encoding["vocab"]) if encoding.get("vocab") else 0
+    model = build_model(cfg.data.task, state["num_inputs"], state["num_outputs"], cfg.model, vocab_size=vocab_size)
     check_shapes(state["model"], model, str(path))
     model.load_state_dict(state["model"])
     return model, cfg, state

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 from . import objective
-from .checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
+from .checkpoint import check_encoding, check_shapes, link_latest, load_checkpoint, save_atomic
 from .config import Config, UserError, check_mode, to_dict
 from .data.batching import Step, straggler_ratio
 from .data.collate import Batch, collate_for
-from .data.sources import load_splits, num_outputs
+from .data.sources import Splits, describe, load_splits
 from .dist import DistInfo, all_reduce_sum
 from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_sampler
 from .model import build_model
@@ -54,24 +54,28 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, info: DistInfo, logger: NullLogger, run_dir: Path | None,
-                 resume_from: Path | None = None) -> None:
+                 resume_from: Path | None = None, splits: Splits | None = None, fold: int | None = None) -> None:
         self.cfg, self.info, self.log, self.run_dir = cfg, info, logger, run_dir
         self.task, self.mode = cfg.data.task, cfg.training.mode
         check_mode(self.mode, info.world_size)
         if cfg.training.amp == "fp16" and info.device.type != "cuda":
             raise UserError("training.amp: fp16 needs a CUDA device; use bf16 or none on CPU")
-        self.train_data, self.val_data = load_splits(cfg.data)
+        # k-fold jobs pass each fold's splits (the file is read once); otherwise read here.
+        splits = splits or load_splits(cfg.data)
+        self.train_data, self.val_data, self.encoding = splits.train, splits.val, splits.encoding
+        self.data_notes, self.fold = splits.notes, fold
         if info.world_size > len(self.train_data):
             raise UserError(f"data: {len(self.train_data)} training sequences cannot feed {info.world_size} ranks; "
                             "use at least one per rank (data.num_train, or a bigger data.train_path)")
-        self.num_outputs = num_outputs(cfg.data, self.train_data, self.val_data)
+        self.num_outputs = self.encoding.num_outputs(self.task)
         # The same seed on every rank gives identical initial weights; DDP also broadcasts
         # rank 0's parameters when it wraps the module.
         torch.manual_seed(cfg.training.seed)
-        self.module = build_model(self.task, self.train_data.num_features, self.num_outputs, cfg.model,
-                                  device=info.device)
+        self.module = build_model(self.task, self.encoding.num_features, self.num_outputs, cfg.model,
+                                  vocab_size=self.encoding.vocab_size, device=info.device)
         state = load_checkpoint(resume_from) if resume_from is not None else None
         if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
+            check_encoding(state, self.encoding, str(resume_from))
             check_shapes(state["model"], self.module, str(resume_from))
             self.module.load_state_dict(state["model"])
         self.model = wrap_model(self.module, self.mode, info, logger)
@@ -158,8 +162,9 @@ class Trainer:
             return None
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 "config": to_dict(self.cfg), "num_inputs": self.train_data.num_features,
-                 "num_outputs": self.num_outputs, "step": self.step, "epoch": self.epoch,
+                 "config": to_dict(self.cfg), "num_inputs": self.encoding.num_features,
+                 "num_outputs": self.num_outputs, "encoding": self.encoding.to_state(), "fold": self.fold,
+                 "step": self.step, "epoch": self.epoch,
                  "position": self.position, "progress": asdict(progress), "history": self.history,
                  "best": self.best, "stale": self.stale, "finished": self.finished, "rng": rng,
                  "metrics": self.history[-1] if self.history else {}}
@@ -363,6 +368,8 @@ class Trainer:
         log.info(f"training {self.task} on {len(self.train_data)} sequences ({int(self.train_data.lengths.sum()):,} "
                  f"steps), {params:,} parameters, mode {self.mode}, world size {self.info.world_size}, "
                  f"device {self.info.device}, {torch.get_num_threads()} thread(s) per rank, {self.total_steps} steps")
+        for line in describe(Splits(self.train_data, self.val_data, self.encoding, self.data_notes), self.task):
+            log.info(line)
         if self.finished:
             log.info("this run has already finished; nothing to train")
         job_start = time.perf_counter()
@@ -382,4 +389,4 @@ class Trainer:
         # The same table and lines as `ddp-seq report` prints from metrics.jsonl later.
         log.info("\n" + format_table(self.history, table_columns(self.task)))
         log.info("\n".join(summary_lines(summary, monitor)))
-        return summary
+        return {**summary, "best_metrics": self.best["metrics"]}  # every val metric at the best epoch (k-fold)

@@ -1,4 +1,5 @@
-"""npz loading, its one-line errors, check_sequences, subset, the held-out val split and num_outputs."""
+"""npz loading (memory-mapped), its one-line errors, check_sequences, views, the length policies, the held-out
+val split and the classes of integer labels."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 from ddp_seq.config import DataConfig, UserError
 from ddp_seq.data import synthetic
-from ddp_seq.data.files import check_sequences, load_npz
-from ddp_seq.data.sources import holdout_indices, load_splits, num_outputs, subset
+from ddp_seq.data.files import check_sequences, is_memory_mapped, load_npz, read_npz
+from ddp_seq.data.sources import apply_length_policies, holdout_indices, load_splits
 from ddp_seq.data.synthetic import SequenceData
 
 LENGTHS = [3, 1, 4, 2, 5]
@@ -204,13 +205,43 @@ def test_check_sequences_locates_nonfinite_values(bad, kind):
         check_sequences(data, "src")
 
 
-def test_check_sequences_empty_dataset_and_empty_sample():
+def policy(data: SequenceData, **cfg):
+    from ddp_seq.data.encoding import Parsed
+
+    data.source = "src"
+    parsed, notes = apply_length_policies(Parsed(data, None, None), DataConfig(**cfg))
+    return parsed.data, notes
+
+
+def test_empty_dataset_and_empty_samples():
     with pytest.raises(UserError, match=r"^src: the dataset is empty \(0 samples\)"):
         check_sequences(seqs([]), "src")
-    with pytest.raises(UserError, match=r"^src: sample 17 is empty \(length 0\)$"):
-        check_sequences(seqs([2] * 17 + [0] + [3] * 5), "src")
+    check_sequences(seqs([2, 0, 1]), "src")  # empty samples are the policy's business
+    with pytest.raises(UserError, match=r"^src: sample 17 is empty \(length 0\): .*data.empty=drop$"):
+        policy(seqs([2] * 17 + [0] + [3] * 5))
     with pytest.raises(UserError, match=r"^src: sample 1 is empty \(length 0\); 2 samples are empty"):
-        check_sequences(seqs([2, 0, 0, 1]), "src")
+        policy(seqs([2, 0, 0, 1]))
+    kept, notes = policy(seqs([2, 0, 0, 1]), empty="drop")
+    assert kept.lengths.tolist() == [2, 1] and kept.positions.tolist() == [0, 3]
+    assert notes == ["src: dropped 2 empty sample(s) (data.empty=drop)"]
+    with pytest.raises(UserError, match=r"^src: every sample is empty"):
+        policy(seqs([0, 0]), empty="drop")
+
+
+def test_truncation_policies_cut_spans_not_steps():
+    data = seqs([2, 7, 5, 9])
+    data.values[:, 0] = np.arange(len(data.values))  # feature 0 = the step's index in storage
+    with pytest.raises(UserError, match=r"^src: sample 3 has 9 steps, more than data.max_length=5 \(the longest; "
+                                        r"2 sample\(s\) are longer\): set data.truncate=pre"):
+        policy(data, max_length=5)
+    post, notes = policy(data, max_length=5, truncate="post")
+    pre, _ = policy(data, max_length=5, truncate="pre")
+    assert notes == ["src: cut 2 sample(s) to data.max_length=5 (data.truncate=post)"]
+    for i, steps in enumerate(([0, 1], [2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13], list(range(14, 23)))):
+        assert post.sample(i)[0][:, 0].tolist() == steps[:5]  # the first max_length steps
+        assert pre.sample(i)[0][:, 0].tolist() == steps[-5:]  # the last max_length steps
+    assert post.values is data.values and pre.values is data.values  # views: nothing copied
+    assert policy(data, max_length=9)[0].lengths.tolist() == [2, 7, 5, 9]
 
 
 def test_check_sequences_targets():
@@ -237,7 +268,22 @@ def test_load_npz_runs_the_sequence_checks(tmp_path):
     arrs = arrays("classify", lengths=[3, 0, 2])
     path = save(tmp_path, "e.npz", **arrs)
     with raises(path, "sample 1 is empty (length 0)"):
-        load_npz(path, "classify")
+        load_splits(npz_cfg(tmp_path, train_path=str(path)))
+
+
+def test_uncompressed_data_is_memory_mapped_and_compressed_data_is_read(tmp_path):
+    arrs = arrays("tag")
+    arrs["data"] = arrs["data"].astype(np.float32)
+    np.savez(tmp_path / "plain.npz", **arrs)
+    np.savez_compressed(tmp_path / "packed.npz", **arrs)
+    np.savez(tmp_path / "wide.npz", **{**arrs, "data": arrs["data"].astype(np.float64)})
+    plain, packed, wide = (load_npz(tmp_path / f"{n}.npz", "tag") for n in ("plain", "packed", "wide"))
+    assert is_memory_mapped(plain.values) and not is_memory_mapped(packed.values)
+    assert not is_memory_mapped(wide.values)  # float64 is converted to float32: a copy
+    for got in (plain, packed, wide):
+        np.testing.assert_array_equal(got.values, arrs["data"])
+    splits = load_splits(npz_cfg(tmp_path, "tag", train_path=str(tmp_path / "plain.npz"), val_fraction=0.4))
+    assert is_memory_mapped(splits.train.values) and is_memory_mapped(splits.val.values)  # views of the map
     arrs = arrays("classify", lengths=[])
     path = save(tmp_path, "z.npz", **arrs)
     with raises(path, "the dataset is empty"):
@@ -255,35 +301,33 @@ def test_check_sequences_is_vectorised():
     assert time.perf_counter() - start < 2.0
 
 
-# -- subset, split, num_outputs -------------------------------------------------------------------
+# -- views, split, classes -------------------------------------------------------------------------
 
-def reference_subset(data: SequenceData, indices) -> SequenceData:
-    values, targets, lengths = [], [], []
+def reference_subset(data: SequenceData, indices) -> list:
+    out = []
     for i in indices:
         s, e = data.offsets[i], data.offsets[i + 1]
-        values.append(data.values[s:e])
-        targets.append(data.targets[s:e] if data.per_step else data.targets[i:i + 1])
-        lengths.append(e - s)
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    return SequenceData(np.concatenate(values), offsets, np.concatenate(targets), data.per_step)
+        out.append((data.values[s:e], data.targets[s:e] if data.per_step else data.targets[i]))
+    return out
 
 
 @pytest.mark.parametrize("per_step", [False, True])
-def test_subset_matches_reference(per_step):
+def test_select_matches_reference(per_step):
     rng = np.random.default_rng(1)
     lengths = rng.integers(0, 9, size=200)
     data = seqs(lengths, features=3, per_step=per_step)
     data.values[:] = rng.standard_normal(data.values.shape)
     data.targets[:] = rng.integers(0, 5, size=len(data.targets))
     for indices in (rng.permutation(200)[:70], rng.integers(0, 200, size=300), np.array([], np.int64)):
-        got, want = subset(data, indices), reference_subset(data, indices) if len(indices) else None
-        if want is None:
-            assert len(got) == 0 and got.values.shape == (0, 3) and got.offsets.tolist() == [0]
-            continue
-        np.testing.assert_array_equal(got.offsets, want.offsets)
-        np.testing.assert_array_equal(got.values, want.values)
-        np.testing.assert_array_equal(got.targets, want.targets)
-        assert got.per_step == per_step and got.offsets.dtype == np.int64
+        got, want = data.select(indices), reference_subset(data, indices)
+        assert len(got) == len(want) and got.values is data.values and got.per_step == per_step
+        assert got.positions.tolist() == list(indices)
+        for i, (values, target) in enumerate(want):
+            steps, got_target = got.sample(i)
+            np.testing.assert_array_equal(steps, values)
+            np.testing.assert_array_equal(got_target, target)
+        again = got.select(np.arange(len(got))[::-1])  # a view of a view
+        assert again.positions.tolist() == list(indices)[::-1]
 
 
 def test_holdout_split_is_deterministic_disjoint_complete_and_ordered():
@@ -298,7 +342,7 @@ def test_holdout_split_is_deterministic_disjoint_complete_and_ordered():
 
 
 def npz_cfg(tmp_path: Path, task: str = "classify", **kw) -> DataConfig:
-    return DataConfig(task=task, format="npz", train_path=str(tmp_path / "train.npz"), **kw)
+    return DataConfig(**{"task": task, "format": "npz", "train_path": str(tmp_path / "train.npz"), **kw})
 
 
 def test_load_splits_holds_out_in_file_order(tmp_path):
@@ -307,45 +351,56 @@ def test_load_splits_holds_out_in_file_order(tmp_path):
     arrs["data"][:, 0] = np.repeat(np.arange(20), lengths)  # feature 0 = the sample's index in the file
     np.savez(tmp_path / "train.npz", **arrs)
     cfg = npz_cfg(tmp_path, "tag", val_fraction=0.25, seed=3)
-    train, val = load_splits(cfg)
+    splits = load_splits(cfg)
+    train, val = splits.train, splits.val
     assert len(train) == 15 and len(val) == 5
-    ids_t, ids_v = train.values[train.offsets[:-1], 0], val.values[val.offsets[:-1], 0]
+    ids_t, ids_v = train.values[train.starts, 0], val.values[val.starts, 0]
     assert np.array_equal(np.sort(np.concatenate([ids_t, ids_v])), np.arange(20))
     assert (np.diff(ids_t) > 0).all() and (np.diff(ids_v) > 0).all()
+    assert train.positions.tolist() == ids_t.tolist() and val.positions.tolist() == ids_v.tolist()
     np.testing.assert_array_equal(train.lengths, ids_t + 1)  # lengths (and per-step tags) follow along
     full = load_npz(cfg.train_path, "tag")
-    np.testing.assert_array_equal(val.targets, subset(full, ids_v.astype(np.int64)).targets)
+    for i, position in enumerate(val.positions):
+        np.testing.assert_array_equal(val.sample(i)[1], full.sample(int(position))[1])
 
 
 def test_load_splits_val_path_synthetic_and_too_small(tmp_path):
     np.savez(tmp_path / "train.npz", **arrays("regress"))
     np.savez(tmp_path / "val.npz", **arrays("regress", lengths=[2, 2], seed=1))
-    train, val = load_splits(npz_cfg(tmp_path, "regress", val_path=str(tmp_path / "val.npz")))
-    assert len(train) == 5 and len(val) == 2
-    cfg = DataConfig(num_train=7, num_val=3)
-    s_train, s_val = load_splits(cfg)
-    assert len(s_train) == 7 and len(s_val) == 3
+    splits = load_splits(npz_cfg(tmp_path, "regress", val_path=str(tmp_path / "val.npz")))
+    assert len(splits.train) == 5 and len(splits.val) == 2 and splits.encoding.classes is None
+    synth = load_splits(DataConfig(num_train=7, num_val=3))
+    assert len(synth.train) == 7 and len(synth.val) == 3
     np.savez(tmp_path / "train.npz", **arrays("regress", lengths=[4]))
     with raises(tmp_path / "train.npz", "1 sample cannot be split", "data.val_fraction"):
         load_splits(npz_cfg(tmp_path, "regress"))
 
 
-def test_num_outputs(tmp_path):
-    cfg = npz_cfg(tmp_path)
-    labels = seqs([1, 1, 1])
-    labels.targets[:] = [0, 4, 2]
-    assert num_outputs(cfg, labels) == 5
-    assert num_outputs(cfg, labels, labels) == 5
-    zeros = seqs([1, 1])
-    assert num_outputs(cfg, zeros) == 2  # one class present still needs two outputs
-    val = seqs([1, 1])
-    val.targets[:] = [1, 7]
-    with pytest.raises(UserError, match=r"^.*train\.npz \(held-out .*: label 7 in the validation data does not "
-                                        r"occur in training \(classes 0\.\.4\)$"):
-        num_outputs(cfg, labels, val)
-    tag_cfg = npz_cfg(tmp_path, "tag", val_path="v.npz")
-    with pytest.raises(UserError, match=r"^v\.npz: tag 7 in the validation data"):
-        num_outputs(tag_cfg, labels, val)
-    assert num_outputs(npz_cfg(tmp_path, "regress"), seqs([1], regress=True)) == 1
-    syn = DataConfig(num_classes=6)
-    assert num_outputs(syn, labels) == synthetic.num_outputs(syn) == 6
+def classes_of(tmp_path: Path, train_labels: list[int], val_labels: list[int] | None = None, task="classify"):
+    def write(name, labels):
+        arrs = arrays("classify", lengths=[1] * len(labels))
+        if task == "tag":
+            arrs["tags"] = np.asarray(labels)
+            del arrs["labels"]
+        else:
+            arrs["labels"] = np.asarray(labels)
+        np.savez(tmp_path / name, **arrs)
+    write("train.npz", train_labels)
+    val = {}
+    if val_labels is not None:
+        write("val.npz", val_labels)
+        val = {"val_path": str(tmp_path / "val.npz")}
+    return load_splits(npz_cfg(tmp_path, task, **val)).encoding
+
+
+def test_integer_labels_are_class_indices(tmp_path):
+    assert classes_of(tmp_path, [0, 4, 2], [1, 1]).classes == [0, 1, 2, 3, 4]
+    assert read_npz(str(tmp_path / "train.npz"), "classify").label_symbols == [0, 1, 2, 3, 4]
+    assert classes_of(tmp_path, [0, 0], [0]).num_outputs("classify") == 2  # one class still needs two outputs
+    with pytest.raises(UserError, match=r"val\.npz: sample 1 has label 7, which the training data does not have "
+                                        r"\(classes: 0, 1, 2, 3, 4; 1 unknown in all\)$"):
+        classes_of(tmp_path, [0, 4, 2], [1, 7])
+    with pytest.raises(UserError, match=r"val\.npz: sample 0 has tag 7, which the training data"):
+        classes_of(tmp_path, [0, 4, 2], [7, 1], task="tag")
+    syn = DataConfig(num_classes=6, num_train=4, num_val=2)  # synthetic: the configured classes, present or not
+    assert load_splits(syn).encoding.num_outputs("classify") == synthetic.num_outputs(syn) == 6

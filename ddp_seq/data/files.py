@@ -3,16 +3,24 @@
 Layout of a file (``np.savez``): ``data`` ``[total_steps, features]`` (1-D = one feature), either
 ``offsets`` ``[n + 1]`` or ``lengths`` ``[n]``, and the task's targets: ``labels`` ``[n]`` (classify),
 ``targets`` ``[n]`` (regress) or ``tags`` ``[total_steps]`` (tag). Files are never unpickled.
+
+Arrays stored uncompressed (``np.savez``, not ``savez_compressed``) are memory-mapped straight from
+the archive, read-only: every rank on a machine then shares one copy through the page cache
+instead of holding its own. Store ``data`` as float32 to keep it mapped (other dtypes are converted,
+which copies).
 """
 
 from __future__ import annotations
 
+import mmap
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..config import UserError, first_line
-from .synthetic import SequenceData
+from .encoding import Parsed
+from .sequences import SequenceData
 
 #: The target array each task reads, and whether it is per step and integer.
 TARGETS = {"classify": ("labels", False, True), "regress": ("targets", False, False), "tag": ("tags", True, True)}
@@ -21,8 +29,59 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what np.load takes for an npz arc
 _NPY_MAGIC = b"\x93NUMPY"
 
 
+_LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _mapped(npz, path: str, name: str) -> np.ndarray | None:
+    """Member ``name`` memory-mapped from the archive, or None where it cannot be (compressed,
+    encrypted, empty, object dtype, an .npy version without a public header reader)."""
+    try:
+        info = npz.zip.getinfo(f"{name}.npy")
+    except (KeyError, AttributeError):
+        return None
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(_LOCAL_HEADER)
+        if len(local) < _LOCAL_HEADER or local[:4] != b"PK\x03\x04":
+            return None
+        start = info.header_offset + _LOCAL_HEADER + int.from_bytes(local[26:28], "little") \
+            + int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        if version not in _HEADER_READERS:
+            return None
+        shape, fortran, dtype = _HEADER_READERS[version](f)
+        offset = f.tell()
+    # The array must end where the member does; otherwise the archive is damaged: the ordinary read says so.
+    if dtype.hasobject or int(np.prod(shape)) == 0 or offset + int(np.prod(shape)) * dtype.itemsize != \
+            start + info.file_size:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def is_memory_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` (or what it is a view of) is memory-mapped from a file."""
+    while array is not None:
+        # np.memmap results of astype/arithmetic are np.memmap instances too, but hold no map (_mmap None).
+        if isinstance(array, mmap.mmap) or getattr(array, "_mmap", None) is not None:
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
 def _read(npz, path: str, name: str) -> np.ndarray:
-    """One array of the archive; pickled (object) arrays and corrupt members become UserErrors."""
+    """One array of the archive (memory-mapped where possible); pickled (object) arrays and corrupt
+    members become UserErrors."""
+    if name == "data":  # the big one; the others are per-sample and small
+        try:
+            mapped = _mapped(npz, path, name)
+        except (OSError, ValueError):
+            mapped = None  # not mappable after all: the ordinary read below reports what is wrong
+        if mapped is not None:
+            return mapped
     try:
         return npz[name]
     except ValueError as e:
@@ -88,9 +147,10 @@ def _offsets(path: str, npz, total: int) -> np.ndarray:
     return offsets
 
 
-def load_npz(path: str | Path, task: str) -> SequenceData:
+def load_npz(path: str | Path, task: str, labelled: bool = True) -> SequenceData:
     """Load and check one ``.npz`` file of ragged sequences for ``task`` (classify, regress or tag).
 
+    ``labelled=False`` (``predict`` input): the target array is optional and not read; targets are 0.
     Raises :class:`UserError` (one line, starting with ``path``) for anything wrong with the file.
     """
     path = str(path)
@@ -113,7 +173,7 @@ def load_npz(path: str | Path, task: str) -> SequenceData:
     except Exception as e:  # noqa: BLE001 -- truncated or corrupt zip: BadZipFile, EOFError, OSError, ...
         raise UserError(f"{path}: not a readable .npz file ({first_line(e)})") from None
     with npz:
-        needed = ["data", "offsets or lengths", target_name]
+        needed = ["data", "offsets or lengths", target_name] if labelled else ["data", "offsets or lengths"]
         framed = "offsets" in npz.files or "lengths" in npz.files
         present = {"data": "data" in npz.files, "offsets or lengths": framed, target_name: target_name in npz.files}
         missing = [name for name in needed if not present[name]]
@@ -133,6 +193,11 @@ def load_npz(path: str | Path, task: str) -> SequenceData:
         total = values.shape[0]
         offsets = _offsets(path, npz, total)
         n = len(offsets) - 1
+        if not labelled:
+            result = SequenceData(values, offsets, np.zeros(total if per_step else n, np.int64 if integer else
+                                                            np.float32), per_step, source=path)
+            check_sequences(result, path)
+            return result
         raw = _read(npz, path, target_name)
         if per_step:
             _vector(path, target_name, raw, total, "steps in 'data'")
@@ -144,9 +209,18 @@ def load_npz(path: str | Path, task: str) -> SequenceData:
             targets = raw.astype(np.float32, copy=False)
         else:
             raise UserError(f"{path}: array '{target_name}' must be numeric; got dtype {raw.dtype}")
-    result = SequenceData(values, offsets, targets, per_step)
+    result = SequenceData(values, offsets, targets, per_step, source=path)
     check_sequences(result, path)
     return result
+
+
+def read_npz(path: str, task: str, labelled: bool = True) -> Parsed:
+    """:func:`load_npz` as :class:`Parsed` data: integer labels are class indices (``0..max``)."""
+    data = load_npz(path, task, labelled)
+    symbols = None
+    if labelled and task != "regress":
+        symbols = list(range(int(data.targets.max(initial=0)) + 1))
+    return Parsed(data, None, symbols, labelled)
 
 
 def _locate(offsets: np.ndarray, step: int) -> tuple[int, int]:
@@ -160,7 +234,9 @@ def _nonfinite(x: float) -> str:
 
 
 def check_sequences(data: SequenceData, source: str) -> None:
-    """Refuse empty datasets or samples, non-finite inputs or regress targets, and negative labels/tags.
+    """Refuse an empty dataset, non-finite inputs or regress targets, and negative labels/tags.
+
+    Samples of length 0 pass: ``data.empty`` decides about them (``sources.apply_length_policies``).
 
     Vectorised over the whole dataset (it runs on millions of steps); only the error path locates the
     first offending sample. ``source`` (a path) starts every message.
@@ -174,11 +250,6 @@ def check_sequences(data: SequenceData, source: str) -> None:
     if (lengths < 0).any():
         i = int(np.argmax(lengths < 0))
         raise UserError(f"{source}: sample {i} has a negative length ({lengths[i]}): offsets decrease")
-    empty = lengths == 0
-    if empty.any():
-        count = int(empty.sum())
-        also = f"; {count} samples are empty" if count > 1 else ""
-        raise UserError(f"{source}: sample {int(np.argmax(empty))} is empty (length 0){also}")
     expected = len(data.values) if data.per_step else n
     if len(data.targets) != expected:
         raise UserError(f"{source}: {len(data.targets)} targets for {expected} "

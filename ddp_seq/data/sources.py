@@ -1,32 +1,96 @@
-"""Where the train and val sequences come from (synthetic or npz files), and the model's output width.
+"""Where the train and val sequences come from, and how they become model inputs.
 
-Everything here is deterministic from the config, so every rank builds the same splits on its own.
+A file is read into :class:`Parsed` data (``data.format``: npz, tsv, jsonl, ts), the length
+policies are applied (``data.empty``, ``data.max_length`` with ``data.truncate``), the samples are
+split (``val_path``, a ``val_fraction`` hold-out or a cross-validation fold), the
+:class:`Encoding` is built from the training samples only, and the whole file is encoded once;
+the splits are views of it. Everything here is deterministic from the config, so every rank
+builds the same splits and the same vocabulary on its own.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import DataConfig, UserError
 from . import synthetic
-from .files import load_npz
-from .synthetic import SequenceData, make_synthetic
+from .encoding import Encoding, Parsed, build_encoding, encode
+from .files import read_npz
+from .sequences import SequenceData, span_steps
+from .synthetic import make_synthetic
 
 
-def subset(data: SequenceData, indices: np.ndarray) -> SequenceData:
-    """The sequences ``indices`` (in that order) as a new, compact :class:`SequenceData`.
+@dataclass
+class Splits:
+    """The data of one training job (or one fold of it)."""
 
-    Vectorised: one gather over a step index built with repeat/cumsum, no per-sample Python work.
+    train: SequenceData
+    val: SequenceData
+    encoding: Encoding
+    notes: list[str] = field(default_factory=list)  # what the length policies did, for the log
+
+
+def read_raw(cfg: DataConfig, path: str, labelled: bool = True) -> Parsed:
+    """One file of ``data.format`` as :class:`Parsed` data, before the length policies."""
+    # Imported here: each reader is needed only for its own format.
+    if cfg.format == "npz":
+        return read_npz(path, cfg.task, labelled)
+    if cfg.format == "tsv":
+        from .text import read_tsv
+
+        return read_tsv(path, task=cfg.task, tokenizer=cfg.tokenizer, labelled=labelled)
+    if cfg.format == "jsonl":
+        from .text import read_jsonl
+
+        return read_jsonl(path, task=cfg.task, labelled=labelled)
+    if cfg.format == "ts":
+        from .uea import read_ts
+
+        return read_ts(path, task=cfg.task, missing=cfg.missing, labelled=labelled)
+    raise ValueError(f"no reader for data.format={cfg.format}")
+
+
+def apply_length_policies(parsed: Parsed, cfg: DataConfig) -> tuple[Parsed, list[str]]:
+    """``data.empty`` and ``data.max_length``/``data.truncate`` applied to ``parsed``; returns notes to log.
+
+    Both act on the spans only (a dropped sample is left out of the view, a truncated one gets a
+    shorter span over the same steps), so nothing is copied.
     """
-    indices = np.asarray(indices, dtype=np.int64)
-    lengths = data.lengths[indices]
-    offsets = np.zeros(len(indices) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    # Step k of output sample j is source step starts[j] + (k - offsets[j]): repeat the per-sample shift.
-    shift = data.offsets[indices] - offsets[:-1]
-    steps = np.repeat(shift, lengths) + np.arange(offsets[-1], dtype=np.int64)
-    targets = data.targets[steps] if data.per_step else data.targets[indices]
-    return SequenceData(data.values[steps], offsets, targets, data.per_step)
+    data, notes = parsed.data, []
+    empty = data.lengths == 0
+    if empty.any():
+        count = int(empty.sum())
+        if cfg.empty == "error":
+            also = f"; {count} samples are empty" if count > 1 else ""
+            raise UserError(f"{data.where(int(np.argmax(empty)))} is empty (length 0){also}: a recurrent net cannot "
+                            "read a sequence of no steps; remove such samples or set data.empty=drop")
+        data = data.select(np.flatnonzero(~empty))
+        notes.append(f"{data.source}: dropped {count} empty sample(s) (data.empty=drop)")
+        if len(data) == 0:
+            raise UserError(f"{data.source}: every sample is empty")
+    limit = cfg.max_length
+    if limit and data.lengths.max(initial=0) > limit:
+        longer = data.lengths > limit
+        if cfg.truncate == "error":
+            longest = int(np.argmax(data.lengths))
+            raise UserError(f"{data.where(longest)} has {int(data.lengths[longest])} steps, more than "
+                            f"data.max_length={limit} (the longest; {int(longer.sum())} sample(s) are longer): "
+                            "set data.truncate=pre (keep the last steps) or post (keep the first), "
+                            "or raise data.max_length")
+        cut = np.minimum(data.lengths, limit)
+        # pre keeps the last `limit` steps, as Keras' pad_sequences(truncating="pre") does.
+        starts = data.starts + (data.lengths - cut) if cfg.truncate == "pre" else data.starts
+        data = data.with_spans(starts, cut)
+        notes.append(f"{data.source}: cut {int(longer.sum())} sample(s) to data.max_length={limit} "
+                     f"(data.truncate={cfg.truncate})")
+    return Parsed(data, parsed.token_symbols, parsed.label_symbols, parsed.labelled), notes
+
+
+def read_file(cfg: DataConfig, path: str, labelled: bool = True) -> tuple[Parsed, list[str]]:
+    """:func:`read_raw` then :func:`apply_length_policies`."""
+    return apply_length_policies(read_raw(cfg, path, labelled), cfg)
 
 
 def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,34 +103,107 @@ def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def load_splits(cfg: DataConfig) -> tuple[SequenceData, SequenceData]:
-    """The (train, val) data of the config: synthetic, or npz files (val from ``val_path`` or held out)."""
+def fold_indices(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sample indices of fold ``fold`` of ``folds``: the samples, shuffled once by
+    ``seed``, cut into ``folds`` near-equal parts; part ``fold`` validates. Sorted, like the hold-out."""
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    return np.sort(np.concatenate(parts[:fold] + parts[fold + 1:])), np.sort(parts[fold])
+
+
+def _synthetic(cfg: DataConfig) -> tuple[Parsed, Encoding]:
+    """The synthetic training set as Parsed data, and its fixed encoding (classes from the config)."""
+    train = make_synthetic(cfg, "train")
+    outputs = synthetic.num_outputs(cfg)
+    classes = None if cfg.task == "regress" else list(range(outputs))
+    return Parsed(train, None, classes), Encoding(None, classes, train.num_features)
+
+
+def read_training(cfg: DataConfig) -> tuple[Parsed, list[str]]:
+    """The training file (or the synthetic training set), read once: k-fold jobs split it k times."""
     if cfg.format == "synthetic":
-        return make_synthetic(cfg, "train"), make_synthetic(cfg, "val")
-    train = load_npz(cfg.train_path, cfg.task)
-    if cfg.val_path:
-        return train, load_npz(cfg.val_path, cfg.task)
-    if len(train) < 2:
-        raise UserError(f"{cfg.train_path}: {len(train)} sample cannot be split into train and validation "
+        return _synthetic(cfg)[0], []
+    return read_file(cfg, cfg.train_path)
+
+
+def _split(cfg: DataConfig, n: int, fold: int | None) -> tuple[np.ndarray, np.ndarray]:
+    source = cfg.train_path or "the synthetic training set"
+    if fold is not None:
+        if n < cfg.folds:
+            raise UserError(f"data.folds: {cfg.folds} folds need at least {cfg.folds} samples; {source} has {n}")
+        return fold_indices(n, cfg.folds, fold, cfg.seed)
+    if n < 2:
+        raise UserError(f"{source}: {n} sample cannot be split into train and validation "
                         "(data.val_fraction); add samples or set data.val_path")
-    train_idx, val_idx = holdout_indices(len(train), cfg.val_fraction, cfg.seed)
-    return subset(train, train_idx), subset(train, val_idx)
+    return holdout_indices(n, cfg.val_fraction, cfg.seed)
 
 
-def num_outputs(cfg: DataConfig, train: SequenceData, val: SequenceData | None = None) -> int:
-    """Width of the model's head: classes (classify, tag) or 1 (regress).
+def load_splits(cfg: DataConfig, fold: int | None = None,
+                training: tuple[Parsed, list[str]] | None = None) -> Splits:
+    """The train and val data of the config (of fold ``fold`` when ``data.folds`` is set).
 
-    For npz data the classes are ``0..max training label`` (at least 2). A validation label beyond them
-    is a UserError: the model could never predict it, and the loss would index out of range.
+    ``training``: the result of :func:`read_training`, when the caller already read it.
     """
+    if cfg.format == "synthetic" and fold is None:
+        train_set, encoding = _synthetic(cfg)
+        return Splits(train_set.data, make_synthetic(cfg, "val"), encoding)
+    parsed, notes = training or read_training(cfg)
+    notes = list(notes)
+    if cfg.val_path and fold is None:
+        train_idx, val_idx = np.arange(len(parsed.data)), None
+    else:
+        train_idx, val_idx = _split(cfg, len(parsed.data), fold)
     if cfg.format == "synthetic":
-        return synthetic.num_outputs(cfg)
-    if cfg.task == "regress":
-        return 1
-    classes = max(2, int(train.targets.max(initial=0)) + 1)
-    if val is not None and len(val.targets) and int(val.targets.max()) >= classes:
-        kind = "tag" if cfg.task == "tag" else "label"
-        source = cfg.val_path or f"{cfg.train_path} (held-out validation split, data.val_fraction)"
-        raise UserError(f"{source}: {kind} {int(val.targets.max())} in the validation data does not occur in "
-                        f"training (classes 0..{classes - 1})")
-    return classes
+        encoding = _synthetic(cfg)[1]
+    else:
+        encoding = build_encoding(parsed, train_idx, cfg.task, cfg.min_freq)
+    # The whole file is encoded once; train and val are views of it. Held-out labels must be classes.
+    whole = encode(parsed, encoding, cfg.task, check=val_idx)
+    if val_idx is not None:
+        return Splits(whole.select(train_idx), whole.select(val_idx), encoding, notes)
+    val_parsed, val_notes = read_file(cfg, cfg.val_path)
+    val = encode(val_parsed, encoding, cfg.task, check=np.arange(len(val_parsed.data)))
+    return Splits(whole, val, encoding, notes + val_notes)
+
+
+def load_eval_data(cfg: DataConfig, encoding: Encoding, fold: int | None = None) -> tuple[SequenceData, list[str]]:
+    """The validation data of a trained model's config, encoded with its ``encoding`` (never rebuilt).
+
+    ``data.val_path`` if set; otherwise the split training used: synthetic val, the fold's part, or
+    the ``val_fraction`` hold-out of ``data.train_path``.
+    """
+    if cfg.val_path:
+        parsed, notes = read_file(cfg, cfg.val_path)
+        return encode(parsed, encoding, cfg.task, check=np.arange(len(parsed.data))), notes
+    if cfg.format == "synthetic" and fold is None:
+        return make_synthetic(cfg, "val"), []
+    parsed, notes = read_training(cfg)
+    val_idx = _split(cfg, len(parsed.data), fold)[1]
+    return encode(parsed, encoding, cfg.task, check=val_idx).select(val_idx), notes
+
+
+def load_inputs(cfg: DataConfig, encoding: Encoding, path: str) -> tuple[SequenceData, int, list[str]]:
+    """``predict`` input: ``path`` in ``data.format``, labels optional and unread; returns the encoded
+    data, the number of samples in the file (dropped empty ones included) and notes."""
+    raw = read_raw(cfg, path, labelled=False)
+    parsed, notes = apply_length_policies(raw, cfg)
+    return encode(parsed, encoding, cfg.task), len(raw.data), notes
+
+
+def describe(splits: Splits, task: str) -> list[str]:
+    """Log lines about the data: sizes, vocabulary and classes, and the majority-class baseline."""
+    train, val, enc = splits.train, splits.val, splits.encoding
+    parts = [f"data: {len(train)} training samples ({train.total_steps:,} steps) from {train.source}, "
+             f"{len(val)} validation samples from {val.source}"]
+    if enc.vocab is not None:
+        parts.append(f"vocabulary of {enc.vocab_size} tokens (with <pad> and <unk>)")
+    if enc.classes is not None:
+        parts.append(f"{len(enc.classes)} classes")
+    lines = ["; ".join(parts), *splits.notes]
+    if task != "regress" and len(val):
+        # The accuracy of always answering the most frequent training class: the floor a model must beat.
+        train_targets = train.targets[span_steps(train.starts, train.lengths)] if train.per_step else train.targets
+        val_targets = val.targets[span_steps(val.starts, val.lengths)] if val.per_step else val.targets
+        majority = int(np.argmax(np.bincount(train_targets[train_targets >= 0], minlength=len(enc.classes))))
+        lines.append(f"majority-class baseline: always {enc.classes[majority]!r} scores val accuracy "
+                     f"{float(np.mean(val_targets == majority)):.4f}")
+    return lines

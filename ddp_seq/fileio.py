@@ -1,0 +1,52 @@
+"""Atomic file writes: readers see the old file or the whole new one, never a part (no torch here)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .config import UserError
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory entry (a rename) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(file)`` so that it appears whole or not at all.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the file
+    is renamed over ``path`` (atomic on POSIX); the directory is fsynced so the rename survives a
+    crash. A failure leaves ``path`` as it was and removes the temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """:func:`atomic_write` of ``data``; an OS error is a :class:`UserError` naming ``path``."""
+    try:
+        return atomic_write(path, lambda f: f.write(data))
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
