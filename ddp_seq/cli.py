@@ -1,4 +1,6 @@
-"""Command line: ``ddp-seq train|check-config|config-reference|bench|parity|report`` (``train.py`` calls ``train``).
+"""Command line: ``ddp-seq train|evaluate|predict|check-config|config-reference|make-data|bench|parity|report``.
+
+``train.py`` calls ``train``.
 
 User errors (config, data, checkpoints) are one line on stderr and exit code 2, never a traceback.
 Under torchrun every rank hits the same error; only global rank 0 prints it.
@@ -17,7 +19,8 @@ from .config import Config, UserError, check_mode, dump_yaml, first_line, load_c
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
 PEER_ERROR_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on a user error
-COMMANDS = ("train", "check-config", "config-reference", "bench", "parity", "report")
+COMMANDS = ("train", "check-config", "config-reference", "bench", "parity", "report", "evaluate", "predict",
+            "make-data")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,127 +32,55 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    text = "metrics of a trained checkpoint on its validation data, or on data.val_path=FILE"
+    ev = sub.add_parser("evaluate", help=text, description=text + " (one process or under torchrun)")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint written by training (e.g. best.pt)")
+    ev.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
+    ev.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
+    text = "predictions of a trained checkpoint for a file, one JSON line per sample in input order"
+    pr = sub.add_parser("predict", help=text, description=text + " (one process or under torchrun)")
+    pr.add_argument("--checkpoint", required=True, help="a checkpoint written by training (e.g. best.pt)")
+    pr.add_argument("--input", required=True, help="a file in the checkpoint's data.format (labels optional)")
+    pr.add_argument("--output", required=True, help="where to write the predictions (JSON lines)")
+    pr.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
     ref = sub.add_parser("config-reference", help="print every config key as a Markdown table")
     ref.add_argument("--update", metavar="README", help="rewrite the table between the config-reference "
                      "markers of this Markdown file instead of printing it")
     return parser
 
 
-def _holds_run(directory: Path) -> bool:
-    """A run directory counts as used once training recorded something: a checkpoint or a metric.
-
-    A run that failed at startup (bad device setting, say) leaves only its config and empty logs,
-    and does not block its name.
-    """
-    metrics = directory / "metrics.jsonl"
-    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
-    checkpoints = directory / "checkpoints"
-    return has_metrics or (checkpoints.is_dir() and any(checkpoints.iterdir()))
-
-
-JOB_FILE = ".job"  # the torchrun rendezvous id of the job that created the run directory
-
-
-def _find_job_run(root: Path, identity: str) -> str:
-    """The run directory created by this same job (an earlier attempt of it), or ''."""
-    if not identity or not root.is_dir():
-        return ""
-    for directory in sorted(root.iterdir()):
-        job = directory / JOB_FILE
-        if job.is_file() and job.read_text(encoding="utf-8").strip() == identity:
-            return directory.name
-    return ""
-
-
-def _decide_run(cfg: Config) -> tuple[Path, Path | None, list[str]]:
-    """Rank 0's decision: the run directory, the checkpoint to resume from, and notes to log.
-
-    * ``logging.name`` given: that directory. Empty: the directory an earlier attempt of this job
-      created (torchrun restarts and Slurm requeues keep the rendezvous id), else a new
-      ``<task>-<date>-<time>``.
-    * ``checkpoint.resume``: ``auto`` resumes from the directory's newest valid step checkpoint;
-      ``none`` refuses a directory that already holds a run (nothing is overwritten); a path resumes
-      from that file (after a torchrun restart: from the run's own newest checkpoint, if any).
-    """
-    from .checkpoint import load_checkpoint
-    from .resume import job_identity, newest_valid, remove_partial_writes
-
-    root, name, resume = Path(cfg.logging.root), cfg.logging.name, cfg.checkpoint.resume
-    if resume not in ("auto", "none"):
-        load_checkpoint(resume)  # a bad file is reported before anything is created
-    identity = job_identity()
-    name = name or _find_job_run(root, identity)
-    if name:
-        if resume == "none" and _holds_run(root / name):
-            raise UserError(f"logging.name: {root / name} already holds a run; resume it with checkpoint.resume=auto "
-                            "or choose another name")
-    else:
-        name = stem = f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        suffix = 1
-        while (root / name).exists():
-            suffix += 1
-            name = f"{stem}-{suffix}"
-    run_dir = root / name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").exists():  # a resumed run keeps the config it started with
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-        if identity and not (run_dir / JOB_FILE).exists():
-            (run_dir / JOB_FILE).write_text(identity + "\n", encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"logging.root: cannot create {run_dir} ({e.strerror or e})") from None
-    notes: list[str] = []
-    if resume == "none":
-        return run_dir, None, notes
-    remove_partial_writes(run_dir / "checkpoints")
-    # A path names where the job starts. When torchrun restarts the job's workers, the run's own
-    # newer checkpoints are where it stands now; starting from the path again would redo the work.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    own = newest_valid(run_dir / "checkpoints", notes.append) if resume == "auto" or restarted else None
-    if resume == "auto":
-        return run_dir, own, notes
-    if own is not None:
-        notes.append(f"restart: resuming from the run's own {own.name} rather than checkpoint.resume={resume}")
-        return run_dir, own, notes
-    return run_dir, Path(resume), notes
-
-
-def _prepare_run(cfg: Config, info) -> tuple[Path, Path | None, list[str]]:
-    """:func:`_decide_run` on rank 0; every rank learns the decision (or the error)."""
-    from .dist import broadcast_object
-
-    decision: tuple = ("", None, [], "")
-    if info.is_main:
-        try:
-            run_dir, resume_from, notes = _decide_run(cfg)
-            decision = (str(run_dir), str(resume_from) if resume_from else None, notes, "")
-        except UserError as e:
-            decision = ("", None, [], str(e))
-    run_dir, resume_from, notes, error = broadcast_object(decision, info)
-    if error:
-        raise UserError(error)
-    return Path(run_dir), Path(resume_from) if resume_from else None, notes
-
-
 def train(cfg: Config) -> dict:
-    """Run one training job in this process (one rank of it under torchrun); return the summary."""
+    """Run one training job in this process (one rank of it under torchrun); return the summary
+    (for a k-fold job: the folds' summaries and their mean and std)."""
     from .dist import distributed
+    from .rundir import prepare_run
+
+    with distributed(cfg.distributed) as info:
+        if cfg.data.folds:
+            from .folds import train_folds
+
+            return train_folds(cfg, info, _train_run)
+        run_dir, resume_from, notes = prepare_run(cfg, info)
+        return _train_run(cfg, info, run_dir, resume_from, notes)
+
+
+def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes: list[str], splits=None,
+               fold: int | None = None) -> dict:
+    """Train one run (one fold of a k-fold job) in ``run_dir`` with its own logger and tracker."""
     from .runlog import make_logger
     from .trainer import Trainer
 
-    with distributed(cfg.distributed) as info:
-        run_dir, resume_from, notes = _prepare_run(cfg, info)
-        logger = make_logger(info.is_main, run_dir, cfg.logging.progress, _start_tracking(cfg, run_dir, info))
-        exit_code = 1
-        try:
-            logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
-            for note in notes:
-                logger.info(note)
-            summary = Trainer(cfg, info, logger, run_dir, resume_from).fit()
-            exit_code = 0
-            return summary
-        finally:
-            logger.close(exit_code)
+    logger = make_logger(info.is_main, run_dir, cfg.logging.progress, _start_tracking(cfg, run_dir, info))
+    exit_code = 1
+    try:
+        logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
+        for note in notes:
+            logger.info(note)
+        summary = Trainer(cfg, info, logger, run_dir, resume_from, splits, fold).fit()
+        exit_code = 0
+        return summary
+    finally:
+        logger.close(exit_code)
 
 
 def _start_tracking(cfg: Config, run_dir: Path, info):
@@ -204,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         from .parity import main as parity_main
 
         return parity_main(argv[1:])
+    if argv[:1] == ["make-data"]:
+        from .data.corpus import main as make_data_main
+
+        return make_data_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "config-reference":
@@ -212,13 +147,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(reference_markdown())
             return 0
+        if args.command in ("evaluate", "predict"):
+            from . import inference
+
+            if args.command == "evaluate":
+                return _run_and_exit(lambda: inference.evaluate_command(args.checkpoint, args.overrides, args.output))
+            return _run_and_exit(lambda: inference.predict_command(args.checkpoint, args.input, args.output,
+                                                                   args.overrides))
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-config":
             print(dump_yaml(cfg), end="")
             return 0
         # dp and single are one process: refused under torchrun before torch is even imported.
         check_mode(cfg.training.mode, _env_world_size())
-        return _train_and_exit(cfg)
+        return _run_and_exit(lambda: train(cfg), cfg.distributed.timeout_s)
     except UserError as e:
         # Every rank meets the same error; only global rank 0 reports it. RANK is read here
         # directly because importing ddp_seq.dist would load torch, and config errors must be fast.
@@ -240,12 +182,13 @@ def _lost_peers(error: BaseException) -> bool:
                                       "NCCL communicator was aborted", "Broken pipe"))
 
 
-def _train_and_exit(cfg: Config) -> int:
-    """Train; map preemption and lost peers to their exit codes (each with one line, no traceback)."""
+def _run_and_exit(job, timeout_s: int | None = None) -> int:
+    """Run ``job()`` (training, evaluation, prediction); map preemption and lost peers to their exit
+    codes (each with one line, no traceback). ``timeout_s``: the collective timeout, for the message."""
     from .resume import EXIT_PREEMPTED, Preempted
 
     try:
-        train(cfg)
+        job()
     except Preempted:
         exit_worker(EXIT_PREEMPTED)
         return EXIT_PREEMPTED
@@ -254,8 +197,9 @@ def _train_and_exit(cfg: Config) -> int:
             raise
         # Every surviving rank says it: the one that could print may be the one that died.
         rank = os.environ.get("RANK", "0")
+        limit = f"distributed.timeout_s={timeout_s}" if timeout_s else "distributed.timeout_s"
         print(f"ddp-seq: error: rank {rank} lost contact with the other ranks ({first_line(e, 300)}); one of them died "
-              f"or hung for longer than distributed.timeout_s={cfg.distributed.timeout_s}", file=sys.stderr, flush=True)
+              f"or hung for longer than {limit}", file=sys.stderr, flush=True)
         exit_worker(EXIT_PEER_LOST)
         return EXIT_PEER_LOST
     exit_worker(0)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ddp_seq.checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
-from ddp_seq.cli import _decide_run
 from ddp_seq.config import UserError, load_config
 from ddp_seq.resume import (
     capture_rng,
@@ -21,6 +20,7 @@ from ddp_seq.resume import (
     step_checkpoints,
     step_path,
 )
+from ddp_seq.rundir import decide_run
 
 
 def write_steps(directory, steps):
@@ -107,32 +107,32 @@ def clean_env(monkeypatch):
 def test_the_same_job_finds_its_run_directory_again(tmp_path, clean_env):
     cfg = load_config(overrides=[f"logging.root={tmp_path}"])
     clean_env.setenv("TORCHELASTIC_RUN_ID", "job-1")
-    first, resume, _ = _decide_run(cfg)
+    first, resume, _ = decide_run(cfg)
     assert resume is None and (first / ".job").read_text().strip() == "job-1"
     write_steps(first / "checkpoints", [4, 8])
-    again, resume, _ = _decide_run(cfg)  # torchrun restarted the workers: same id
+    again, resume, _ = decide_run(cfg)  # torchrun restarted the workers: same id
     assert again == first and resume == step_path(first / "checkpoints", 8)
     clean_env.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job: another directory
-    other, resume, _ = _decide_run(cfg)
+    other, resume, _ = decide_run(cfg)
     assert other != first and resume is None
 
 
 def test_resume_modes(tmp_path, clean_env):
     named = load_config(overrides=[f"logging.root={tmp_path}", "logging.name=exp"])
-    run, resume, _ = _decide_run(named)
+    run, resume, _ = decide_run(named)
     write_steps(run / "checkpoints", [6])
     (run / "metrics.jsonl").write_text("{}\n")
-    assert _decide_run(named)[1] == step_path(run / "checkpoints", 6)  # auto
+    assert decide_run(named)[1] == step_path(run / "checkpoints", 6)  # auto
     with pytest.raises(UserError, match="already holds a run"):
-        _decide_run(load_config(overrides=[f"logging.root={tmp_path}", "logging.name=exp", "checkpoint.resume=none"]))
+        decide_run(load_config(overrides=[f"logging.root={tmp_path}", "logging.name=exp", "checkpoint.resume=none"]))
     elsewhere = tmp_path / "elsewhere.pt"
     save_atomic({"position": 0}, elsewhere)
     by_path = load_config(overrides=[f"logging.root={tmp_path}", "logging.name=exp", f"checkpoint.resume={elsewhere}"])
-    assert _decide_run(by_path)[1] == elsewhere
+    assert decide_run(by_path)[1] == elsewhere
     clean_env.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restart continues from the run's own newest
-    run_dir, resume, notes = _decide_run(by_path)
+    run_dir, resume, notes = decide_run(by_path)
     assert resume == step_path(run / "checkpoints", 6) and "restart" in notes[0]
     with pytest.raises(UserError, match="absent.pt"):
-        _decide_run(load_config(overrides=[f"logging.root={tmp_path}", "logging.name=new",
+        decide_run(load_config(overrides=[f"logging.root={tmp_path}", "logging.name=new",
                                            f"checkpoint.resume={tmp_path / 'absent.pt'}"]))
     assert not (tmp_path / "new").exists()  # a bad path is refused before anything is created

@@ -1,0 +1,165 @@
+"""``ddp-seq evaluate`` and ``ddp-seq predict``: a trained checkpoint applied to data.
+
+Both run as one process or under torchrun. The checkpoint holds everything they need: the
+weights, the config (``section.key=value`` overrides go on top, e.g. ``data.val_path=...``), and
+the encoding -- vocabulary and classes -- so a new file is encoded exactly as training encoded
+its data, without the training file.
+
+* ``evaluate`` counts every sample exactly once whatever the world size: each rank evaluates its
+  shares of length-sorted global batches, and sums and counts are all-reduced (``engine.evaluate``).
+* ``predict`` writes one JSON line per input sample, in input order although batches are sorted
+  by length: each rank predicts its shares, rank 0 gathers the rows, orders them by their position
+  in the input and writes a temporary file that is renamed over ``--output`` only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, UserError, from_dict
+from .data.encoding import Encoding
+from .data.sequences import SequenceData
+
+
+def encoding_of(state: dict[str, Any], cfg: Config) -> Encoding:
+    """The checkpoint's encoding; checkpoints from before encodings were stored (synthetic and npz data,
+    integer classes) get the one their shapes imply."""
+    if state.get("encoding"):
+        return Encoding.from_state(state["encoding"])
+    classes = None if cfg.data.task == "regress" else list(range(state["num_outputs"]))
+    return Encoding(None, classes, state["num_inputs"])
+
+
+def _read(checkpoint: str, overrides: list[str]) -> tuple[dict[str, Any], Config, Encoding]:
+    """The checkpoint's state, its config with ``overrides``, and its encoding."""
+    from .checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    cfg = from_dict(state["config"], overrides)
+    # One model per process, never wrapped: evaluation needs no gradient synchronisation.
+    cfg.training.mode = "ddp"
+    return state, cfg, encoding_of(state, cfg)
+
+
+def _model(state: dict[str, Any], cfg: Config, encoding: Encoding, checkpoint: str, info) -> torch.nn.Module:
+    """The checkpoint's model on this rank's device, in eval mode."""
+    from .checkpoint import check_shapes
+    from .model import build_model
+
+    model = build_model(cfg.data.task, encoding.num_features, encoding.num_outputs(cfg.data.task), cfg.model,
+                        vocab_size=encoding.vocab_size, device=info.device)
+    check_shapes(state["model"], model, checkpoint)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _trained_at(state: dict[str, Any]) -> str:
+    return f"epoch {state.get('epoch')}, step {state.get('step')}"
+
+
+def evaluate_command(checkpoint: str, overrides: list[str], output: str | None = None) -> dict[str, float]:
+    """Metrics of ``checkpoint`` on its validation data (or ``data.val_path``); rank 0 prints them."""
+    from .data.sources import load_eval_data
+    from .dist import distributed
+    from .engine import evaluate
+
+    state, cfg, encoding = _read(checkpoint, overrides)
+    with distributed(cfg.distributed) as info:
+        model = _model(state, cfg, encoding, checkpoint, info)
+        data, notes = load_eval_data(cfg.data, encoding, state.get("fold"))
+        metrics = evaluate(model, data, cfg, info)
+        result = {"checkpoint": checkpoint, "data": data.source, "samples": len(data), **metrics}
+        if info.is_main:
+            for note in notes:
+                print(note)
+            print(f"evaluated {checkpoint} ({_trained_at(state)}) on {len(data):,} samples of {data.source}")
+            print("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()), flush=True)
+            if output:
+                _write_lines(output, [json.dumps(result)])
+    return result
+
+
+@torch.no_grad()
+def _predict_rows(model: torch.nn.Module, data: SequenceData, cfg: Config, encoding: Encoding,
+                  info) -> list[tuple[int, dict[str, Any]]]:
+    """``(input position, output row)`` of this rank's samples (its shares of the sorted global batches)."""
+    from .data.collate import collate
+    from .engine import autocast, make_sampler
+
+    task, classes, rows = cfg.data.task, encoding.classes, []
+    for step in make_sampler(data, cfg, info, train=False):
+        if not step.real:  # a filler sample of an empty share: another rank predicts it
+            continue
+        batch = collate(data, step).to(info.device)
+        with autocast(info.device, cfg.training.amp):
+            outputs = model(batch.inputs, batch.lengths).float()
+        if task == "classify":
+            probabilities = torch.softmax(outputs, dim=-1).cpu()
+            for row, index in enumerate(batch.indices.tolist()):
+                p = probabilities[row].tolist()
+                best = max(range(len(p)), key=p.__getitem__)
+                rows.append((int(data.positions[index]), {
+                    "prediction": classes[best],
+                    "probabilities": {str(c): round(q, 6) for c, q in zip(classes, p)}}))
+        elif task == "regress":
+            for value, index in zip(outputs.cpu().tolist(), batch.indices.tolist()):
+                rows.append((int(data.positions[index]), {"prediction": value}))
+        else:
+            tags = outputs.argmax(-1).cpu()
+            for row, (index, length) in enumerate(zip(batch.indices.tolist(), batch.lengths.tolist())):
+                rows.append((int(data.positions[index]),
+                             {"prediction": [classes[t] for t in tags[row, :length].tolist()]}))
+    return rows
+
+
+def predict_command(checkpoint: str, input_path: str, output: str, overrides: list[str]) -> int:
+    """Write ``checkpoint``'s predictions for ``input_path`` to ``output`` (JSON lines, input order)."""
+    import torch.distributed as dist
+
+    from .data.sources import load_inputs
+    from .dist import distributed
+
+    _check_output(output)
+    state, cfg, encoding = _read(checkpoint, overrides)
+    if cfg.data.format == "synthetic":
+        raise UserError("data.format: the checkpoint was trained on synthetic data; give the input's format "
+                        "(data.format=npz, tsv, jsonl or ts)")
+    with distributed(cfg.distributed) as info:
+        model = _model(state, cfg, encoding, checkpoint, info)
+        data, count, notes = load_inputs(cfg.data, encoding, input_path)
+        rows = _predict_rows(model, data, cfg, encoding, info)
+        if info.distributed:  # rank 0 collects every rank's rows
+            gathered: list | None = [None] * info.world_size if info.is_main else None
+            dist.gather_object(rows, gathered, dst=0)
+            rows = [row for part in gathered or [] for row in part]
+        if not info.is_main:
+            return count
+        by_position = dict(rows)
+        lines = [json.dumps({"index": i, **by_position[i]}, ensure_ascii=False) if i in by_position else
+                 json.dumps({"index": i, "prediction": None, "skipped": "empty sequence (data.empty=drop)"})
+                 for i in range(count)]
+        _write_lines(output, lines)
+        for note in notes:
+            print(note)
+        print(f"predicted {len(by_position):,} of {count:,} samples of {input_path} with {checkpoint} "
+              f"({_trained_at(state)}); wrote {output}", flush=True)
+    return count
+
+
+def _check_output(output: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"--output {output}: is a directory; give a file name such as predictions.jsonl")
+    if not path.parent.is_dir():
+        raise UserError(f"--output {output}: directory {path.parent} does not exist")
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+    from .fileio import write_bytes_atomic
+
+    write_bytes_atomic(path, "".join(line + "\n" for line in lines).encode("utf-8"))
