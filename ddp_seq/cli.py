@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def train(cfg: Config) -> dict:
     """Run one training job in this process (one rank of it under torchrun); return the summary
     (for a k-fold job: the folds' summaries and their mean and std)."""
+    from .data.sources import load_splits
     from .dist import distributed
     from .rundir import prepare_run
 
@@ -60,8 +61,10 @@ def train(cfg: Config) -> dict:
             from .folds import train_folds
 
             return train_folds(cfg, info, _train_run)
+        # The data first: a bad file is reported before a run directory is created for it.
+        splits = load_splits(cfg.data)
         run_dir, resume_from, notes = prepare_run(cfg, info)
-        return _train_run(cfg, info, run_dir, resume_from, notes)
+        return _train_run(cfg, info, run_dir, resume_from, notes, splits)
 
 
 def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes: list[str], splits=None,

@@ -268,6 +268,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"training.monitor: {cfg.training.monitor} is only for data.task=regress")
     if d.format != "synthetic" and not d.train_path:
         raise ConfigError(f"data.train_path: data.format={d.format} needs a training file")
+    if d.folds and cfg.checkpoint.resume not in ("auto", "none"):
+        raise ConfigError("checkpoint.resume: a k-fold job (data.folds) resumes each fold from its own directory; "
+                          "use auto or none")
     name = cfg.logging.name
     if name and (name in (".", "..") or "/" in name or "\\" in name):
         raise ConfigError(f"logging.name: must be a plain directory name; got {name!r}")
@@ -311,13 +314,18 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                     _set(cfg, f"{section_name}.{key}", value)
                 except ConfigError as e:
                     raise ConfigError(f"{path}: {e}") from None
+    return validate(apply_overrides(cfg, overrides))
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Set ``section.key=value`` overrides on ``cfg`` (in place; returned for chaining). Not validated."""
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"{item}: overrides are written section.key=value")
         dotted = dotted.strip()
         _set(cfg, dotted, raw if _is_string_key(cfg, dotted) else _parse_scalar(raw))
-    return validate(cfg)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -325,13 +333,14 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(tree: dict[str, dict[str, Any]]) -> Config:
-    """Rebuild a validated config from :func:`to_dict` output (e.g. read from a checkpoint)."""
+def from_dict(tree: dict[str, dict[str, Any]], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Rebuild a validated config from :func:`to_dict` output (e.g. read from a checkpoint), then
+    apply ``section.key=value`` overrides."""
     cfg = Config()
     for section_name, section in tree.items():
         for key, value in section.items():
             _set(cfg, f"{section_name}.{key}", value)
-    return validate(cfg)
+    return validate(apply_overrides(cfg, overrides))
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -55,15 +55,18 @@ def report_lines(result: dict[str, Any], run: Path) -> list[str]:
 
 def train_folds(cfg: Config, info, train_run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Train the ``data.folds`` folds in turn with ``train_run`` (``cli._train_run``); return the summary."""
-    from .data.sources import load_splits, read_training
+    from .data.sources import Splits, load_splits, read_training
     from .rundir import choose_run_dir, on_rank0, prepare_run
 
+    training = read_training(cfg.data)  # every rank reads the file once, for all folds
+    # The first fold's splits before any directory: a bad file or too few samples fail first.
+    first: Splits | None = load_splits(cfg.data, 0, training)
     run = on_rank0(info, lambda: choose_run_dir(cfg))
-    training = read_training(cfg.data)  # every rank reads the file once for all folds
     summaries = []
     for fold in range(cfg.data.folds):
         run_dir, resume_from, notes = prepare_run(cfg, info, fold_of=run, fold=fold)
-        splits = load_splits(cfg.data, fold, training)
+        splits = first if fold == 0 else load_splits(cfg.data, fold, training)
+        first = None
         summaries.append(train_run(_fold_config(cfg, run, fold), info, run_dir, resume_from, notes, splits, fold))
         del splits
         gc.collect()  # the previous fold's model, optimizer and DDP wrapper go before the next are built

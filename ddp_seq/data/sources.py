@@ -103,11 +103,23 @@ def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def fold_indices(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) sample indices of fold ``fold`` of ``folds``: the samples, shuffled once by
-    ``seed``, cut into ``folds`` near-equal parts; part ``fold`` validates. Sorted, like the hold-out."""
-    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
-    return np.sort(np.concatenate(parts[:fold] + parts[fold + 1:])), np.sort(parts[fold])
+def fold_indices(n: int, folds: int, fold: int, seed: int,
+                 strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sample indices of fold ``fold`` of ``folds``; sorted, like the hold-out.
+
+    The samples, shuffled by ``seed``, are dealt to the folds in turn, so fold sizes differ by at
+    most one. With ``strata`` (the class of each sample) they are shuffled within each class and
+    dealt class after class: every fold holds each class in about its overall proportion, as
+    scikit-learn's ``StratifiedKFold`` does for classifiers.
+    """
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        order = rng.permutation(n)
+    else:
+        order = np.concatenate([rng.permutation(np.flatnonzero(strata == c)) for c in np.unique(strata)])
+    assigned = np.empty(n, dtype=np.int64)
+    assigned[order] = np.arange(n) % folds
+    return np.flatnonzero(assigned != fold), np.flatnonzero(assigned == fold)
 
 
 def _synthetic(cfg: DataConfig) -> tuple[Parsed, Encoding]:
@@ -125,12 +137,14 @@ def read_training(cfg: DataConfig) -> tuple[Parsed, list[str]]:
     return read_file(cfg, cfg.train_path)
 
 
-def _split(cfg: DataConfig, n: int, fold: int | None) -> tuple[np.ndarray, np.ndarray]:
-    source = cfg.train_path or "the synthetic training set"
+def _split(cfg: DataConfig, parsed: Parsed, fold: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices: fold ``fold`` (stratified for classify), or the ``val_fraction`` hold-out."""
+    n, source = len(parsed.data), cfg.train_path or "the synthetic training set"
     if fold is not None:
         if n < cfg.folds:
             raise UserError(f"data.folds: {cfg.folds} folds need at least {cfg.folds} samples; {source} has {n}")
-        return fold_indices(n, cfg.folds, fold, cfg.seed)
+        strata = parsed.data.targets if cfg.task == "classify" and parsed.labelled else None
+        return fold_indices(n, cfg.folds, fold, cfg.seed, strata)
     if n < 2:
         raise UserError(f"{source}: {n} sample cannot be split into train and validation "
                         "(data.val_fraction); add samples or set data.val_path")
@@ -151,7 +165,7 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
     if cfg.val_path and fold is None:
         train_idx, val_idx = np.arange(len(parsed.data)), None
     else:
-        train_idx, val_idx = _split(cfg, len(parsed.data), fold)
+        train_idx, val_idx = _split(cfg, parsed, fold)
     if cfg.format == "synthetic":
         encoding = _synthetic(cfg)[1]
     else:
@@ -177,7 +191,7 @@ def load_eval_data(cfg: DataConfig, encoding: Encoding, fold: int | None = None)
     if cfg.format == "synthetic" and fold is None:
         return make_synthetic(cfg, "val"), []
     parsed, notes = read_training(cfg)
-    val_idx = _split(cfg, len(parsed.data), fold)[1]
+    val_idx = _split(cfg, parsed, fold)[1]
     return encode(parsed, encoding, cfg.task, check=val_idx).select(val_idx), notes
 
 
