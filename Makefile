@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-dp train-single test test-fast lint bench parity slurm-up slurm-down slurm-submit clean
+.PHONY: help install train train-dp train-single test test-fast lint bench parity samples corpus slurm-up slurm-down slurm-submit clean
 
 help:  ## list the targets
 	@echo "ddp_seq make targets (overrides: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='section.key=value ...'):"
@@ -41,6 +41,12 @@ train-dp: $(STAMP)  ## train CONFIG in the legacy nn.DataParallel mode (one proc
 train-single: $(STAMP)  ## train CONFIG in one process, no torchrun
 	$(BIN)/python train.py --config $(CONFIG) $(ARGS)
 
+samples: $(STAMP)  ## write tiny sample files of every data format into data/samples (for configs/*-*.yaml)
+	$(BIN)/ddp-seq make-data samples --out data/samples
+
+corpus: $(STAMP)  ## build the stdlib-lines text corpus into data/stdlib (for configs/stdlib-lines.yaml)
+	$(BIN)/ddp-seq make-data stdlib --out data/stdlib
+
 test: $(STAMP)  ## the whole test suite (real torchrun processes on gloo)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -69,5 +75,5 @@ slurm-submit: $(STAMP)  ## sbatch CONFIG through launch/slurm/train.sbatch, foll
 	@$(BIN)/python -m ddp_seq check-config --config $(CONFIG) $(ARGS) >/dev/null
 	launch/slurm/submit.sh $(SBATCH_ARGS) -- --config $(CONFIG) $(ARGS)
 
-clean:  ## remove runs/, caches and .venv
-	rm -rf runs .pytest_cache .ruff_cache $(VENV) *.egg-info
+clean:  ## remove runs/, data/ (generated), caches and .venv
+	rm -rf runs data .pytest_cache .ruff_cache $(VENV) *.egg-info
