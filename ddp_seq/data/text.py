@@ -350,7 +350,7 @@ def read_jsonl(path: str, *, task: str, labelled: bool = True) -> Parsed:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number}: invalid JSON ({e.msg}, column {e.colno})") from None
+            raise UserError(f"{path} line {number}: invalid JSON (column {e.colno}: {e.msg})") from None
         except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits, absurd nesting
             raise UserError(f"{path} line {number}: invalid JSON ({first_line(e)})") from None
         reader.add(number, obj)
