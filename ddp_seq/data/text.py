@@ -112,9 +112,15 @@ def finite_target(where: str, value: float, text: Any) -> float:
     return value
 
 
-def unlabelled_targets(task: str, n: int, total: int) -> np.ndarray:
-    """Zeros in place of targets for ``predict`` input: per step for tag, float32 for regress."""
-    return np.zeros(total if task == "tag" else n, dtype=np.float32 if task == "regress" else np.int64)
+def targets_of(task: str, labelled: bool, labels: list, n: int, total: int) -> tuple[np.ndarray, list | None]:
+    """``(targets, label_symbols)`` of a parsed file from its raw ``labels`` (one per sample, or per
+    step for tag): interned ids (classify, tag), float32 values (regress), or zeros for ``predict``
+    input (``labelled=False``: per step for tag, float32 for regress)."""
+    if not labelled:
+        return np.zeros(total if task == "tag" else n, dtype=np.float32 if task == "regress" else np.int64), None
+    if task == "regress":
+        return np.array(labels, dtype=np.float32), None
+    return intern_all(labels)
 
 
 def read_tsv(path: str, *, task: str, tokenizer: str, labelled: bool = True) -> Parsed:
@@ -160,13 +166,7 @@ def read_tsv(path: str, *, task: str, tokenizer: str, labelled: bool = True) -> 
         lengths = [len(w) for w in words]
         values, symbols = intern_all(list(chain.from_iterable(words)))
     offsets = offsets_of(lengths)
-    label_symbols = None
-    if not labelled:
-        targets = unlabelled_targets(task, len(texts), int(offsets[-1]))
-    elif task == "regress":
-        targets = np.array(labels, dtype=np.float32)
-    else:
-        targets, label_symbols = intern_all(labels)
+    targets, label_symbols = targets_of(task, labelled, labels, len(texts), int(offsets[-1]))
     data = SequenceData(values, offsets, targets, False, lines=np.array(numbers, dtype=np.int64), source=path)
     return Parsed(data, symbols, label_symbols, labelled)
 
@@ -324,13 +324,7 @@ class _JsonlReader:
             token_symbols = distinct.tolist()
         else:
             values, token_symbols = intern_all(self.steps)
-        label_symbols = None
-        if not self.labelled:
-            targets = unlabelled_targets(self.task, n, total)
-        elif self.task == "regress":
-            targets = np.array(self.labels, dtype=np.float32)
-        else:
-            targets, label_symbols = intern_all(self.labels)
+        targets, label_symbols = targets_of(self.task, self.labelled, self.labels, n, total)
         data = SequenceData(values, offsets, targets, self.task == "tag", lines=np.array(self.lines, dtype=np.int64),
                             source=self.path)
         return Parsed(data, token_symbols, label_symbols, self.labelled)

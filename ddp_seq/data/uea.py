@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import UserError
-from .encoding import Interner, Parsed
+from .encoding import Parsed
 from .sequences import SequenceData
-from .text import check_task, finite_target, offsets_of, read_lines, unlabelled_targets
+from .text import check_task, finite_target, offsets_of, read_lines, targets_of
 
 MISSING = ("error", "zero", "ffill")
 _MISSING_TEXT = {"?", "nan", "NaN"}  # '?' is the archive's marker; some files write NaN
@@ -163,7 +163,6 @@ def read_ts(path: str, *, task: str, missing: str, labelled: bool = True) -> Par
     lengths: list[int] = []
     labels: list = []
     numbers: list[int] = []
-    interner = Interner()
     for number in range(data_line + 1, len(lines) + 1):
         line = lines[number - 1].strip()
         if not line or line.startswith("#"):
@@ -199,7 +198,7 @@ def read_ts(path: str, *, task: str, missing: str, labelled: bool = True) -> Par
             if label not in classes:
                 raise UserError(f"{where}: class label {label!r} is not declared in @classLabel (line "
                                 f"{header.class_line})")
-            labels.append(interner(label))
+            labels.append(label)
         elif labelled and task == "regress":
             try:
                 labels.append(finite_target(where, float(label), label))
@@ -211,12 +210,6 @@ def read_ts(path: str, *, task: str, missing: str, labelled: bool = True) -> Par
         numbers.append(number)
     offsets = offsets_of(lengths)
     values = np.concatenate(steps) if steps else np.zeros((0, dims or 1), dtype=np.float32)
-    label_symbols = None
-    if not labelled:
-        targets = unlabelled_targets(task, len(lengths), int(offsets[-1]))
-    elif task == "regress":
-        targets = np.array(labels, dtype=np.float32)
-    else:
-        targets, label_symbols = np.array(labels, dtype=np.int64), interner.symbols
+    targets, label_symbols = targets_of(task, labelled, labels, len(lengths), int(offsets[-1]))
     data = SequenceData(values, offsets, targets, False, lines=np.array(numbers, dtype=np.int64), source=path)
     return Parsed(data, None, label_symbols, labelled)
