@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ddp_seq.config import DataConfig, UserError
-from ddp_seq.data.encoding import PAD, SPECIALS, UNK, Encoding, Interner, Parsed, build_encoding, encode
+from ddp_seq.data.encoding import PAD, SPECIALS, UNK, Encoding, Parsed, build_encoding, encode, intern_all
 from ddp_seq.data.sequences import SequenceData
 from ddp_seq.data.sources import describe, fold_indices, load_eval_data, load_inputs, load_splits, read_training
 
@@ -23,21 +23,19 @@ WORDS = ["a", "b", "c", "d", "é", "日本", "zz"]
 
 def token_file(rng: np.random.Generator, n: int, per_step: bool = False, labels=("x", "y", "z")) -> Parsed:
     """``n`` random token samples interned as a parser would, with text-file line numbers."""
-    tokens, label_ids, lengths = Interner(), Interner(), []
-    values, targets = [], []
+    words, targets, lengths = [], [], []
     for _ in range(n):
         length = int(rng.integers(0, 8))
-        words = [WORDS[int(i)] for i in rng.zipf(1.6, size=length) % len(WORDS)]
-        values += [tokens(w) for w in words]
+        sample = [WORDS[int(i)] for i in rng.zipf(1.6, size=length) % len(WORDS)]
+        words += sample
         lengths.append(length)
-        if per_step:
-            targets += [label_ids(labels[int(rng.integers(len(labels)))]) for _ in words]
-        else:
-            targets.append(label_ids(labels[int(rng.integers(len(labels)))]))
+        targets += [labels[int(rng.integers(len(labels)))] for _ in (sample if per_step else [None])]
+    values, token_symbols = intern_all(words)
+    target_ids, label_symbols = intern_all(targets)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    data = SequenceData(np.asarray(values, dtype=np.int64), offsets, np.asarray(targets, dtype=np.int64), per_step,
-                        lines=np.arange(n, dtype=np.int64) * 2 + 1, source="f.txt")
-    return Parsed(data, tokens.symbols, label_ids.symbols)
+    data = SequenceData(values, offsets, target_ids, per_step, lines=np.arange(n, dtype=np.int64) * 2 + 1,
+                        source="f.txt")
+    return Parsed(data, token_symbols, label_symbols)
 
 
 def decoded(parsed: Parsed, i: int) -> tuple[list, object]:
@@ -73,10 +71,10 @@ def test_encoding_matches_reference(min_freq, per_step):
 
 
 def test_vocabulary_counts_training_samples_only_and_unknowns_become_unk():
-    tokens = Interner()
-    ids = [tokens(t) for t in "aab" + "ccq"]  # sample 0 = a a b (train), sample 1 = c c q (val)
-    data = SequenceData(np.array(ids), np.array([0, 3, 6]), np.array([0, 1]), False, source="s")
-    parsed = Parsed(data, tokens.symbols, ["p", "q"])
+    ids, symbols = intern_all(list("aab" + "ccq"))  # sample 0 = a a b (train), sample 1 = c c q (val)
+    assert symbols == ["a", "b", "c", "q"] and ids.tolist() == [0, 0, 1, 2, 2, 3]
+    data = SequenceData(ids, np.array([0, 3, 6]), np.array([0, 1]), False, source="s")
+    parsed = Parsed(data, symbols, ["p", "q"])
     enc = build_encoding(parsed, np.array([0, 1]), "classify")
     assert enc.vocab == ["<pad>", "<unk>", "a", "c", "b", "q"]  # most frequent first, ties by token
     with pytest.raises(UserError, match=r"^s: sample 1 has label 'q', which the training data does not have "

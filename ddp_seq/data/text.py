@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..config import UserError, first_line
-from .encoding import Parsed
+from .encoding import Parsed, intern_all
 from .sequences import SequenceData
 
 TASKS = ("classify", "regress", "tag")
@@ -59,18 +59,6 @@ def check_task(path: str, task: str, fmt: str) -> None:
     if task == "tag" and fmt != "jsonl":
         raise UserError(f"{path}: task tag needs one label per step, but {fmt} files hold one label per "
                         "sample; write the data as jsonl with a 'tags' list per line")
-
-
-def intern_all(symbols: list) -> tuple[np.ndarray, list]:
-    """``(ids, distinct)`` with ``distinct[ids[k]] == symbols[k]``, ids in order of first occurrence.
-
-    Dictionary work in C (``dict.fromkeys``, ``map``) rather than a Python loop: it runs per token.
-    """
-    index: dict[Any, int] = dict.fromkeys(symbols)
-    for i, key in enumerate(index):
-        index[key] = i
-    ids = np.fromiter(map(index.__getitem__, symbols), dtype=np.int64, count=len(symbols))
-    return ids, list(index)
 
 
 def int_ids(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
