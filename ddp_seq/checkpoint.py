@@ -100,16 +100,33 @@ def link_latest(target: Path, link: Path) -> None:
     fsync_dir(link.parent)
 
 
+def encoding_of(state: dict[str, Any], cfg):
+    """The checkpoint's :class:`~ddp_seq.data.encoding.Encoding`; checkpoints from before encodings were
+    stored (synthetic and npz data, integer classes) get the one their shapes imply."""
+    from .data.encoding import Encoding
+
+    if state.get("encoding"):
+        return Encoding.from_state(state["encoding"])
+    classes = None if cfg.data.task == "regress" else list(range(state["num_outputs"]))
+    return Encoding(None, classes, state["num_inputs"])
+
+
+def restore_model(state: dict[str, Any], cfg, source: str, device: torch.device | None = None) -> torch.nn.Module:
+    """The model a checkpoint's ``state`` holds, built for ``cfg`` on ``device`` with its weights loaded."""
+    from .model import build_model
+
+    encoding, task = encoding_of(state, cfg), cfg.data.task
+    model = build_model(task, encoding.num_features, encoding.num_outputs(task), cfg.model,
+                        vocab_size=encoding.vocab_size, device=device)
+    check_shapes(state["model"], model, source)
+    model.load_state_dict(state["model"])
+    return model
+
+
 def model_from_checkpoint(path: str | Path):
     """Rebuild the model saved in a checkpoint: returns ``(model, config, checkpoint dict)`` on the CPU."""
     from .config import from_dict
-    from .model import build_model
 
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
-    encoding = state.get("encoding") or {}
-    vocab_size = len(encoding["vocab"]) if encoding.get("vocab") else 0
-    model = build_model(cfg.data.task, state["num_inputs"], state["num_outputs"], cfg.model, vocab_size=vocab_size)
-    check_shapes(state["model"], model, str(path))
-    model.load_state_dict(state["model"])
-    return model, cfg, state
+    return restore_model(state, cfg, str(path)), cfg, state

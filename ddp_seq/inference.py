@@ -20,41 +20,19 @@ from typing import Any
 
 import torch
 
+from .checkpoint import encoding_of, load_checkpoint, restore_model
 from .config import Config, UserError, from_dict
 from .data.encoding import Encoding
 from .data.sequences import SequenceData
 
 
-def encoding_of(state: dict[str, Any], cfg: Config) -> Encoding:
-    """The checkpoint's encoding; checkpoints from before encodings were stored (synthetic and npz data,
-    integer classes) get the one their shapes imply."""
-    if state.get("encoding"):
-        return Encoding.from_state(state["encoding"])
-    classes = None if cfg.data.task == "regress" else list(range(state["num_outputs"]))
-    return Encoding(None, classes, state["num_inputs"])
-
-
 def _read(checkpoint: str, overrides: list[str]) -> tuple[dict[str, Any], Config, Encoding]:
     """The checkpoint's state, its config with ``overrides``, and its encoding."""
-    from .checkpoint import load_checkpoint
-
     state = load_checkpoint(checkpoint)
     cfg = from_dict(state["config"], overrides)
     # One model per process, never wrapped: evaluation needs no gradient synchronisation.
     cfg.training.mode = "ddp"
     return state, cfg, encoding_of(state, cfg)
-
-
-def _model(state: dict[str, Any], cfg: Config, encoding: Encoding, checkpoint: str, info) -> torch.nn.Module:
-    """The checkpoint's model on this rank's device, in eval mode."""
-    from .checkpoint import check_shapes
-    from .model import build_model
-
-    model = build_model(cfg.data.task, encoding.num_features, encoding.num_outputs(cfg.data.task), cfg.model,
-                        vocab_size=encoding.vocab_size, device=info.device)
-    check_shapes(state["model"], model, checkpoint)
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 def _trained_at(state: dict[str, Any]) -> str:
@@ -69,7 +47,7 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
 
     state, cfg, encoding = _read(checkpoint, overrides)
     with distributed(cfg.distributed) as info:
-        model = _model(state, cfg, encoding, checkpoint, info)
+        model = restore_model(state, cfg, checkpoint, info.device).eval()
         data, notes = load_eval_data(cfg.data, encoding, state.get("fold"))
         metrics = evaluate(model, data, cfg, info)
         result = {"checkpoint": checkpoint, "data": data.source, "samples": len(data), **metrics}
@@ -129,7 +107,7 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
         raise UserError("data.format: the checkpoint was trained on synthetic data; give the input's format "
                         "(data.format=npz, tsv, jsonl or ts)")
     with distributed(cfg.distributed) as info:
-        model = _model(state, cfg, encoding, checkpoint, info)
+        model = restore_model(state, cfg, checkpoint, info.device).eval()
         data, count, notes = load_inputs(cfg.data, encoding, input_path)
         rows = _predict_rows(model, data, cfg, encoding, info)
         if info.distributed:  # rank 0 collects every rank's rows

@@ -60,10 +60,9 @@ class Trainer:
         check_mode(self.mode, info.world_size)
         if cfg.training.amp == "fp16" and info.device.type != "cuda":
             raise UserError("training.amp: fp16 needs a CUDA device; use bf16 or none on CPU")
-        # k-fold jobs pass each fold's splits (the file is read once); otherwise read here.
-        splits = splits or load_splits(cfg.data)
-        self.train_data, self.val_data, self.encoding = splits.train, splits.val, splits.encoding
-        self.data_notes, self.fold = splits.notes, fold
+        # The CLI reads the data before it creates the run directory (and k-fold jobs once per job).
+        self.splits, self.fold = splits or load_splits(cfg.data), fold
+        self.train_data, self.val_data, self.encoding = self.splits.train, self.splits.val, self.splits.encoding
         if info.world_size > len(self.train_data):
             raise UserError(f"data: {len(self.train_data)} training sequences cannot feed {info.world_size} ranks; "
                             "use at least one per rank (data.num_train, or a bigger data.train_path)")
@@ -368,7 +367,7 @@ class Trainer:
         log.info(f"training {self.task} on {len(self.train_data)} sequences ({int(self.train_data.lengths.sum()):,} "
                  f"steps), {params:,} parameters, mode {self.mode}, world size {self.info.world_size}, "
                  f"device {self.info.device}, {torch.get_num_threads()} thread(s) per rank, {self.total_steps} steps")
-        for line in describe(Splits(self.train_data, self.val_data, self.encoding, self.data_notes), self.task):
+        for line in describe(self.splits, self.task):
             log.info(line)
         if self.finished:
             log.info("this run has already finished; nothing to train")

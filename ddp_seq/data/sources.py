@@ -122,18 +122,16 @@ def fold_indices(n: int, folds: int, fold: int, seed: int,
     return np.flatnonzero(assigned != fold), np.flatnonzero(assigned == fold)
 
 
-def _synthetic(cfg: DataConfig) -> tuple[Parsed, Encoding]:
-    """The synthetic training set as Parsed data, and its fixed encoding (classes from the config)."""
-    train = make_synthetic(cfg, "train")
-    outputs = synthetic.num_outputs(cfg)
-    classes = None if cfg.task == "regress" else list(range(outputs))
-    return Parsed(train, None, classes), Encoding(None, classes, train.num_features)
+def _synthetic_encoding(cfg: DataConfig) -> Encoding:
+    """The synthetic task's fixed encoding: its classes come from the config, present or not."""
+    classes = None if cfg.task == "regress" else list(range(synthetic.num_outputs(cfg)))
+    return Encoding(None, classes, cfg.features)
 
 
 def read_training(cfg: DataConfig) -> tuple[Parsed, list[str]]:
     """The training file (or the synthetic training set), read once: k-fold jobs split it k times."""
     if cfg.format == "synthetic":
-        return _synthetic(cfg)[0], []
+        return Parsed(make_synthetic(cfg, "train"), None, _synthetic_encoding(cfg).classes), []
     return read_file(cfg, cfg.train_path)
 
 
@@ -158,8 +156,7 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
     ``training``: the result of :func:`read_training`, when the caller already read it.
     """
     if cfg.format == "synthetic" and fold is None:
-        train_set, encoding = _synthetic(cfg)
-        return Splits(train_set.data, make_synthetic(cfg, "val"), encoding)
+        return Splits(make_synthetic(cfg, "train"), make_synthetic(cfg, "val"), _synthetic_encoding(cfg))
     parsed, notes = training or read_training(cfg)
     notes = list(notes)
     if cfg.val_path and fold is None:
@@ -167,7 +164,7 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
     else:
         train_idx, val_idx = _split(cfg, parsed, fold)
     if cfg.format == "synthetic":
-        encoding = _synthetic(cfg)[1]
+        encoding = _synthetic_encoding(cfg)
     else:
         encoding = build_encoding(parsed, train_idx, cfg.task, cfg.min_freq)
     # The whole file is encoded once; train and val are views of it. Held-out labels must be classes.
