@@ -168,6 +168,8 @@ class DistributedConfig:
     backend: str = opt("auto", "auto: nccl with GPUs, gloo on CPU", choices=("auto", "nccl", "gloo"))
     timeout_s: int = opt(600, "collective timeout in seconds (a dead rank fails the others then)", ge=1)
     threads_per_rank: int = opt(0, "torch threads per rank; 0 = usable cores / local ranks", ge=0)
+    flush_denormal: bool = opt(True, "CPU: treat denormal floats as zero (early LSTM training makes many, "
+                                     "and they slow CPU kernels); off = IEEE denormals")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .config import Config, UserError, check_mode, to_dict
 from .data.batching import Step, straggler_ratio
 from .data.collate import Batch, collate_for
 from .data.sources import Splits, describe, load_splits
-from .dist import DistInfo, all_reduce_sum
+from .dist import DistInfo, all_reduce_sum, peak_rss_mb, per_rank
 from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_sampler
 from .model import build_model
 from .parallel import wrap_model
@@ -308,16 +308,17 @@ class Trainer:
                 log.end_progress()
                 raise self._preempted(f"at epoch {epoch + 1}, step {self.step}")
         log.end_progress()
-        totals, per_rank = self._progress_now(tokens, start)
+        totals, padded_per_rank = self._progress_now(tokens, start)
         times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
         return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.count, 1),
                 "train_s": totals.seconds, "seq_per_s": len(self.train_data) / totals.seconds,
                 "tokens_per_s": totals.real_tokens / totals.seconds,
                 "padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
-                "real_tokens": int(totals.real_tokens), "padded_tokens_per_rank": per_rank,
+                "real_tokens": int(totals.real_tokens), "padded_tokens_per_rank": padded_per_rank,
                 "straggler_ratio": straggler_ratio(self.sampler.batches(), self.train_data.lengths, info.world_size),
                 "step_s_p50": float(np.percentile(times, 50)), "step_s_p90": float(np.percentile(times, 90)),
-                "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s}
+                "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s,
+                "peak_rss_mb": per_rank(peak_rss_mb(), info)}
 
     # -- the job --------------------------------------------------------------------------------
 
