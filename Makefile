@@ -18,15 +18,18 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-14s %s\n", $$1, $$2}'
 
 # torch goes in first, pinned, so installing the package never makes pip pick another build.
+# The [bench] extra (pytorch-lightning, matplotlib) is never a dependency of ddp_seq itself; it is
+# installed here so `make test` runs the Lightning peer of the benchmark on a tiny size. Installing
+# it leaves torch alone (checked on the last line).
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH_VERSION)', torch.__version__"
 	touch $@
 
-install: $(STAMP)  ## create .venv: torch (TORCH_VERSION) first, then this package with dev tools
+install: $(STAMP)  ## create .venv: torch (TORCH_VERSION) first, then this package with dev and bench tools
 
 # The config is checked first (fast, no torch): a bad key fails with one line and exit code 2
 # instead of one error per rank under torchrun.
@@ -56,10 +59,8 @@ test-fast: $(STAMP)  ## the tests not marked slow (no torchrun launches)
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check ddp_seq tests train.py
 
-bench: $(STAMP)  ## benchmark execution paths, then batching strategies, side by side (~40 min)
-	@mkdir -p bench/results
-	$(BIN)/ddp-seq bench --suite execution --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-execution.json
-	$(BIN)/ddp-seq bench --suite batching --config $(CONFIG) --out bench/results/$$(date +%Y-%m-%d)-$$(hostname)-batching.json
+bench: $(STAMP)  ## reference vs ddp_seq vs Lightning, side by side; bench/results/<date>-<host>.json + BENCHMARKS.md (~50 min)
+	$(BIN)/ddp-seq bench --suite default
 
 parity: $(STAMP)  ## single vs dp vs ddp (2 ranks): same loss and gradients on a fixed batch, or exit 1
 	$(BIN)/torchrun --standalone --nproc_per_node=2 -m ddp_seq parity

@@ -1,0 +1,245 @@
+"""Benchmark suites: which configurations run, how each run is launched, and how runs are summarised.
+
+Every configuration is a real job in its own processes: ddp_seq's ``train`` (torchrun for more
+than one rank), the hand-written :mod:`.reference` loop, or the :mod:`.lightning_peer`. All of
+them write epoch records in the shape of ddp_seq's ``metrics.jsonl``, so one summary fits all.
+Configurations run in alternation (A B C A B C ...) and each figure is the median over repeats:
+the machine is shared and noisy, so ratios measured in the same run are the headline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: torchrun for jobs of more than one process.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of a suite."""
+
+    name: str
+    runner: str  # ddp_seq | reference | lightning
+    world_size: int = 1  # processes; 0 = one per visible GPU (2 without GPUs)
+    overrides: tuple[str, ...] = ()
+    setup: str = ""  # lightning: default | tuned
+    needs: tuple[str, ...] = ()  # cuda | cpu | lightning
+
+
+@dataclass(frozen=True)
+class Part:
+    """One task of a suite: its size, its configurations, and the one every ratio is taken against."""
+
+    base: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    baseline: str
+
+
+def cells(prefix: str, world_size: int, extra: tuple[str, ...] = (), needs: tuple[str, ...] = ()) -> list[Variant]:
+    """ddp_seq's batching x execution matrix: random/bucket batches, packed/padded execution."""
+    return [Variant(f"{prefix} {strategy}+{execution}", "ddp_seq", world_size,
+                    (*extra, f"batching.strategy={strategy}", f"model.execution={execution}"), needs=needs)
+            for strategy in ("random", "bucket") for execution in ("packed", "padded")]
+
+
+REFERENCE = Variant("reference", "reference")
+LIGHTNING = (Variant("lightning default", "lightning", 2, setup="default", needs=("cpu", "lightning")),
+             Variant("lightning tuned", "lightning", 2, ("batching.strategy=bucket",), setup="tuned",
+                     needs=("cpu", "lightning")))
+#: 2 ranks x 1 thread (CPU) or one rank per GPU.
+DDP = "ddp"
+PADDED_BUCKETS = ("batching.strategy=bucket", "model.execution=padded")
+#: The default configuration trained for 4x the epochs (equal wall-clock comparisons).
+LONG = f"{DDP} bucket+padded, 4x epochs"
+
+SUITES: dict[str, dict[str, Part]] = {
+    # The issue's matrix on the default task, scaled to run 3 alternating repeats in ~45 min on
+    # 2 cores: 3,000 sequences x 5 epochs (235 steps of 64) is where the default config reaches
+    # ~0.99 val accuracy. The tag task is smaller: the reference, the default and the peers.
+    "default": {
+        "classify": Part(("data.num_train=3000", "training.epochs=5"), (
+            REFERENCE, *cells("single", 1), *cells(DDP, 0),
+            Variant("single-1thread bucket+padded", "ddp_seq", 1, ("distributed.threads_per_rank=1", *PADDED_BUCKETS),
+                    needs=("cpu",)),
+            # The same job with IEEE denormals kept: how much of the speed the flush accounts for.
+            Variant(f"{DDP} bucket+padded, denormals kept", "ddp_seq", 0,
+                    (*PADDED_BUCKETS, "distributed.flush_denormal=false"), needs=("cpu",)),
+            # The default given 4x the epochs: what ddp_seq reaches in the wall-clock time the
+            # reference and Lightning need for their 5 epochs (the equal wall-clock comparison).
+            Variant(LONG, "ddp_seq", 0, (*PADDED_BUCKETS, "training.epochs=20")),
+            *cells("dp", 1, ("training.mode=dp",), needs=("cuda",)), *LIGHTNING), "reference"),
+        "tag": Part(("data.task=tag", "data.num_train=1000", "training.epochs=3"), (
+            REFERENCE, *[v for v in cells(DDP, 0) if v.name in (f"{DDP} random+packed", f"{DDP} bucket+padded")],
+            LIGHTNING[0]), "reference"),
+    },
+    # Batching strategies and knobs on ddp_seq alone (2 ranks).
+    "batching": {"classify": Part(("training.epochs=3", "data.num_train=10000"), (
+        *[v for v in cells(DDP, 2) if v.name != f"{DDP} random+padded"],
+        Variant("ddp bucket+auto noise0.2", "ddp_seq", 2, ("batching.padding_noise=0.2",)),
+        Variant("ddp bucket+auto pool5", "ddp_seq", 2, ("batching.pool=5",))), f"{DDP} random+packed")},
+    # DistributedDataParallel (one process per GPU) beside the legacy nn.DataParallel (one process
+    # driving every visible GPU). Without GPUs DataParallel only calls the module: 2 ranks x 1
+    # thread against 1 process x all cores.
+    "modes": {"classify": Part(("training.epochs=3", "data.num_train=10000"), (
+        Variant("ddp", "ddp_seq", 0, ("training.mode=ddp",)),
+        Variant("dp", "ddp_seq", 1, ("training.mode=dp",))), "ddp")},
+}
+
+#: A few seconds a run: exercises every runner and the whole summary in the test suite.
+QUICK = ("data.num_train=128", "data.num_val=64", "data.max_length=60", "model.hidden=16", "model.layers=1",
+         "training.epochs=2", "batching.batch_size=32", "training.warmup_steps=2")
+
+
+def missing(variant: Variant, has_cuda: bool, has_lightning: bool) -> str | None:
+    """Why ``variant`` cannot run on this machine, or None if it can."""
+    reasons = {"cuda": None if has_cuda else "needs a CUDA GPU", "cpu": "CPU only" if has_cuda else None,
+               "lightning": None if has_lightning else "pytorch-lightning is not installed (pip install -e .[bench])"}
+    return next((reasons[need] for need in variant.needs if reasons[need]), None)
+
+
+def lightning_installed() -> bool:
+    return importlib.util.find_spec("pytorch_lightning") is not None
+
+
+def world_size_of(variant: Variant) -> int:
+    import torch
+
+    return variant.world_size or torch.cuda.device_count() or 2
+
+
+def command(variant: Variant, args: list[str], metrics: Path) -> list[str]:
+    """The command line that runs ``variant`` and leaves its epoch records in ``metrics``."""
+    world = world_size_of(variant)
+    launch = [*TORCHRUN, f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
+    if variant.runner == "reference":
+        return [*launch, "-m", "ddp_seq.bench.reference", "--out", str(metrics), *args]
+    if variant.runner == "lightning":
+        return [*launch, "-m", "ddp_seq.bench.lightning_peer", "--setup", variant.setup, "--out", str(metrics),
+                *args]
+    return [*launch, "-m", "ddp_seq", "train", *args, f"logging.root={metrics.parent.parent}",
+            f"logging.name={metrics.parent.name}", "logging.progress=none", "checkpoint.save=false"]
+
+
+def run_once(variant: Variant, overrides: list[str], root: Path, name: str, config: str) -> list[dict[str, Any]]:
+    """Run one job and return its epoch records."""
+    metrics = root / name / "metrics.jsonl"
+    cmd = command(variant, ["--config", config, *overrides, *variant.overrides], metrics)
+    # No OMP_NUM_THREADS of ours: a single process uses every core (ddp_seq sets its threads from
+    # distributed.threads_per_rank); torchrun gives each of several processes one thread.
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench run {name} failed ({proc.returncode}): {' '.join(cmd)}\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def summarise(records: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
+    """One run's figures: throughput over all epochs, balance, memory, the monitored metric per epoch."""
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    seconds = sum(r["train_s"] for r in epochs)
+    real_tokens = sum(r["tokens_per_s"] * r["train_s"] for r in epochs)
+    elapsed, curve = 0.0, []
+    for r in epochs:
+        elapsed += r["train_s"]
+        curve.append((elapsed, r[monitor]))
+    rss = [max(ranks) for ranks in zip(*(r.get("peak_rss_mb", [0.0]) for r in epochs))]
+    return {"tokens_per_s": real_tokens / seconds, "seq_per_s": statistics.mean(r["seq_per_s"] for r in epochs),
+            "epoch_s": seconds / len(epochs),
+            "sequences_per_epoch": statistics.mean(r["seq_per_s"] * r["train_s"] for r in epochs),
+            "padding_efficiency": statistics.mean(r["padding_efficiency"] for r in epochs),
+            "straggler_ratio": statistics.mean(r["straggler_ratio"] for r in epochs),
+            "final_metric": epochs[-1][monitor], "peak_rss_mb": rss, "curve": curve}
+
+
+def metric_at(curve: list[tuple[float, float]], seconds: float) -> float | None:
+    """The metric of the last evaluation reached within ``seconds`` of training (None if none was)."""
+    reached = [m for t, m in curve if t <= seconds + 1e-9]
+    return reached[-1] if reached else None
+
+
+def medians(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-figure medians over repeats; the curve of the run with the median throughput."""
+    row = {k: statistics.median(r[k] for r in results) for k in results[0] if k not in ("curve", "peak_rss_mb")}
+    row["peak_rss_mb"] = [statistics.median(ranks) for ranks in zip(*(r["peak_rss_mb"] for r in results))]
+    by_speed = sorted(results, key=lambda r: r["tokens_per_s"])
+    row["curve"] = by_speed[len(by_speed) // 2]["curve"]
+    row["runs_tokens_per_s"] = [r["tokens_per_s"] for r in results]
+    return row
+
+
+def finish_part(runs: dict[str, list[dict[str, Any]]], baseline: str, default: str | None) -> dict[str, Any]:
+    """Medians per configuration, ratios to the baseline, and each one's metric at the wall-clock
+    budget: the training time the default configuration (else the fastest) needed for its epochs."""
+    rows = {name: medians(results) for name, results in runs.items() if results}
+    if default not in rows:
+        default = min(rows, key=lambda name: rows[name]["curve"][-1][0])
+    budget = rows[default]["curve"][-1][0]
+    base = rows[baseline]["tokens_per_s"] if baseline in rows else None
+    for row in rows.values():
+        row["vs_baseline"] = row["tokens_per_s"] / base if base else None
+        row["metric_at_budget"] = metric_at(row["curve"], budget)
+    return {"baseline": baseline, "default": default, "budget_s": budget, "variants": rows}
+
+
+def default_variant(part: Part) -> str | None:
+    """The row that is ddp_seq's default configuration (configs/default.yaml: ddp, bucket, auto)."""
+    import torch
+
+    from ..model import resolve_execution
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = f"{DDP} bucket+{resolve_execution('auto', device)}"
+    return name if any(v.name == name for v in part.variants) else None
+
+
+def run_suite(suite: str, repeats: int, quick: bool, config: str,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every configuration of every part ``repeats`` times in alternation."""
+    import torch
+
+    from ..config import load_config
+
+    has_cuda, has_lightning = torch.cuda.is_available(), lightning_installed()
+    parts, skipped, plan = SUITES[suite], {}, []
+    for part_name, part in parts.items():
+        for variant in part.variants:
+            reason = missing(variant, has_cuda, has_lightning)
+            if reason:
+                skipped[f"{part_name}: {variant.name}"] = reason
+            else:
+                plan.append((part_name, variant))
+    runs: dict[str, dict[str, list]] = {p: {v.name: [] for _, v in plan if _ == p} for p in parts}
+    result: dict[str, Any] = {"suite": suite, "repeats": repeats, "quick": quick, "config": config,
+                              "skipped": skipped, "complete": False}
+    with tempfile.TemporaryDirectory(prefix="ddp-seq-bench-") as tmp:
+        for rep in range(repeats):
+            for part_name, variant in plan:
+                overrides = [*parts[part_name].base, *(QUICK if quick else ())]
+                monitor = load_config(config, overrides).training.monitor
+                run_name = f"{part_name}-{variant.name.replace('+', '_').replace(' ', '_')}-{rep}"
+                summary = summarise(run_once(variant, overrides, Path(tmp), run_name, config), monitor)
+                runs[part_name][variant.name].append(summary)
+                print(f"  {part_name} / {variant.name} #{rep + 1}: {summary['tokens_per_s']:,.0f} tok/s, "
+                      f"{monitor} {summary['final_metric']:.4f}, {summary['curve'][-1][0]:.1f}s", flush=True)
+                if on_progress:
+                    on_progress({**result, "runs": runs})
+    result["parts"] = {}
+    for part_name, part in parts.items():
+        if runs[part_name]:
+            result["parts"][part_name] = {
+                "base_overrides": [*part.base, *(QUICK if quick else ())],
+                "monitor": load_config(config, list(part.base)).training.monitor,
+                **finish_part(runs[part_name], part.baseline, default_variant(part))}
+    result["complete"] = True
+    return result
+
