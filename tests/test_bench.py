@@ -114,7 +114,7 @@ def test_newest_complete_full_result_per_device(tmp_path):
     chosen = newest_per_device(tmp_path)
     assert [name for _, name in chosen] == ["b.json", "e.json"]  # CPU first, then the GPU section
     text = render_markdown(chosen)
-    assert text.index("## cpu") < text.index("## NVIDIA H200") and "bench/results/b.json" in text
+    assert text.index("## CPU (2 cores)") < text.index("## NVIDIA H200") and "bench/results/b.json" in text
 
 
 def test_render_only_regenerates_benchmarks_md_from_saved_results(tmp_path, capsys):

@@ -46,6 +46,10 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
 def regenerate(results_dir: Path, markdown: Path) -> int:
     """Rewrite ``markdown`` from the newest result per device in ``results_dir``; how many sections."""
     results = newest_per_device(results_dir)
+    for result, _ in results:  # redraw the curves too: the PNGs follow the plotting code
+        for part_name, part in result["parts"].items():
+            if part.get("curves"):
+                plot_curves({"parts": {part_name: part}}, results_dir / part["curves"])
     if results:
         write_bytes_atomic(markdown, render_markdown(results).encode())
     return len(results)

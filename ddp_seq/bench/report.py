@@ -96,17 +96,22 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     parts = result["parts"]
-    fig, axes = plt.subplots(1, len(parts), figsize=(7 * len(parts), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(parts), figsize=(10 * len(parts), 5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, (name, part) in zip(axes[0], parts.items()):
-        for config, row in part["variants"].items():
+        for i, (config, row) in enumerate(part["variants"].items()):
             xs, ys = zip(*row["curve"])
-            ax.plot(xs, ys, marker="o", markersize=3, label=config, linewidth=2.5 if config == part["default"] else 1)
+            style = {"color": "black"} if config == "reference" else {"color": colors[i % len(colors)]}
+            if config.startswith("lightning"):
+                style["linestyle"] = "--"
+            ax.plot(xs, ys, marker="o", markersize=3, label=config,
+                    linewidth=3 if config == part["default"] else 1.2, **style)
         ax.set_xscale("log")
         ax.set_xlabel("training time (s, log scale)")
         ax.set_ylabel(part["monitor"])
         ax.set_title(f"{name}: {part['monitor']} after each epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -132,7 +137,8 @@ def _machine_line(machine: dict[str, Any]) -> str:
 def section(result: dict[str, Any], json_name: str) -> str:
     """One result as a BENCHMARKS.md section: the targets, a table per task, curves, execution paths."""
     machine = result["machine"]
-    out = [f"## {machine['device']}", "", _machine_line(machine) + ".", "",
+    title = f"CPU ({machine['cores']} cores)" if machine["device"] == "cpu" else machine["device"]
+    out = [f"## {title}", "", _machine_line(machine) + ".", "",
            f"Reproduce: `{result['command']}` ({result['repeats']} alternating repeats; every figure is a "
            f"median). Raw result: [`bench/results/{json_name}`](bench/results/{json_name}).", ""]
     checks = targets(result)
@@ -177,7 +183,12 @@ headline; absolute numbers depend on the machine and its load.
   its DistributedSampler with the reference's pad-and-pack model, or given ddp_seq's sampler and
   padded model.
 - **real tokens/s** counts sequence steps, not padding; **padding eff.** = real / padded steps;
-  **straggler** = sum over steps of the slowest rank's padded cost over the mean rank's.
+  **straggler** = sum over steps of the slowest rank's padded cost over the mean rank's;
+  **epoch s** is training time, evaluation excluded.
+- **Accuracy**: every run starts from the same seed, so repeats agree and the median hides no
+  spread. Configurations that compute the same thing (packed and padded paths, 1 or 2 ranks) still
+  differ by float rounding, and on a short budget that decides when a run leaves its initial
+  plateau: compare them on the curves and on the longer row, not on the third decimal.
 """
 
 
