@@ -48,3 +48,26 @@ def test_fp16_on_cpu_is_refused_with_the_key(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "training.amp" in err[0] and "CUDA" in err[0]
+
+
+def test_flush_denormal_setting_reaches_torch():
+    """distributed.flush_denormal decides whether denormal floats survive in this process."""
+    from ddp_seq.config import DistributedConfig
+    from ddp_seq.dist import setup
+
+    threads = torch.get_num_threads()
+    try:
+        setup(DistributedConfig(flush_denormal=True))
+        assert torch.tensor([1e-323], dtype=torch.float64)[0] == 0  # flushed to zero
+        setup(DistributedConfig(flush_denormal=False))
+        assert torch.tensor([1e-323], dtype=torch.float64)[0] > 0  # IEEE denormal kept
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
+def test_epoch_records_hold_each_ranks_peak_memory(tmp_path):
+    run = tmp_path / "rss"
+    main(["train", *TINY, "training.epochs=1", f"logging.root={tmp_path}", "logging.name=rss", "checkpoint.save=false"])
+    (record,) = epochs_recorded(run)
+    assert len(record["peak_rss_mb"]) == 1 and 50 < record["peak_rss_mb"][0] < 100_000
