@@ -142,10 +142,12 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out.cpu()
 
 
-def per_rank(value: float, info: DistInfo) -> list[float]:
-    """``value`` of every rank, in rank order (a one-hot vector all-reduced: no gather needed)."""
-    slots = torch.zeros(info.world_size, dtype=torch.float64)
-    slots[info.rank] = value
+def per_rank(value: float | list[float], info: DistInfo) -> list:
+    """``value`` of every rank, in rank order: a number per rank, or a list per rank when ``value``
+    is a list of the same length on every rank (one-hot rows all-reduced: no gather needed)."""
+    mine = torch.as_tensor(value, dtype=torch.float64)
+    slots = torch.zeros(info.world_size, *mine.shape, dtype=torch.float64)
+    slots[info.rank] = mine
     return all_reduce_sum(slots, info).tolist()
 
 

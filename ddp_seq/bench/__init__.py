@@ -43,10 +43,11 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
     write_bytes_atomic(path, json.dumps(result, indent=1).encode())
 
 
-def regenerate(results_dir: Path, markdown: Path) -> int:
-    """Rewrite ``markdown`` from the newest result per device in ``results_dir``; how many sections."""
+def regenerate(results_dir: Path, markdown: Path, redraw: bool = True) -> int:
+    """Rewrite ``markdown`` from the newest result per device in ``results_dir`` (and, with
+    ``redraw``, their curves: the PNGs follow the plotting code); how many sections."""
     results = newest_per_device(results_dir)
-    for result, _ in results:  # redraw the curves too: the PNGs follow the plotting code
+    for result, _ in results if redraw else ():
         for part_name, part in result["parts"].items():
             if part.get("curves"):
                 plot_curves({"parts": {part_name: part}}, results_dir / part["curves"])
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(out, result)
         print(f"result: {out}")
     if markdown and out and args.suite == "default":
-        results = newest_per_device(out.parent) if full_default else [(result, out.name)]
-        write_bytes_atomic(markdown, render_markdown(results).encode())
+        if full_default:  # the curves were drawn above
+            regenerate(out.parent, markdown, redraw=False)
+        else:
+            write_bytes_atomic(markdown, render_markdown([(result, out.name)]).encode())
         print(f"regenerated {markdown}")
     return 0

@@ -34,7 +34,7 @@ from ..config import Config, load_config
 from ..data.batching import ShardedBatchSampler
 from ..data.collate import collate
 from ..data.synthetic import make_synthetic, num_outputs
-from ..dist import _env_int, peak_rss_mb, usable_cores
+from ..dist import DistInfo, _env_int, all_reduce_sum, peak_rss_mb, per_rank, usable_cores
 from ..model import SeqModel
 from .reference import PackedLSTM, SequenceDataset, loss_and_hits, pad_collate
 
@@ -49,26 +49,14 @@ class StepsDataset:
         return collate(self.data, step)
 
 
-def _sum_over_ranks(values) -> torch.Tensor:
-    """Element-wise sum over the ranks (the process group Lightning joined), as float64."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).clone()
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _per_rank(values: list[float], rank: int, world: int) -> torch.Tensor:
-    """``[world, len(values)]``: row r holds rank r's values."""
-    rows = torch.zeros(world, len(values), dtype=torch.float64)
-    rows[rank] = torch.as_tensor(values, dtype=torch.float64)
-    return _sum_over_ranks(rows)
-
-
 def build(cfg: Config, setup: str, out: Path):
     """The LightningModule, its train/val loaders and the timing callback for ``setup``."""
     import pytorch_lightning as pl
 
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    # Lightning joins the gloo group in fit(), before any callback below reduces over it.
+    info = DistInfo(rank, _env_int("LOCAL_RANK", 0), world, _env_int("LOCAL_WORLD_SIZE", world),
+                    torch.device("cpu"), "gloo" if world > 1 else None)
     train_data, val_data = make_synthetic(cfg.data, "train"), make_synthetic(cfg.data, "val")
     task, t = cfg.data.task, cfg.training
     if setup == "default":
@@ -76,8 +64,8 @@ def build(cfg: Config, setup: str, out: Path):
                            cfg.model.embedding_dim, cfg.model.hidden, cfg.model.layers)
         train_set = SequenceDataset(train_data.values, train_data.offsets, train_data.targets, train_data.per_step)
         val_set = SequenceDataset(val_data.values, val_data.offsets, val_data.targets, val_data.per_step)
-        per_rank = max(1, cfg.batching.batch_size // world)
-        train_loader = DataLoader(train_set, batch_size=per_rank, shuffle=True, collate_fn=pad_collate)
+        rank_batch = max(1, cfg.batching.batch_size // world)
+        train_loader = DataLoader(train_set, batch_size=rank_batch, shuffle=True, collate_fn=pad_collate)
         val_loader = DataLoader(val_set, batch_size=max(1, cfg.batching.eval_batch_size // world),
                                 collate_fn=pad_collate)
     else:
@@ -152,15 +140,15 @@ def build(cfg: Config, setup: str, out: Path):
             module.val_sums = [0.0, 0.0, 0.0]
 
         def on_train_epoch_end(self, trainer, module):
-            real, padded = _sum_over_ranks([self.real, self.padded]).tolist()
+            real, padded = all_reduce_sum(torch.tensor([self.real, self.padded]), info).tolist()
             # Per step, the slowest rank's padded cost over the mean cost (ranks run equal step counts).
-            costs = _per_rank(self.step_costs, rank, world)
+            costs = torch.tensor(per_rank(self.step_costs, info)).reshape(world, -1)
             straggler = float(costs.max(0).values.sum() / costs.mean(0).sum()) if costs.numel() else 1.0
-            seconds = float(_per_rank([self.last - self.start], rank, world).max())
-            rss = _per_rank([peak_rss_mb()], rank, world)[:, 0].tolist()
+            seconds = max(per_rank(self.last - self.start, info))
+            rss = per_rank(peak_rss_mb(), info)
             # Default setup: DistributedSampler pads the val set to a multiple of the world size by
             # repeating samples; the default sizes divide evenly, so every sample counts once.
-            loss, hits, count = _sum_over_ranks(module.val_sums).tolist()
+            loss, hits, count = all_reduce_sum(torch.tensor(module.val_sums), info).tolist()
             if rank == 0:
                 record = {"kind": "epoch", "epoch": trainer.current_epoch + 1, "train_s": seconds,
                           "seq_per_s": len(train_data) / seconds, "tokens_per_s": real / seconds,

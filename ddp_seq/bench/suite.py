@@ -218,16 +218,19 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
                 skipped[f"{part_name}: {variant.name}"] = reason
             else:
                 plan.append((part_name, variant))
-    runs: dict[str, dict[str, list]] = {p: {v.name: [] for _, v in plan if _ == p} for p in parts}
+    runs: dict[str, dict[str, list]] = {name: {} for name in parts}
+    for part_name, variant in plan:
+        runs[part_name][variant.name] = []
+    overrides = {name: [*part.base, *(QUICK if quick else ())] for name, part in parts.items()}
+    monitors = {name: load_config(config, overrides[name]).training.monitor for name in parts}
     result: dict[str, Any] = {"suite": suite, "repeats": repeats, "quick": quick, "config": config,
                               "skipped": skipped, "complete": False}
     with tempfile.TemporaryDirectory(prefix="ddp-seq-bench-") as tmp:
         for rep in range(repeats):
             for part_name, variant in plan:
-                overrides = [*parts[part_name].base, *(QUICK if quick else ())]
-                monitor = load_config(config, overrides).training.monitor
+                monitor = monitors[part_name]
                 run_name = f"{part_name}-{variant.name.replace('+', '_').replace(' ', '_')}-{rep}"
-                summary = summarise(run_once(variant, overrides, Path(tmp), run_name, config), monitor)
+                summary = summarise(run_once(variant, overrides[part_name], Path(tmp), run_name, config), monitor)
                 runs[part_name][variant.name].append(summary)
                 print(f"  {part_name} / {variant.name} #{rep + 1}: {summary['tokens_per_s']:,.0f} tok/s, "
                       f"{monitor} {summary['final_metric']:.4f}, {summary['curve'][-1][0]:.1f}s", flush=True)
@@ -237,8 +240,7 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
     for part_name, part in parts.items():
         if runs[part_name]:
             result["parts"][part_name] = {
-                "base_overrides": [*part.base, *(QUICK if quick else ())],
-                "monitor": load_config(config, list(part.base)).training.monitor,
+                "base_overrides": overrides[part_name], "monitor": monitors[part_name],
                 **finish_part(runs[part_name], part.baseline, default_variant(part))}
     result["complete"] = True
     return result
