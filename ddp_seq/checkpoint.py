@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .config import UserError, first_line
+from .errors import UserError, first_line
 from .fileio import atomic_write, fsync_dir
 
 # 2: resumable mid-epoch (position, RNG states, history, num_outputs).

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, UserError, check_mode, dump_yaml, first_line, load_config, reference_markdown
+from .config import Config, check_mode, dump_yaml, load_config, reference_markdown
+from .errors import UserError, first_line
 
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
@@ -53,7 +54,7 @@ def train(cfg: Config) -> dict:
     """Run one training job in this process (one rank of it under torchrun); return the summary
     (for a k-fold job: the folds' summaries and their mean and std)."""
     from .data.sources import load_splits
-    from .dist import distributed
+    from .process_group import distributed
     from .rundir import prepare_run
 
     with distributed(cfg.distributed) as info:
@@ -89,7 +90,7 @@ def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes
 def _start_tracking(cfg: Config, run_dir: Path, info):
     """This rank's wandb run (or None). A failure on any rank (online without a server, say) is
     every rank's error: the others would otherwise wait for it at the first collective."""
-    from .dist import first_error
+    from .process_group import first_error
     from .tracking import start_wandb
 
     tracker, error = None, ""
@@ -166,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         return _run_and_exit(lambda: train(cfg), cfg.distributed.timeout_s)
     except UserError as e:
         # Every rank meets the same error; only global rank 0 reports it. RANK is read here
-        # directly because importing ddp_seq.dist would load torch, and config errors must be fast.
+        # directly because importing ddp_seq.process_group would load torch, and config errors must be fast.
         if os.environ.get("RANK", "0") in ("", "0"):
             print(f"ddp-seq: error: {e}", file=sys.stderr, flush=True)
         elif _env_world_size() > 1:
             # torchrun stops every worker as soon as one exits != 0: a moment's grace lets rank 0,
             # which meets the same error (maybe a little later), print it before being stopped.
             time.sleep(PEER_ERROR_GRACE_S)
-        exit_worker(EXIT_USER_ERROR)
+        if _env_world_size() > 1:  # only torchrun workers need it; it imports torch
+            from .process_group import exit_worker
+
+            exit_worker(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
 
 
@@ -188,6 +192,7 @@ def _lost_peers(error: BaseException) -> bool:
 def _run_and_exit(job, timeout_s: int | None = None) -> int:
     """Run ``job()`` (training, evaluation, prediction); map preemption and lost peers to their exit
     codes (each with one line, no traceback). ``timeout_s``: the collective timeout, for the message."""
+    from .process_group import exit_worker
     from .resume import EXIT_PREEMPTED, Preempted
 
     try:
@@ -215,20 +220,6 @@ def _env_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1") or 1)
     except ValueError:
         return 1
-
-
-def exit_worker(code: int) -> None:
-    """End a torchrun worker right away, once its process group is destroyed and its files closed.
-
-    With torch 2.13 + gloo, interpreter finalisation of a worker sometimes aborts (SIGABRT,
-    "terminate called without an active exception": a C++ thread still joinable at static
-    destruction), about 1 run in 12 on a loaded 2-core machine, turning a finished run into a failed
-    one. Nothing is left to do at that point, so skip finalisation. Single processes exit normally.
-    """
-    if _env_world_size() > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def train_main() -> int:

@@ -12,7 +12,7 @@ from .config import Config
 from .data.batching import ShardedBatchSampler
 from .data.collate import collate_for
 from .data.synthetic import SequenceData
-from .dist import DistInfo, all_reduce_sum
+from .process_group import DistInfo, all_reduce_sum
 
 
 def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .config import UserError
+from .errors import UserError
 
 
 def fsync_dir(directory: Path) -> None:

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from .checkpoint import encoding_of, load_checkpoint, restore_model
-from .config import Config, UserError, from_dict
+from .config import Config, from_dict
 from .data.encoding import Encoding
 from .data.sequences import SequenceData
+from .errors import UserError
 
 
 def _read(checkpoint: str, overrides: list[str]) -> tuple[dict[str, Any], Config, Encoding]:
@@ -42,8 +43,8 @@ def _trained_at(state: dict[str, Any]) -> str:
 def evaluate_command(checkpoint: str, overrides: list[str], output: str | None = None) -> dict[str, float]:
     """Metrics of ``checkpoint`` on its validation data (or ``data.val_path``); rank 0 prints them."""
     from .data.sources import load_eval_data
-    from .dist import distributed
     from .engine import evaluate
+    from .process_group import distributed
 
     state, cfg, encoding = _read(checkpoint, overrides)
     with distributed(cfg.distributed) as info:
@@ -99,7 +100,7 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
     import torch.distributed as dist
 
     from .data.sources import load_inputs
-    from .dist import distributed
+    from .process_group import distributed
 
     _check_output(output)
     state, cfg, encoding = _read(checkpoint, overrides)

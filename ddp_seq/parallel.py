@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .dist import DistInfo
+from .process_group import DistInfo
 from .runlog import NullLogger
 
 

@@ -37,11 +37,12 @@ import numpy as np
 import torch
 
 from . import objective
-from .config import Config, UserError, load_config
+from .config import Config, load_config
 from .data.batching import Step, split_shares
 from .data.collate import Batch
-from .dist import DistInfo, all_reduce_sum, broadcast_object, distributed
+from .errors import UserError
 from .parallel import SplitReplicas
+from .process_group import DistInfo, all_reduce_sum, broadcast_object, distributed
 from .runlog import NullLogger, format_table
 from .trainer import Trainer
 
@@ -212,7 +213,7 @@ def _relaunch(nproc: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``ddp-seq parity [--nproc N]``: print the table; exit 1 if any row exceeds the tolerance."""
-    from .cli import exit_worker
+    from .process_group import exit_worker
 
     parser = argparse.ArgumentParser(prog="ddp-seq parity", description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2, help="processes for the ddp rows when torchrun is "

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .config import UserError
+from .errors import UserError
 from .runlog import format_table
 
 #: Summary keys that start with ``best_`` but are not the monitored metric.

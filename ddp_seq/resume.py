@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .config import UserError
+from .errors import UserError
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 # Exit code of a process that stopped on SIGTERM after checkpointing (128 + SIGTERM, the shell's

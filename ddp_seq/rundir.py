@@ -11,7 +11,8 @@ import os
 import time
 from pathlib import Path
 
-from .config import Config, UserError, dump_yaml
+from .config import Config, dump_yaml
+from .errors import UserError
 
 JOB_FILE = ".job"  # the torchrun rendezvous id of the job that created the run directory
 
@@ -123,7 +124,7 @@ def decide_run(cfg: Config, fold_of: Path | None = None, fold: int = 0) -> tuple
 
 def on_rank0(info, decide):
     """``decide()`` on rank 0 (a :class:`UserError` included); every rank gets its result or raises its error."""
-    from .dist import broadcast_object
+    from .process_group import broadcast_object
 
     result, error = None, ""
     if info.is_main:

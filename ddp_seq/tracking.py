@@ -12,7 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import Config, UserError, first_line, to_dict
+from .config import Config, to_dict
+from .errors import UserError, first_line
 
 
 def wandb_mode(cfg: Config) -> str:

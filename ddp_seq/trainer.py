@@ -19,14 +19,15 @@ import torch.distributed as dist
 
 from . import objective
 from .checkpoint import check_encoding, check_shapes, link_latest, load_checkpoint, save_atomic
-from .config import Config, UserError, check_mode, to_dict
+from .config import Config, check_mode, to_dict
 from .data.batching import Step, straggler_ratio
 from .data.collate import Batch, collate_for
 from .data.sources import Splits, describe, load_splits
-from .dist import DistInfo, all_reduce_sum, peak_rss_mb, per_rank
 from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_sampler
+from .errors import UserError
 from .model import build_model
 from .parallel import wrap_model
+from .process_group import DistInfo, all_reduce_sum, peak_rss_mb, per_rank
 from .report import summary_lines, table_columns
 from .resume import Preempted, StopFlag, capture_rng, prune, restore_rng, step_path
 from .runlog import NullLogger, format_table

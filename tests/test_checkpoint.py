@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ddp_seq.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_atomic
-from ddp_seq.config import UserError, load_config, to_dict
+from ddp_seq.config import load_config, to_dict
+from ddp_seq.errors import UserError
 from ddp_seq.model import build_model
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_seq.config import DataConfig, UserError
+from ddp_seq.config import DataConfig
 from ddp_seq.data import synthetic
 from ddp_seq.data.files import check_sequences, is_memory_mapped, load_npz, read_npz
 from ddp_seq.data.sources import apply_length_policies, holdout_indices, load_splits
 from ddp_seq.data.synthetic import SequenceData
+from ddp_seq.errors import UserError
 
 LENGTHS = [3, 1, 4, 2, 5]
 

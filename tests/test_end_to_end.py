@@ -13,9 +13,9 @@ from helpers import TINY_YAML, Proc, python, torchrun
 from ddp_seq.checkpoint import load_checkpoint, model_from_checkpoint
 from ddp_seq.config import from_dict, load_config
 from ddp_seq.data.synthetic import make_synthetic, num_outputs
-from ddp_seq.dist import DistInfo
 from ddp_seq.model import build_model
 from ddp_seq.objective import METRICS
+from ddp_seq.process_group import DistInfo
 from ddp_seq.trainer import evaluate
 
 pytestmark = pytest.mark.slow

@@ -19,9 +19,9 @@ from helpers import DDP_SCENARIOS
 from ddp_seq.config import load_config
 from ddp_seq.data.batching import global_batches
 from ddp_seq.data.synthetic import make_synthetic, num_outputs
-from ddp_seq.dist import DistInfo
 from ddp_seq.model import build_model
 from ddp_seq.objective import METRICS
+from ddp_seq.process_group import DistInfo
 from ddp_seq.trainer import evaluate
 
 REL = 1e-6

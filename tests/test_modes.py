@@ -18,12 +18,13 @@ from helpers import python, ragged, torchrun
 
 from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
-from ddp_seq.config import ConfigError, ModelConfig, UserError, check_mode, load_config
+from ddp_seq.config import ConfigError, ModelConfig, check_mode, load_config
 from ddp_seq.data.batching import Step
 from ddp_seq.data.collate import collate, collate_dp, collate_for
-from ddp_seq.dist import DistInfo
+from ddp_seq.errors import UserError
 from ddp_seq.model import SeqModel
 from ddp_seq.parallel import SplitReplicas, wrap_model
+from ddp_seq.process_group import DistInfo
 from ddp_seq.resume import step_path
 from ddp_seq.runlog import NullLogger
 

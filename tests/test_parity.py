@@ -17,7 +17,7 @@ from helpers import python, torchrun
 from ddp_seq import objective, parity
 from ddp_seq.data.batching import Step, split_shares
 from ddp_seq.data.collate import collate, collate_dp
-from ddp_seq.dist import DistInfo
+from ddp_seq.process_group import DistInfo
 
 CPU_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_seq.config import UserError
 from ddp_seq.data.encoding import Parsed
 from ddp_seq.data.text import read_jsonl, read_tsv
 from ddp_seq.data.uea import read_ts
+from ddp_seq.errors import UserError
 
 ALPHABET = ["a", "b", "z", " ", " ", "\t", "é", "ü", "日", "本", "ß", "\x0b", "\u2028", "\x1c", "😀"]
 WORDS = ["é", "über", "日本", "cat", "dog", "ß", "x\x0by", "\u2028"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ddp_seq.checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
-from ddp_seq.config import UserError, load_config
+from ddp_seq.config import load_config
+from ddp_seq.errors import UserError
 from ddp_seq.resume import (
     capture_rng,
     job_identity,

@@ -34,8 +34,8 @@ from ..config import Config, load_config
 from ..data.batching import ShardedBatchSampler
 from ..data.collate import collate
 from ..data.synthetic import make_synthetic, num_outputs
-from ..dist import DistInfo, _env_int, all_reduce_sum, peak_rss_mb, per_rank, usable_cores
 from ..model import SeqModel
+from ..process_group import DistInfo, _env_int, all_reduce_sum, peak_rss_mb, per_rank, usable_cores
 from .reference import PackedLSTM, SequenceDataset, loss_and_hits, pad_collate
 
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import exit_worker
+    from ..process_group import exit_worker
 
     code = main()
     exit_worker(code)  # skips the gloo abort at interpreter exit that torch 2.13 sometimes hits

@@ -90,7 +90,7 @@ def loss_and_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 def train(cfg, out: Path) -> None:
     """Train for ``cfg.training.epochs`` epochs, evaluating after each; append records to ``out``."""
     from ..data.synthetic import make_synthetic, num_outputs
-    from ..dist import peak_rss_mb
+    from ..process_group import peak_rss_mb
 
     torch.manual_seed(cfg.training.seed)
     if cfg.distributed.threads_per_rank:

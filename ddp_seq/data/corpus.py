@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import UserError
+from ..errors import UserError
 from ..fileio import write_bytes_atomic
 
 # -- writing -----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import UserError
+from ..errors import UserError
 from .sequences import SequenceData, span_steps
 
 PAD, UNK = 0, 1  # token ids: padding (the Embedding's padding_idx) and tokens the vocabulary lacks

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import UserError, first_line
+from ..errors import UserError, first_line
 from .encoding import Parsed
 from .sequences import SequenceData
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import DataConfig, UserError
+from ..config import DataConfig
+from ..errors import UserError
 from . import synthetic
 from .encoding import Encoding, Parsed, build_encoding, encode
 from .files import read_npz

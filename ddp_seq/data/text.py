@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import UserError, first_line
+from ..errors import UserError, first_line
 from .encoding import Parsed, intern_all
 from .sequences import SequenceData
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import UserError
+from ..errors import UserError
 from .encoding import Parsed
 from .sequences import SequenceData
 from .text import check_task, finite_target, offsets_of, read_lines, targets_of

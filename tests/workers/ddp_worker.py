@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ddp_seq import dist as ddist
-from ddp_seq.cli import exit_worker
+from ddp_seq import process_group as ddist
 from ddp_seq.config import load_config
 from ddp_seq.data.collate import collate
+from ddp_seq.process_group import exit_worker
 from ddp_seq.runlog import NullLogger
 from ddp_seq.trainer import Trainer, evaluate
 
