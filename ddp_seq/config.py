@@ -1,8 +1,11 @@
 """One typed config tree: dataclass defaults < YAML file < ``section.key=value`` overrides.
 
 Every field carries a one-line doc (used for ``ddp-seq config-reference`` and the README) and,
-where it matters, the values it accepts. Every problem is raised as :class:`ConfigError` with a
-message that names the key to fix; the CLI turns it into one line and exit code 2.
+where it matters, the values it accepts: a choice field's ``Literal[...]`` annotation is the one
+place its choices are written, bounds sit in :func:`opt`. Every section dataclass checks its own
+fields when it is constructed (``ModelConfig(hidden=-1)`` raises), and :func:`validate` checks the
+whole tree again plus the rules that span fields. Every problem is raised as :class:`ConfigError`
+with a message that names the key to fix; the CLI turns it into one line and exit code 2.
 
 This module imports neither torch nor numpy, so a config can be checked in a fraction of a second
 before any process is launched.
@@ -10,11 +13,16 @@ before any process is launched.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import keyword
 import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -25,35 +33,73 @@ class ConfigError(UserError):
     """A config key with an unknown name, a wrong type or a value out of range."""
 
 
-def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None) -> Any:
-    """A config field with its one-line doc and the constraints checked by :func:`validate`."""
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+def opt(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        check: Callable[[Any], str | None] | None = None, allowed: str = "") -> Any:
+    """A config field with its one-line doc and the constraints checked on construction and by :func:`validate`.
+
+    A choice field's values are its ``Literal[...]`` annotation, not an argument here. ``check``
+    returns the problem with a value (``"must be ...; got ..."``) or None; ``allowed`` is the
+    reference table's text for values that neither choices nor bounds describe. A mutable
+    ``default`` (``{}``) becomes a ``default_factory``: every instance gets its own copy.
+    """
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "check": check, "allowed": allowed}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def check_target(value: str) -> str | None:
+    """The problem with a ``model.target``/``data.target`` value, or None: it must be empty or
+    ``package.module:Name`` / ``path/to/file.py:Name`` (syntax only; nothing is imported here)."""
+    if not value:
+        return None
+    where, _, name = value.partition(":")
+    if value.count(":") != 1 or not where.strip() or not all(
+            part.isidentifier() and not keyword.iskeyword(part) for part in name.split(".")):
+        return f"must be package.module:Name or path/to/file.py:Name (one ':', then a Python name); got {value!r}"
+    return None
+
+
+_TARGET_ALLOWED = "empty, `module:Name`, `file.py:Name`"
+
+
+class _Section:
+    """Base of the section dataclasses: a section checks its own fields when it is constructed."""
+
+    def __post_init__(self) -> None:
+        _check_section(self, _section_name(type(self)))
+
+
 @dataclass
-class DataConfig:
-    task: str = opt("classify", "classify: one label per sequence; regress: one value; tag: one label per step",
-                    choices=("classify", "regress", "tag"))
-    format: str = opt("synthetic", "synthetic: the embedded generated task; npz: ragged numeric arrays; tsv: "
-                      "label<TAB>text lines; jsonl: one JSON object per line; ts: UEA/UCR time-series archive",
-                      choices=("synthetic", "npz", "tsv", "jsonl", "ts"))
+class DataConfig(_Section):
+    task: Literal["classify", "regress", "tag"] = opt(
+        "classify", "classify: one label per sequence; regress: one value; tag: one label per step")
+    format: Literal["synthetic", "npz", "tsv", "jsonl", "ts"] = opt(
+        "synthetic", "synthetic: the embedded generated task; npz: ragged numeric arrays; tsv: label<TAB>text lines; "
+        "jsonl: one JSON object per line; ts: UEA/UCR time-series archive")
+    target: str = opt("", "your data: package.module:function or path/to/file.py:function returning (train_dataset, "
+                      "val_dataset); called with the keyword arguments it accepts among task, seed and data.args; "
+                      "empty = data.format (when set, data.format and data.train_path are ignored)",
+                      check=check_target, allowed=_TARGET_ALLOWED)
+    args: dict[str, Any] = opt({}, "keyword arguments for data.target (a YAML mapping; override one with "
+                               "data.args.NAME=value)", allowed="a mapping")
     train_path: str = opt("", "training file (every format but synthetic)")
     val_path: str = opt("", "validation file; empty = hold out val_fraction of train_path")
     val_fraction: float = opt(0.1, "without val_path: fraction of train_path held out (fixed by data.seed)",
                               gt=0, le=0.5)
-    tokenizer: str = opt("char", "tsv: how text becomes tokens (char: every character; whitespace: words)",
-                         choices=("char", "whitespace"))
+    tokenizer: Literal["char", "whitespace"] = opt(
+        "char", "tsv: how text becomes tokens (char: every character; whitespace: words)")
     min_freq: int = opt(1, "tokens seen fewer times in the training split become <unk>", ge=1)
     max_length: int = opt(0, "longest sequence; 0 = no limit. Files: longer samples follow data.truncate; "
                           "synthetic: lengths are clipped to it", ge=0)
-    truncate: str = opt("error", "samples longer than max_length: error (names the longest); pre: keep the last "
-                        "max_length steps; post: keep the first", choices=("error", "pre", "post"))
-    empty: str = opt("error", "samples of length 0 (pack_padded_sequence rejects them): error, or drop them",
-                     choices=("error", "drop"))
-    missing: str = opt("error", "ts: missing values '?': error (names the line); zero; ffill: the last value seen "
-                       "(0 before the first)", choices=("error", "zero", "ffill"))
+    truncate: Literal["error", "pre", "post"] = opt(
+        "error", "samples longer than max_length: error (names the longest); pre: keep the last max_length steps; "
+        "post: keep the first")
+    empty: Literal["error", "drop"] = opt(
+        "error", "samples of length 0 (pack_padded_sequence rejects them): error, or drop them")
+    missing: Literal["error", "zero", "ffill"] = opt(
+        "error", "ts: missing values '?': error (names the line); zero; ffill: the last value seen "
+        "(0 before the first)")
     folds: int = opt(0, "k-fold cross-validation: train k models in turn, fold i validating on the i-th part of "
                      "the training data; 0 = off", ge=0)
     num_train: int = opt(20000, "synthetic: number of training sequences", ge=1)
@@ -65,12 +111,16 @@ class DataConfig:
     min_length: int = opt(1, "synthetic: shortest sequence (lengths are clipped to [min_length, max_length])", ge=1)
     noise: float = opt(0.1, "synthetic: std of the Gaussian noise added to every feature", ge=0)
     seed: int = opt(1234, "seed of the synthetic data, of the val_fraction split and of the folds (every rank)")
+    num_workers: int = opt(0, "DataLoader worker processes per rank that collate batches (0 = in the training "
+                           "process)", ge=0)
+    prefetch_factor: int = opt(2, "batches each worker prepares ahead (num_workers > 0)", ge=1)
+    persistent_workers: bool = opt(True, "keep the workers alive between epochs (num_workers > 0)")
 
 
 @dataclass
-class BatchingConfig:
-    strategy: str = opt("bucket", "random: plain shuffled batches; bucket: length-sorted within pools",
-                        choices=("random", "bucket"))
+class BatchingConfig(_Section):
+    strategy: Literal["random", "bucket"] = opt(
+        "bucket", "random: plain shuffled batches; bucket: length-sorted within pools")
     batch_size: int = opt(64, "sequences per global batch (split across all ranks)", ge=1)
     max_tokens: int = opt(0, "padded-token budget per global batch (batch x longest); 0 = off", ge=0)
     pool: int = opt(50, "bucket: sort by length inside pools of this many batches", ge=1)
@@ -80,43 +130,49 @@ class BatchingConfig:
 
 
 @dataclass
-class ModelConfig:
-    cell: str = opt("lstm", "recurrent cell", choices=("lstm", "gru"))
+class ModelConfig(_Section):
+    cell: Literal["lstm", "gru"] = opt("lstm", "recurrent cell")
     hidden: int = opt(128, "hidden units per direction", ge=1)
     layers: int = opt(2, "stacked recurrent layers", ge=1)
     bidirectional: bool = opt(False, "run a second RNN over each sequence backwards")
     dropout: float = opt(0.0, "dropout between recurrent layers and before the head", ge=0, le=1)
-    pooling: str = opt("last", "classify/regress: how a sequence becomes one vector (valid steps only)",
-                       choices=("last", "mean", "max"))
+    pooling: Literal["last", "mean", "max"] = opt(
+        "last", "classify/regress: how a sequence becomes one vector (valid steps only)")
     embedding_dim: int = opt(64, "width of the input layer (Linear for features, Embedding for token ids)", ge=1)
-    execution: str = opt("auto", "packed: pack_padded_sequence; padded: fused kernel on the padded tensor, "
-                         "exact (auto: padded on CPU, packed on CUDA)", choices=("auto", "packed", "padded"))
+    execution: Literal["auto", "packed", "padded"] = opt(
+        "auto", "packed: pack_padded_sequence; padded: fused kernel on the padded tensor, exact (auto: padded on CPU, "
+        "packed on CUDA)")
+    target: str = opt("", "your model class: package.module:Class or path/to/file.py:Class, called with the keyword "
+                      "arguments it accepts among task, num_inputs, num_outputs, vocab_size, plus model.args; "
+                      "empty = the built-in SeqModel", check=check_target, allowed=_TARGET_ALLOWED)
+    args: dict[str, Any] = opt({}, "keyword arguments for model.target (a YAML mapping; override one with "
+                               "model.args.NAME=value)", allowed="a mapping")
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(_Section):
     epochs: int = opt(5, "passes over the training set", ge=1)
-    optimizer: str = opt("adam", "optimizer", choices=("adam", "adamw", "sgd"))
+    optimizer: Literal["adam", "adamw", "sgd"] = opt("adam", "optimizer")
     lr: float = opt(1e-2, "peak learning rate", gt=0)
     weight_decay: float = opt(0.0, "weight decay", ge=0)
     momentum: float = opt(0.9, "SGD momentum", ge=0, le=1)
     warmup_steps: int = opt(50, "linear warmup steps before the cosine decay", ge=0)
     min_lr_ratio: float = opt(0.05, "final learning rate as a fraction of lr", ge=0, le=1)
     grad_accum: int = opt(1, "global batches accumulated into one optimizer step (DDP no_sync between)", ge=1)
-    mode: str = opt("ddp", "ddp: DistributedDataParallel, one process per rank (torchrun) or one process; "
-                    "dp: legacy nn.DataParallel over the visible GPUs, one process; single: one process, one device",
-                    choices=("ddp", "dp", "single"))
+    mode: Literal["ddp", "dp", "single"] = opt(
+        "ddp", "ddp: DistributedDataParallel, one process per rank (torchrun) or one process; dp: legacy "
+        "nn.DataParallel over the visible GPUs, one process; single: one process, one device")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
-    amp: str = opt("none", "mixed precision (fp16 needs CUDA)", choices=("none", "bf16", "fp16"))
+    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision (fp16 needs CUDA)")
     seed: int = opt(0, "seed of model init and batch order")
-    monitor: str = opt("val_accuracy", "metric that picks the best checkpoint and early stopping",
-                       choices=("val_loss", "val_accuracy", "val_mse", "val_mae"))
+    monitor: Literal["val_loss", "val_accuracy", "val_mse", "val_mae"] = opt(
+        "val_accuracy", "metric that picks the best checkpoint and early stopping")
     patience: int = opt(0, "stop after this many epochs without improvement; 0 = never", ge=0)
     log_every: int = opt(50, "print and record train metrics every this many steps", ge=1)
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     save: bool = opt(True, "write checkpoints into runs/<name>/checkpoints/ (step-<N>.pt and best.pt)")
     every_steps: int = opt(100, "also checkpoint every this many optimizer steps mid-epoch; 0 = epoch ends only",
                            ge=0)
@@ -128,17 +184,17 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(_Section):
     root: str = opt("runs", "directory that holds one sub-directory per run")
     name: str = opt("", "run name; empty = '<task>-<date>-<time>' chosen by rank 0")
-    progress: str = opt("auto", "auto: a bar on a terminal, plain lines otherwise",
-                        choices=("auto", "bar", "lines", "none"))
+    progress: Literal["auto", "bar", "lines", "none"] = opt("auto", "auto: a bar on a terminal, plain lines otherwise")
 
 
 @dataclass
-class WandbConfig:
-    mode: str = opt("disabled", "disabled; offline: files under the run directory (`wandb sync` later); online. "
-                    "WANDB_MODE in the environment wins", choices=("disabled", "offline", "online"))
+class WandbConfig(_Section):
+    mode: Literal["disabled", "offline", "online"] = opt(
+        "disabled", "disabled; offline: files under the run directory (`wandb sync` later); online. WANDB_MODE in the "
+        "environment wins")
     project: str = opt("ddp_seq", "wandb project")
     entity: str = opt("", "wandb entity (team or user); empty = your default")
     group: str = opt("", "wandb group; empty = none, or the run name with per_rank")
@@ -150,8 +206,8 @@ class WandbConfig:
 
 
 @dataclass
-class DistributedConfig:
-    backend: str = opt("auto", "auto: nccl with GPUs, gloo on CPU", choices=("auto", "nccl", "gloo"))
+class DistributedConfig(_Section):
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "auto: nccl with GPUs, gloo on CPU")
     timeout_s: int = opt(600, "collective timeout in seconds (a dead rank fails the others then)", ge=1)
     threads_per_rank: int = opt(0, "torch threads per rank; 0 = usable cores / local ranks", ge=0)
     flush_denormal: bool = opt(True, "CPU: treat denormal floats as zero (early LSTM training makes many, "
@@ -174,46 +230,174 @@ def _sections(cfg: Config) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+class FieldSpec(NamedTuple):
+    """What a section field accepts: its Python ``kind`` (bool, int, float, str or dict), its
+    ``choices`` (from a ``Literal[...]`` annotation, else None) and the :func:`opt` metadata."""
+
+    name: str
+    kind: type
+    choices: tuple[str, ...] | None
+    meta: Mapping[str, Any]
+
+
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+@functools.cache
+def field_specs(cls: type) -> dict[str, FieldSpec]:
+    """The :class:`FieldSpec` of every field of the section dataclass ``cls``, in field order. The
+    annotations are strings (``from __future__ import annotations``): resolved once per class."""
+    hints = get_type_hints(cls)
+    specs = {}
+    for f in dataclasses.fields(cls):
+        hint, choices = hints[f.name], None
+        if get_origin(hint) is Literal:
+            choices = get_args(hint)
+            kind = type(choices[0])
+        else:
+            kind = get_origin(hint) or hint
+        if kind not in _KINDS:
+            raise TypeError(f"{cls.__name__}.{f.name}: config fields are bool, int, float, str, Literal or dict")
+        specs[f.name] = FieldSpec(f.name, kind, choices, f.metadata)
+    return specs
+
+
+def choices_of(cls: type, name: str) -> tuple[str, ...] | None:
+    """The values the choice field ``cls.name`` accepts (its ``Literal[...]``), or None."""
+    return field_specs(cls)[name].choices
+
+
+@functools.cache
+def _section_classes() -> dict[type, str]:
+    return {hint: name for name, hint in get_type_hints(Config).items()}
+
+
+def _section_name(cls: type) -> str:
+    """``model`` for ModelConfig (or a subclass of it): the prefix of the keys its errors name."""
+    names = _section_classes()
+    return next((names[k] for k in cls.__mro__ if k in names), cls.__name__)
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(key: str, value: Any, *, top: bool = False) -> Any:
+    """``value`` as plain YAML data (scalars, lists, mappings; tuples become lists), copied; else a
+    ConfigError naming ``key`` (``model.args.NAME`` for an entry). ``top``: the keys are keyword-argument names."""
+    if isinstance(value, Mapping):
+        plain = {}
+        for k, v in value.items():
+            if top and not (isinstance(k, str) and k.isidentifier()):
+                raise ConfigError(f"{key}: keys are keyword-argument names; got {k!r}")
+            if _plain_scalar(k) is _NOT_PLAIN:
+                raise ConfigError(f"{key}: mapping keys must be YAML scalars; got {k!r}")
+            plain[_plain_scalar(k)] = _plain(f"{key}.{k}", v)
+        return plain
+    if isinstance(value, (list, tuple)):
+        return [_plain(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    scalar = _plain_scalar(value)
+    if scalar is _NOT_PLAIN:
+        raise ConfigError(f"{key}: expected a YAML scalar (number, string, boolean, null), list or mapping; "
+                          f"got {value!r}")
+    return scalar
+
+
+
+def _plain_scalar(value: Any) -> Any:
+    """``value`` as a plain YAML scalar (bool, int, float, str or None), or ``_NOT_PLAIN``."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return _NOT_PLAIN
+
+
 def _coerce(key: str, value: Any, target: type) -> Any:
     """Return ``value`` as ``target`` or raise a ConfigError naming ``key``."""
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[target]
+    kind = _KINDS[target]
     if target is bool:
         if isinstance(value, bool):
             return value
     elif target is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
     elif target is float:
         if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif target is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif target is dict:
+        if isinstance(value, Mapping):
+            return _plain(key, value, top=True)
+        raise ConfigError(f"{key}: expected a mapping (in YAML `{{name: value}}`; one entry: {key}.NAME=value), "
+                          f"got {value!r}")
     raise ConfigError(f"{key}: expected {kind}, got {value!r}")
 
 
+def _check_field(key: str, spec: FieldSpec, value: Any) -> Any:
+    """``value`` coerced to the field's kind and checked against its choices, bounds and check;
+    else a ConfigError naming ``key``. The one per-field check of construction and :func:`validate`."""
+    value = _coerce(key, value, spec.kind)
+    meta = spec.meta
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(spec.choices)}; got {value!r}")
+    if meta["ge"] is not None and value < meta["ge"]:
+        raise ConfigError(f"{key}: must be >= {meta['ge']}; got {value!r}")
+    if meta["gt"] is not None and value <= meta["gt"]:
+        raise ConfigError(f"{key}: must be > {meta['gt']}; got {value!r}")
+    if meta["le"] is not None and value > meta["le"]:
+        raise ConfigError(f"{key}: must be <= {meta['le']}; got {value!r}")
+    if meta["check"] is not None and (problem := meta["check"](value)):
+        raise ConfigError(f"{key}: {problem}")
+    return value
+
+
+def _check_section(section: Any, section_name: str) -> None:
+    """Check (and coerce in place: an int given to a float field becomes a float) every field of ``section``."""
+    for name, spec in field_specs(type(section)).items():
+        setattr(section, name, _check_field(f"{section_name}.{name}", spec, getattr(section, name)))
+
+
 def _set(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` (coerced to its kind, not yet range-checked), or one entry of a mapping
+    key, ``section.key.NAME``."""
     section_name, _, key = dotted.partition(".")
     sections = _sections(cfg)
     if section_name not in sections or not key:
         raise ConfigError(f"{dotted}: unknown key (sections: {', '.join(sections)})")
     section = sections[section_name]
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if key not in fields:
-        raise ConfigError(f"{dotted}: unknown key (known in {section_name}: {', '.join(fields)})")
-    setattr(section, key, _coerce(dotted, value, type(getattr(section, key))))
+    specs = field_specs(type(section))
+    name, _, entry = key.partition(".")
+    if name not in specs or (entry and specs[name].kind is not dict):
+        raise ConfigError(f"{dotted}: unknown key (known in {section_name}: {', '.join(specs)})")
+    if entry:
+        if not entry.isidentifier():
+            raise ConfigError(f"{dotted}: {section_name}.{name}.NAME=value needs a keyword-argument name; "
+                              f"got {entry!r}")
+        value = {**getattr(section, name), entry: value}
+    setattr(section, name, _coerce(f"{section_name}.{name}", value, specs[name].kind))
+
+
+def _spec_of(cfg: Config, dotted: str) -> FieldSpec | None:
+    section_name, _, key = dotted.partition(".")
+    section = _sections(cfg).get(section_name)
+    return None if section is None else field_specs(type(section)).get(key)
 
 
 def _is_string_key(cfg: Config, dotted: str) -> bool:
     """Whether ``dotted`` names a string field: its override text is taken literally ('007' stays '007')."""
-    section_name, _, key = dotted.partition(".")
-    section = _sections(cfg).get(section_name)
-    return section is not None and isinstance(getattr(section, key, None), str)
+    spec = _spec_of(cfg, dotted)
+    return spec is not None and spec.kind is str
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -224,19 +408,25 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
+def _override_value(cfg: Config, dotted: str, raw: str) -> Any:
+    """The value of ``dotted=raw``: text for a string key, else YAML. An entry of a mapping key
+    (``model.args.NAME=...``) whose YAML is no plain value (a date: 2024-01-05) stays text."""
+    if _is_string_key(cfg, dotted):
+        return raw
+    value = _parse_scalar(raw)
+    section_key, _, entry = dotted.rpartition(".")
+    spec = _spec_of(cfg, section_key) if entry and section_key.count(".") == 1 else None
+    if spec is not None and spec.kind is dict and not isinstance(value, (Mapping, list)) \
+            and _plain_scalar(value) is _NOT_PLAIN:
+        return raw
+    return value
+
+
 def validate(cfg: Config) -> Config:
-    """Check every field's constraints and the cross-field rules; return ``cfg``."""
+    """Check every field (as construction does: values assigned since are checked too) and the
+    cross-field rules; return ``cfg``."""
     for section_name, section in _sections(cfg).items():
-        for f in dataclasses.fields(section):
-            key, value, meta = f"{section_name}.{f.name}", getattr(section, f.name), f.metadata
-            if meta["choices"] and value not in meta["choices"]:
-                raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}; got {value!r}")
-            if meta["ge"] is not None and value < meta["ge"]:
-                raise ConfigError(f"{key}: must be >= {meta['ge']}; got {value!r}")
-            if meta["gt"] is not None and value <= meta["gt"]:
-                raise ConfigError(f"{key}: must be > {meta['gt']}; got {value!r}")
-            if meta["le"] is not None and value > meta["le"]:
-                raise ConfigError(f"{key}: must be <= {meta['le']}; got {value!r}")
+        _check_section(section, section_name)
     d = cfg.data
     if d.max_length and d.min_length > d.max_length:
         raise ConfigError(f"data.min_length: must be <= data.max_length ({d.max_length}); got {d.min_length}")
@@ -245,16 +435,20 @@ def validate(cfg: Config) -> Config:
     if d.folds and d.val_path:
         raise ConfigError("data.val_path: not used with data.folds (each fold validates on its held-out part of "
                           "data.train_path); remove one of them")
-    if d.task == "tag" and d.format in ("tsv", "ts"):
+    if d.args and not d.target:
+        raise ConfigError("data.args: only used with data.target; set data.target or remove data.args")
+    if cfg.model.args and not cfg.model.target:
+        raise ConfigError("model.args: only used with model.target; set model.target or remove model.args")
+    if not d.target and d.task == "tag" and d.format in ("tsv", "ts"):
         raise ConfigError(f"data.task: tag needs a label per step, which data.format={d.format} files do not hold; "
                           "use jsonl (\"tags\") or npz (tags)")
-    if d.format == "synthetic" and d.task == "classify" and d.features < d.num_classes:
+    if not d.target and d.format == "synthetic" and d.task == "classify" and d.features < d.num_classes:
         raise ConfigError(f"data.features: classify needs >= data.num_classes ({d.num_classes}); got {d.features}")
     if d.task == "regress" and cfg.training.monitor == "val_accuracy":
         raise ConfigError("training.monitor: regress has no accuracy; use val_mse, val_mae or val_loss")
     if d.task != "regress" and cfg.training.monitor in ("val_mse", "val_mae"):
         raise ConfigError(f"training.monitor: {cfg.training.monitor} is only for data.task=regress")
-    if d.format != "synthetic" and not d.train_path:
+    if not d.target and d.format != "synthetic" and not d.train_path:
         raise ConfigError(f"data.train_path: data.format={d.format} needs a training file")
     if d.folds and cfg.checkpoint.resume not in ("auto", "none"):
         raise ConfigError("checkpoint.resume: a k-fold job (data.folds) resumes each fold from its own directory; "
@@ -306,13 +500,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Set ``section.key=value`` overrides on ``cfg`` (in place; returned for chaining). Not validated."""
+    """Set ``section.key=value`` overrides on ``cfg`` (in place; returned for chaining). Not validated.
+
+    A mapping key takes a YAML flow mapping as a whole (``model.args={hidden: 64}``, ``model.args={}``)
+    or one entry at a time (``model.args.hidden=64``, the value read as YAML)."""
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"{item}: overrides are written section.key=value")
         dotted = dotted.strip()
-        _set(cfg, dotted, raw if _is_string_key(cfg, dotted) else _parse_scalar(raw))
+        _set(cfg, dotted, _override_value(cfg, dotted, raw))
     return cfg
 
 
@@ -340,10 +537,10 @@ def reference_markdown() -> str:
     """A Markdown table of every key, its default and its doc, generated from the dataclasses."""
     lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for section_name, section in _sections(Config()).items():
-        for f in dataclasses.fields(section):
-            meta = f.metadata
-            allowed = " \\| ".join(meta["choices"]) if meta["choices"] else ""
+        for name, spec in field_specs(type(section)).items():
+            meta = spec.meta
+            allowed = " \\| ".join(spec.choices) if spec.choices else ""
             bounds = [f"{op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta[k] is not None]
-            allowed = allowed or ", ".join(bounds)
-            lines.append(f"| `{section_name}.{f.name}` | `{getattr(section, f.name)!r}` | {allowed} | {meta['doc']} |")
+            allowed = allowed or ", ".join(bounds) or meta["allowed"]
+            lines.append(f"| `{section_name}.{name}` | `{getattr(section, name)!r}` | {allowed} | {meta['doc']} |")
     return "\n".join(lines)

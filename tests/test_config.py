@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import typing
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,29 @@ import yaml
 from helpers import PYTHON, REPO, python, run
 
 from ddp_seq.config import (
+    BatchingConfig,
+    CheckpointConfig,
     Config,
     ConfigError,
+    DataConfig,
+    DistributedConfig,
+    LoggingConfig,
+    ModelConfig,
+    TrainingConfig,
     UserError,
+    WandbConfig,
+    choices_of,
     dump_yaml,
     from_dict,
     load_config,
     reference_markdown,
     to_dict,
+    validate,
 )
+
+SECTIONS = {"data": DataConfig, "batching": BatchingConfig, "model": ModelConfig, "training": TrainingConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "wandb": WandbConfig,
+            "distributed": DistributedConfig}
 
 
 def all_keys() -> list[str]:
@@ -153,6 +168,209 @@ def test_reference_lists_every_key():
         assert f"`{key}`" in table, key
 
 
+# -- sections validate themselves on construction -------------------------------------------------
+
+@pytest.mark.parametrize("make,key", [
+    (lambda: ModelConfig(hidden=-1), "model.hidden"),
+    (lambda: ModelConfig(cell="rnn"), "model.cell"),
+    (lambda: ModelConfig(dropout=1.5), "model.dropout"),
+    (lambda: ModelConfig(bidirectional=1), "model.bidirectional"),
+    (lambda: TrainingConfig(epochs="3"), "training.epochs"),
+    (lambda: TrainingConfig(lr=0), "training.lr"),
+    (lambda: TrainingConfig(lr="fast"), "training.lr"),
+    (lambda: TrainingConfig(lr=float("inf")), "training.lr"),
+    (lambda: DataConfig(task="translate"), "data.task"),
+    (lambda: DataConfig(val_fraction=0.9), "data.val_fraction"),
+    (lambda: BatchingConfig(batch_size=0), "batching.batch_size"),
+    (lambda: BatchingConfig(batch_size=2.0), "batching.batch_size"),
+    (lambda: CheckpointConfig(keep_last=0), "checkpoint.keep_last"),
+    (lambda: LoggingConfig(progress="fancy"), "logging.progress"),
+    (lambda: WandbConfig(mode="on"), "wandb.mode"),
+    (lambda: WandbConfig(per_rank="yes"), "wandb.per_rank"),
+    (lambda: DistributedConfig(backend="mpi"), "distributed.backend"),
+    (lambda: DistributedConfig(timeout_s=0), "distributed.timeout_s"),
+])
+def test_constructing_a_bad_section_names_the_key(make, key):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert str(err.value).startswith(f"{key}:"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_constructing_valid_sections_passes():
+    model = ModelConfig(cell="gru", hidden=8, layers=1, bidirectional=True, dropout=0, pooling="max")
+    assert (model.cell, model.hidden, model.dropout) == ("gru", 8, 0.0) and isinstance(model.dropout, float)
+    training = TrainingConfig(epochs=3, lr=1, optimizer="sgd", amp="bf16", mode="single")
+    assert training.lr == 1.0 and isinstance(training.lr, float)
+    assert TrainingConfig(lr="1e-3").lr == pytest.approx(1e-3)  # as in YAML files
+    assert DataConfig(format="npz", task="tag").format == "npz"  # train_path is a cross-field rule: validate()
+    for cls in SECTIONS.values():
+        assert cls() == cls()
+    assert validate(Config(model=model, training=training)).model is model
+
+
+def test_validate_checks_values_assigned_after_construction():
+    cfg = Config()
+    cfg.model.hidden = 0
+    with pytest.raises(ConfigError, match=r"^model\.hidden: must be >= 1"):
+        validate(cfg)
+    cfg = Config()
+    cfg.training.epochs = "3"
+    with pytest.raises(ConfigError, match=r"^training\.epochs: expected an integer"):
+        validate(cfg)
+
+
+#: The choices each choice field accepted before they became Literal annotations (the table lists them).
+DOCUMENTED_CHOICES = {
+    "data.task": ("classify", "regress", "tag"),
+    "data.format": ("synthetic", "npz", "tsv", "jsonl", "ts"),
+    "data.tokenizer": ("char", "whitespace"),
+    "data.truncate": ("error", "pre", "post"),
+    "data.empty": ("error", "drop"),
+    "data.missing": ("error", "zero", "ffill"),
+    "batching.strategy": ("random", "bucket"),
+    "model.cell": ("lstm", "gru"),
+    "model.pooling": ("last", "mean", "max"),
+    "model.execution": ("auto", "packed", "padded"),
+    "training.optimizer": ("adam", "adamw", "sgd"),
+    "training.mode": ("ddp", "dp", "single"),
+    "training.amp": ("none", "bf16", "fp16"),
+    "training.monitor": ("val_loss", "val_accuracy", "val_mse", "val_mae"),
+    "logging.progress": ("auto", "bar", "lines", "none"),
+    "wandb.mode": ("disabled", "offline", "online"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def test_literal_choices_are_the_documented_choices():
+    table = {row.split(" | ")[0].strip("| `"): row.split(" | ")[2] for row in reference_markdown().splitlines()[2:]}
+    found = {}
+    for section_name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{section_name}.{f.name}"
+            if typing.get_origin(hints[f.name]) is typing.Literal:
+                found[key] = typing.get_args(hints[f.name])
+                assert choices_of(cls, f.name) == found[key]
+                assert table[key] == " \\| ".join(found[key]), key
+                assert getattr(cls(), f.name) in found[key], key  # the default is one of them
+    assert found == DOCUMENTED_CHOICES
+
+
+# -- model.target / model.args, data.target / data.args, the DataLoader keys ---------------------
+
+TARGET = "model.target=pkg.mod:Net"
+
+
+@pytest.mark.parametrize("value", ["nocolon", "a:", ":B", "a:1x", "a:b:C", "a:B.", "a:class", " :B"])
+@pytest.mark.parametrize("section", ["model", "data"])
+def test_bad_target_syntax_is_refused(section, value):
+    with pytest.raises(ConfigError, match=rf"^{section}\.target: must be"):
+        load_config(overrides=[f"{section}.target={value}"])
+    cls = ModelConfig if section == "model" else DataConfig
+    with pytest.raises(ConfigError, match=rf"^{section}\.target:"):
+        cls(target=value)
+
+
+@pytest.mark.parametrize("value", ["", "pkg.mod:Class", "path/to/file.py:Class", "examples/own_model.py:AttentionLSTM",
+                                   "mod:Outer.Inner", "my_dir/file.py:_private"])
+def test_good_target_syntax_is_accepted(value):
+    assert load_config(overrides=[f"model.target={value}"]).model.target == value
+    assert load_config(overrides=[f"data.target={value}"]).data.target == value
+    assert ModelConfig(target=value).target == value and DataConfig(target=value).target == value
+
+
+def test_model_args_overrides():
+    one = load_config(overrides=[TARGET, "model.args.hidden=64", "model.args.name=007x", "model.args.rate=0.5",
+                                 "model.args.on=true", "model.args.sizes=[1, 2]", "model.args.hidden=65"])
+    assert one.model.args == {"hidden": 65, "name": "007x", "rate": 0.5, "on": True, "sizes": [1, 2]}
+    whole = load_config(overrides=[TARGET, "model.args.x=1", "model.args={hidden: 64, inner: {a: [1, b]}}"])
+    assert whole.model.args == {"hidden": 64, "inner": {"a": [1, "b"]}}  # replaces, does not merge
+    assert load_config(overrides=[TARGET, "model.args.x=1", "model.args={}"]).model.args == {}
+    assert load_config(overrides=[TARGET, "model.args={}", "model.args.x=2"]).model.args == {"x": 2}
+    day = load_config(overrides=[TARGET, "model.args.day=2024-01-05"])  # YAML alone would make it a date
+    assert day.model.args == {"day": "2024-01-05"}
+    assert Config().model.args == {} and Config().model.args is not Config().model.args
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.args=3", "model.args"),
+    ("model.args=[1, 2]", "model.args"),
+    ("model.args=", "model.args"),
+    ("model.args=null", "model.args"),
+    ("model.args={hidden: 64", "model.args"),
+    ("model.args={1: 2}", "model.args"),
+    ("model.args.a.b=1", "model.args.a.b"),
+    ("model.args.1x=1", "model.args.1x"),
+    ("model.hidden.x=1", "model.hidden.x"),
+    ("data.args=3", "data.args"),
+])
+def test_bad_args_override_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[TARGET, "data.target=pkg.mod:load", override])
+    assert str(err.value).startswith(f"{key}:"), str(err.value)
+
+
+def test_args_without_target_are_refused():
+    with pytest.raises(ConfigError, match=r"^model\.args: only used with model\.target"):
+        load_config(overrides=["model.args.hidden=64"])
+    with pytest.raises(ConfigError, match=r"^data\.args: only used with data\.target"):
+        load_config(overrides=["data.args.n=3"])
+    assert load_config(overrides=["model.args={}", "data.args={}"]) == Config()  # empty is fine
+
+
+def test_args_on_construction():
+    model = ModelConfig(target="pkg.mod:Net", args={"hidden": 8, "sizes": (1, 2)})
+    assert model.args == {"hidden": 8, "sizes": [1, 2]}  # tuples become YAML lists
+    for bad, key in [([1], "model.args"), ({"not a name": 1}, "model.args"), ({"x": object()}, "model.args.x"),
+                     ({"x": {"y": {1, 2}}}, "model.args.x.y")]:
+        with pytest.raises(ConfigError, match=f"^{key}:"):
+            ModelConfig(target="pkg.mod:Net", args=bad)
+    given = {"hidden": 8}
+    model = ModelConfig(target="pkg.mod:Net", args=given)
+    given["hidden"] = 9
+    assert model.args == {"hidden": 8}  # a copy, not the caller's dict
+
+
+def test_args_round_trip_through_dict_and_yaml(tmp_path):
+    path = write(tmp_path, "model:\n  target: path/to/file.py:Net\n  args: {hidden: 32, sizes: [1, 2], name: x}\n"
+                           "data:\n  target: pkg.data:load\n  args:\n    n: 3\n    nested: {a: 1.5}\n")
+    cfg = load_config(str(path))
+    assert cfg.model.args == {"hidden": 32, "sizes": [1, 2], "name": "x"}
+    assert cfg.data.args == {"n": 3, "nested": {"a": 1.5}}
+    assert from_dict(to_dict(cfg)) == cfg
+    assert load_config(str(write(tmp_path, dump_yaml(cfg), "dumped.yaml"))) == cfg
+    assert load_config(str(path), ["model.args.hidden=8"]).model.args["hidden"] == 8
+    bad = write(tmp_path, "model:\n  target: a:B\n  args: [1, 2]\n", "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert str(err.value).startswith(f"{bad}: model.args:"), str(err.value)
+
+
+def test_data_target_makes_format_and_train_path_unneeded():
+    with pytest.raises(ConfigError, match=r"^data\.train_path:"):
+        load_config(overrides=["data.format=npz"])
+    cfg = load_config(overrides=["data.target=pkg.data:load", "data.format=npz", "data.args.n=3"])
+    assert (cfg.data.target, cfg.data.train_path, cfg.data.args) == ("pkg.data:load", "", {"n": 3})
+    load_config(overrides=["data.target=pkg.data:load", "data.task=tag", "data.format=tsv"])
+
+
+@pytest.mark.parametrize("override,ok", [
+    ("data.num_workers=0", True), ("data.num_workers=4", True), ("data.num_workers=-1", False),
+    ("data.num_workers=1.5", False), ("data.prefetch_factor=1", True), ("data.prefetch_factor=0", False),
+    ("data.persistent_workers=false", True), ("data.persistent_workers=2", False),
+])
+def test_dataloader_keys(override, ok):
+    key = override.split("=")[0]
+    if ok:
+        load_config(overrides=[override])
+    else:
+        with pytest.raises(ConfigError, match=f"^{key}:"):
+            load_config(overrides=[override])
+    defaults = Config().data
+    assert (defaults.num_workers, defaults.prefetch_factor, defaults.persistent_workers) == (0, 2, True)
+
+
 # -- the command line, as a user runs it ---------------------------------------------------------
 
 def assert_one_line_error(proc, *needles: str) -> None:
@@ -221,16 +439,16 @@ def test_string_override_is_taken_literally(value):
     assert load_config(overrides=[f"logging.name={value}"]).logging.name == value
 
 
-# -- the README's generated table ----------------------------------------------------------------
+# -- the generated table in docs/config.md ------------------------------------------------------------
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
-def test_readme_config_table_is_in_sync():
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def test_docs_config_table_is_in_sync():
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
     assert text.count(START) == 1 and text.count(END) == 1
     table = text.split(START, 1)[1].split(END, 1)[0]
-    assert table.strip() == reference_markdown().strip(), "run: ddp-seq config-reference --update README.md"
+    assert table.strip() == reference_markdown().strip(), "run: ddp-seq config-reference --update docs/config.md"
 
 
 def test_config_reference_update_rewrites_only_the_table(tmp_path):
