@@ -163,15 +163,15 @@ def test_without_total_length_tag_outputs_cannot_be_gathered(cpu_scatter):
 
 
 def test_replicas_sharing_the_backward_templates_run_safely_in_threads():
-    """DataParallel's replicas share SeqModel's (non-module) templates of the padded bidirectional
+    """DataParallel's replicas share PackedLSTM's (non-module) templates of the padded bidirectional
     path and run in threads; functional_call swaps weights into them, so without the lock in
-    ``model._one_direction`` a replica can run with another replica's weights (observed: ~1 in 20)."""
+    ``rnn._one_direction`` a replica can run with another replica's weights (observed: ~1 in 20)."""
     torch.manual_seed(0)
     cfg = ModelConfig(cell="lstm", hidden=16, layers=2, bidirectional=True, embedding_dim=8)
     a = SeqModel("tag", 4, 3, cfg, execution="padded")
     torch.manual_seed(1)
     b = SeqModel("tag", 4, 3, cfg, execution="padded")
-    b._templates = a._templates  # what replicate() does: replicas share the module's plain attributes
+    b.rnn._templates = a.rnn._templates  # what replicate() does: replicas share the module's plain attributes
     x, lengths = torch.randn(4, 12, 4), torch.tensor([12, 9, 5, 2])
     with torch.no_grad():
         expected = {id(a): a(x, lengths), id(b): b(x, lengths)}
