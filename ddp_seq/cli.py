@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="where to write the predictions (JSON lines)")
     pr.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
     ref = sub.add_parser("config-reference", help="print every config key as a Markdown table")
-    ref.add_argument("--update", metavar="README", help="rewrite the table between the config-reference "
+    ref.add_argument("--update", metavar="FILE", help="rewrite the table between the config-reference "
                      "markers of this Markdown file instead of printing it")
     return parser
 

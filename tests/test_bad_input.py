@@ -1,6 +1,6 @@
 """Bad input through the real CLI: one line on stderr, exit code 2, no traceback, nothing written is lost.
 
-The rule (README, "Bad input"): ``ddp-seq: error: ...`` naming the file, line or config key, exit
+The rule (docs/fault-tolerance.md, "Bad input"): ``ddp-seq: error: ...`` naming the file, line or config key, exit
 code 2, no traceback, and the files of a finished run stay byte for byte what they were. One tiny
 run is trained first; every case then runs ``train.py`` with a bad config, data file or checkpoint
 next to it (``logging.root`` points at the same root) and must leave that run untouched.
@@ -24,7 +24,8 @@ from ddp_seq.checkpoint import FORMAT_VERSION
 pytestmark = pytest.mark.slow
 
 ERROR_PREFIX = "ddp-seq: error:"
-README_START, README_END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
+TABLE_START, TABLE_END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
+TABLE_DOC = REPO / "docs" / "fault-tolerance.md"  # where the bad-input table lives
 #: A frame of a Python traceback in ddp_seq's own code (the package or train.py), absolute or relative.
 OWN_FRAME = re.compile(r'File "(?:' + re.escape(str(REPO)) + r'[/\\])?(?:ddp_seq[/\\][^"]*|train\.py)", line \d+')
 #: What a clear line holds no part of: control characters, terminal escape sequences (``\x1b[1m``).
@@ -100,7 +101,7 @@ class Setup:
 @dataclass(frozen=True)
 class Case:
     name: str
-    fragment: str  # the command fragment, as the README table shows it
+    fragment: str  # the command fragment, as the bad-input table shows it
     build: Callable[[GoodRun, Path], Setup]
 
     def __str__(self) -> str:
@@ -266,10 +267,10 @@ def test_bad_input_gets_one_line_and_loses_nothing(case: Case, good: GoodRun, tm
         assert not setup.marker.exists(), "loading the checkpoint executed code from the file\n" + proc.report()
 
 
-def test_readme_lists_every_case() -> None:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    assert text.count(README_START) == 1 and text.count(README_END) == 1, \
-        f"README.md needs one {README_START} ... {README_END} block (the bad-input table)"
-    table = text.split(README_START, 1)[1].split(README_END, 1)[0]
+def test_docs_list_every_case() -> None:
+    text = TABLE_DOC.read_text(encoding="utf-8")
+    assert text.count(TABLE_START) == 1 and text.count(TABLE_END) == 1, \
+        f"{TABLE_DOC.name} needs one {TABLE_START} ... {TABLE_END} block (the bad-input table)"
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
     missing = [c.name for c in CASES if c.name not in table]
-    assert missing == [], f"cases missing from the README's bad-input table: {missing}"
+    assert missing == [], f"cases missing from the bad-input table in {TABLE_DOC.name}: {missing}"

@@ -21,7 +21,8 @@ from helpers import REPO
 from ddp_seq.cli import main
 
 ERROR_PREFIX = "ddp-seq: error:"
-README_START, README_END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
+TABLE_START, TABLE_END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
+TABLE_DOC = REPO / "docs" / "fault-tolerance.md"  # where the bad-input table lives
 TINY = ["model.hidden=8", "model.embedding_dim=8", "model.layers=1", "training.epochs=1", "training.warmup_steps=0",
         "logging.progress=none"]
 TS_HEAD = "@problemName p\n@univariate false\n@dimensions 2\n@equalLength false\n@classLabel true a b\n@data\n"
@@ -132,7 +133,7 @@ def resume_changed_file(env: Env) -> Setup:
 @dataclass(frozen=True)
 class Case:
     name: str
-    fragment: str  # the command fragment, as the README table shows it
+    fragment: str  # the command fragment, as the bad-input table shows it
     build: Callable[[Env], Setup]
 
 
@@ -206,16 +207,16 @@ def test_bad_data_gets_one_line_and_creates_nothing(case: Case, model: Path, tmp
     assert model.read_bytes() == checkpoint
 
 
-def test_readme_lists_every_data_case() -> None:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    table = text.split(README_START, 1)[1].split(README_END, 1)[0]
+def test_docs_list_every_data_case() -> None:
+    text = TABLE_DOC.read_text(encoding="utf-8")
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
     missing = [c.name for c in CASES if f"`{c.name}`" not in table]
-    assert missing == [], f"cases missing from the README's bad-input table: {missing}"
+    assert missing == [], f"cases missing from the bad-input table in {TABLE_DOC.name}: {missing}"
 
 
-def test_case_messages_for_the_readme(model: Path, tmp_path: Path, capsys) -> None:
-    """The messages the README shows are the ones the cases print (paths shortened to file names)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def test_case_messages_for_the_docs(model: Path, tmp_path: Path, capsys) -> None:
+    """The messages the bad-input table shows are the ones the cases print (paths shortened to file names)."""
+    text = TABLE_DOC.read_text(encoding="utf-8")
     for case in CASES:
         env = Env(tmp_path / case.name, tmp_path / case.name / "runs", model)
         env.tmp.mkdir()
@@ -223,4 +224,4 @@ def test_case_messages_for_the_readme(model: Path, tmp_path: Path, capsys) -> No
         line = capsys.readouterr().err.strip()
         shown = line.replace(f"{env.tmp}/absent/", "absent/").replace(f"{env.tmp}/", "").replace(
             f"{model.parent}/", "")
-        assert shown in text, f"README's bad-input table should show, for {case.name}:\n{shown}"
+        assert shown in text, f"the bad-input table in {TABLE_DOC.name} should show, for {case.name}:\n{shown}"
