@@ -1,6 +1,6 @@
 """One typed config tree: dataclass defaults < YAML file < ``section.key=value`` overrides.
 
-Every field carries a one-line doc (used for ``ddp-seq config-reference`` and the README) and,
+Every field carries a one-line doc (used for ``ddp-seq config-reference`` and docs/config.md) and,
 where it matters, the values it accepts: a choice field's ``Literal[...]`` annotation is the one
 place its choices are written, bounds sit in :func:`opt`. Every section dataclass checks its own
 fields when it is constructed (``ModelConfig(hidden=-1)`` raises), and :func:`validate` checks the
