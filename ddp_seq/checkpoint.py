@@ -69,14 +69,15 @@ def check_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, source
                         "(compare the model.* keys)")
 
 
-def check_encoding(state: dict[str, Any], encoding, source: str) -> None:
+def check_encoding(state: dict[str, Any], encoding: dict[str, Any], source: str) -> None:
     """Refuse to resume when the data now encodes differently from the checkpoint's (the training file,
-    ``data.tokenizer`` or ``data.min_freq`` changed): the same ids would mean other tokens or classes."""
+    ``data.tokenizer`` or ``data.min_freq`` changed): the same ids would mean other tokens or classes.
+    ``encoding`` is the current ``Encoding.state_dict()``."""
     saved = state.get("encoding")
     if saved is None:  # written before encodings were stored (synthetic and npz data): check_shapes suffices
         return
     for name, what in (("vocab", "vocabulary"), ("classes", "set of classes")):
-        old, new = saved.get(name), getattr(encoding, name)
+        old, new = saved.get(name), encoding.get(name)
         if old != new:
             sizes = f"{len(old) if old is not None else 'none'} entries in the checkpoint, " \
                     f"{len(new) if new is not None else 'none'} now"
@@ -106,27 +107,53 @@ def encoding_of(state: dict[str, Any], cfg):
     from .data.encoding import Encoding
 
     if state.get("encoding"):
-        return Encoding.from_state(state["encoding"])
+        return Encoding.from_state_dict(state["encoding"])
     classes = None if cfg.data.task == "regress" else list(range(state["num_outputs"]))
     return Encoding(None, classes, state["num_inputs"])
 
 
+#: Config keys that make ddp_seq import code; a checkpoint naming one is not enough to do so.
+TARGET_KEYS = ("model.target", "data.target")
+
+
+def trusted_config(state: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "checkpoint",
+                   trust_target: bool = False):
+    """The checkpoint's config with ``overrides``, refusing one that names a ``model.target`` or
+    ``data.target`` the user did not allow: a checkpoint is data, and loading it must never make
+    ddp_seq import code by itself (as ``weights_only=True`` never unpickles any). The user allows a
+    target by giving the key in ``overrides`` (their command line) or with ``trust_target``
+    (``--trust-target``, like Hugging Face's ``trust_remote_code``)."""
+    from .config import from_dict
+
+    given = {item.partition("=")[0].strip() for item in overrides}
+    saved = state.get("config", {})
+    for key in TARGET_KEYS:
+        section, _, name = key.partition(".")
+        value = saved.get(section, {}).get(name, "") if isinstance(saved.get(section), dict) else ""
+        if value and not trust_target and key not in given:
+            raise UserError(f"{source}: its config names {key}={value}, code that ddp_seq imports only on your say-so; "
+                            f"pass {key}={value} on the command line if you trust it (or --trust-target)")
+    return from_dict(saved, overrides)
+
+
 def restore_model(state: dict[str, Any], cfg, source: str, device: torch.device | None = None) -> torch.nn.Module:
-    """The model a checkpoint's ``state`` holds, built for ``cfg`` on ``device`` with its weights loaded."""
-    from .model import build_model
+    """The model a checkpoint's ``state`` holds, built for ``cfg`` (see :func:`trusted_config`) on
+    ``device`` with its weights loaded."""
+    from .builders import DataParts, build_model
 
     encoding, task = encoding_of(state, cfg), cfg.data.task
-    model = build_model(task, encoding.num_features, encoding.num_outputs(task), cfg.model,
-                        vocab_size=encoding.vocab_size, device=device)
+    vocab_size = state.get("vocab_size", encoding.vocab_size)
+    parts = DataParts(None, None, state.get("num_inputs", encoding.num_features),
+                      state.get("num_outputs", encoding.num_outputs(task)), vocab_size)
+    model = build_model(cfg, parts, device)
     check_shapes(state["model"], model, source)
     model.load_state_dict(state["model"])
     return model
 
 
-def model_from_checkpoint(path: str | Path):
-    """Rebuild the model saved in a checkpoint: returns ``(model, config, checkpoint dict)`` on the CPU."""
-    from .config import from_dict
-
+def model_from_checkpoint(path: str | Path, trust_target: bool = False):
+    """Rebuild the model saved in a checkpoint: returns ``(model, config, checkpoint dict)`` on the CPU.
+    A checkpoint of a user's ``model.target`` needs ``trust_target=True`` (see :func:`trusted_config`)."""
     state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
+    cfg = trusted_config(state, (), str(path), trust_target)
     return restore_model(state, cfg, str(path)), cfg, state

@@ -37,12 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help=text, description=text + " (one process or under torchrun)")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint written by training (e.g. best.pt)")
     ev.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
+    trust = ("import the model.target / data.target the checkpoint's config names (code runs from it); "
+             "without this, name the key on the command line yourself")
+    ev.add_argument("--trust-target", action="store_true", help=trust)
     ev.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
     text = "predictions of a trained checkpoint for a file, one JSON line per sample in input order"
     pr = sub.add_parser("predict", help=text, description=text + " (one process or under torchrun)")
     pr.add_argument("--checkpoint", required=True, help="a checkpoint written by training (e.g. best.pt)")
     pr.add_argument("--input", required=True, help="a file in the checkpoint's data.format (labels optional)")
     pr.add_argument("--output", required=True, help="where to write the predictions (JSON lines)")
+    pr.add_argument("--trust-target", action="store_true", help=trust)
     pr.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
     ref = sub.add_parser("config-reference", help="print every config key as a Markdown table")
     ref.add_argument("--update", metavar="FILE", help="rewrite the table between the config-reference "
@@ -61,9 +65,13 @@ def train(cfg: Config) -> dict:
         if cfg.data.folds:
             from .folds import train_folds
 
+            if cfg.data.target:
+                raise UserError("data.folds: k-fold splits the built-in readers' data.train_path; with data.target, "
+                                "build the folds in your data function (data.args) and run one job per fold")
+
             return train_folds(cfg, info, _train_run)
         # The data first: a bad file is reported before a run directory is created for it.
-        splits = load_splits(cfg.data)
+        splits = None if cfg.data.target else load_splits(cfg.data)
         run_dir, resume_from, notes = prepare_run(cfg, info)
         return _train_run(cfg, info, run_dir, resume_from, notes, splits)
 
@@ -71,8 +79,8 @@ def train(cfg: Config) -> dict:
 def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes: list[str], splits=None,
                fold: int | None = None) -> dict:
     """Train one run (one fold of a k-fold job) in ``run_dir`` with its own logger and tracker."""
+    from .builders import build_trainer
     from .runlog import make_logger
-    from .trainer import Trainer
 
     logger = make_logger(info.is_main, run_dir, cfg.logging.progress, _start_tracking(cfg, run_dir, info))
     exit_code = 1
@@ -80,7 +88,7 @@ def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes
         logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
         for note in notes:
             logger.info(note)
-        summary = Trainer(cfg, info, logger, run_dir, resume_from, splits, fold).fit()
+        summary = build_trainer(cfg, info, logger, run_dir, resume_from, splits, fold).fit()
         exit_code = 0
         return summary
     finally:
@@ -155,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import inference
 
             if args.command == "evaluate":
-                return _run_and_exit(lambda: inference.evaluate_command(args.checkpoint, args.overrides, args.output))
+                return _run_and_exit(lambda: inference.evaluate_command(args.checkpoint, args.overrides, args.output,
+                                                                                 args.trust_target))
             return _run_and_exit(lambda: inference.predict_command(args.checkpoint, args.input, args.output,
-                                                                   args.overrides))
+                                                                   args.overrides, args.trust_target))
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-config":
             print(dump_yaml(cfg), end="")

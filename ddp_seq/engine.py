@@ -6,12 +6,13 @@ import contextlib
 import math
 
 import torch
+from torch.utils.data import DataLoader
 
-from . import objective
 from .config import Config
-from .data.batching import ShardedBatchSampler
+from .data.batching import BucketBatchSampler
 from .data.collate import collate_for
-from .data.synthetic import SequenceData
+from .data.loader import build_loader
+from .objective import Objective, TaskObjective
 from .process_group import DistInfo, all_reduce_sum
 
 
@@ -43,33 +44,48 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def make_sampler(data: SequenceData, cfg: Config, info: DistInfo, train: bool) -> ShardedBatchSampler:
-    """Training: the configured strategy, shuffled from (seed, epoch). Evaluation: length-sorted."""
+def make_sampler(data, cfg: Config, info: DistInfo, train: bool) -> BucketBatchSampler:
+    """Training: the configured strategy, shuffled from (seed, epoch). Evaluation: length-sorted.
+
+    ``data``: a lengths array or a dataset (see :func:`~ddp_seq.data.batching.lengths_of`).
+    """
     b = cfg.batching
-    return ShardedBatchSampler(data.lengths, rank=info.rank, world_size=info.world_size,
-                               batch_size=b.batch_size if train else b.eval_batch_size,
-                               max_tokens=b.max_tokens if train else 0, strategy=b.strategy, pool=b.pool,
-                               padding_noise=b.padding_noise, seed=cfg.training.seed, shuffle=train)
+    return BucketBatchSampler(data, batch_size=b.batch_size if train else b.eval_batch_size,
+                              max_tokens=b.max_tokens if train else 0, num_replicas=info.world_size,
+                              rank=info.rank, shuffle=train, seed=cfg.training.seed, strategy=b.strategy,
+                              pool=b.pool, padding_noise=b.padding_noise)
+
+
+def make_loader(data, sampler: BucketBatchSampler, cfg: Config) -> DataLoader:
+    """The DataLoader of ``data`` over ``sampler``'s shares with the collate of ``training.mode`` and
+    the ``data.num_workers`` / ``prefetch_factor`` / ``persistent_workers`` settings."""
+    d = cfg.data
+    return build_loader(data, sampler, collate_for(cfg.training.mode), num_workers=d.num_workers,
+                        persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
 
 
 @torch.no_grad()
-def evaluate(module: torch.nn.Module, data: SequenceData, cfg: Config, info: DistInfo) -> dict[str, float]:
+def evaluate(module: torch.nn.Module, data, cfg: Config, info: DistInfo, objective: Objective | None = None,
+             loader: DataLoader | None = None) -> dict[str, float]:
     """Metrics over every sample of ``data`` exactly once, whatever the world size.
 
     Each rank evaluates its shares of length-sorted global batches (filler samples weigh 0);
     the sums and counts are all-reduced and divided once. Under DDP, pass the unwrapped module:
     evaluation needs no gradient synchronisation, and ranks may see different numbers of real
     samples. In dp mode the DataParallel wrapper may be passed (batches come from ``collate_dp``).
+    ``objective``: default the built-in one of ``data.task``; ``loader``: one made by
+    :func:`make_loader` over an evaluation sampler (made here when not given).
     """
-    collate = collate_for(cfg.training.mode)
+    objective = objective or TaskObjective(cfg.data.task)
+    loader = loader or make_loader(data, make_sampler(data, cfg, info, train=False), cfg)
     was_training = module.training
     module.eval()
     sums = None
-    for step in make_sampler(data, cfg, info, train=False):
-        batch = collate(data, step).to(info.device)
+    for batch in loader:
+        batch = batch.to(info.device)
         with autocast(info.device, cfg.training.amp):
             outputs = module(batch.inputs, batch.model_lengths)
-        part = objective.metric_sums(cfg.data.task, outputs, batch)  # stays on the device: no sync per batch
+        part = objective.metric_sums(outputs, batch)  # stays on the device: no sync per batch
         sums = part if sums is None else sums + part
     module.train(was_training)
-    return objective.finalize(cfg.data.task, all_reduce_sum(sums, info))
+    return objective.finalize(all_reduce_sum(sums, info))

@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 
-from .checkpoint import encoding_of, load_checkpoint, restore_model
-from .config import Config, from_dict
+from .checkpoint import encoding_of, load_checkpoint, restore_model, trusted_config
+from .config import Config
 from .data.encoding import Encoding
 from .data.sequences import SequenceData
 from .errors import UserError
 
 
-def _read(checkpoint: str, overrides: list[str]) -> tuple[dict[str, Any], Config, Encoding]:
+def _read(checkpoint: str, overrides: list[str], trust_target: bool) -> tuple[dict[str, Any], Config, Encoding]:
     """The checkpoint's state, its config with ``overrides``, and its encoding."""
     state = load_checkpoint(checkpoint)
-    cfg = from_dict(state["config"], overrides)
+    cfg = trusted_config(state, overrides, checkpoint, trust_target)
     # One model per process, never wrapped: evaluation needs no gradient synchronisation.
     cfg.training.mode = "ddp"
     return state, cfg, encoding_of(state, cfg)
@@ -40,22 +40,29 @@ def _trained_at(state: dict[str, Any]) -> str:
     return f"epoch {state.get('epoch')}, step {state.get('step')}"
 
 
-def evaluate_command(checkpoint: str, overrides: list[str], output: str | None = None) -> dict[str, float]:
+def evaluate_command(checkpoint: str, overrides: list[str], output: str | None = None,
+                     trust_target: bool = False) -> dict[str, float]:
     """Metrics of ``checkpoint`` on its validation data (or ``data.val_path``); rank 0 prints them."""
     from .data.sources import load_eval_data
     from .engine import evaluate
     from .process_group import distributed
 
-    state, cfg, encoding = _read(checkpoint, overrides)
+    state, cfg, encoding = _read(checkpoint, overrides, trust_target)
     with distributed(cfg.distributed) as info:
         model = restore_model(state, cfg, checkpoint, info.device).eval()
-        data, notes = load_eval_data(cfg.data, encoding, state.get("fold"))
+        if cfg.data.target:  # the user's own data function gives the validation set
+            from .builders import build_data
+
+            data, notes = build_data(cfg).val, []
+        else:
+            data, notes = load_eval_data(cfg.data, encoding, state.get("fold"))
         metrics = evaluate(model, data, cfg, info)
-        result = {"checkpoint": checkpoint, "data": data.source, "samples": len(data), **metrics}
+        source = getattr(data, "source", cfg.data.target)
+        result = {"checkpoint": checkpoint, "data": source, "samples": len(data), **metrics}
         if info.is_main:
             for note in notes:
                 print(note)
-            print(f"evaluated {checkpoint} ({_trained_at(state)}) on {len(data):,} samples of {data.source}")
+            print(f"evaluated {checkpoint} ({_trained_at(state)}) on {len(data):,} samples of {source}")
             print("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()), flush=True)
             if output:
                 _write_lines(output, [json.dumps(result)])
@@ -66,14 +73,13 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
 def _predict_rows(model: torch.nn.Module, data: SequenceData, cfg: Config, encoding: Encoding,
                   info) -> list[tuple[int, dict[str, Any]]]:
     """``(input position, output row)`` of this rank's samples (its shares of the sorted global batches)."""
-    from .data.collate import collate
-    from .engine import autocast, make_sampler
+    from .engine import autocast, make_loader, make_sampler
 
     task, classes, rows = cfg.data.task, encoding.classes, []
-    for step in make_sampler(data, cfg, info, train=False):
-        if not step.real:  # a filler sample of an empty share: another rank predicts it
+    for batch in make_loader(data, make_sampler(data, cfg, info, train=False), cfg):
+        if not bool(batch.weights[0] > 0):  # a filler sample of an empty share: another rank predicts it
             continue
-        batch = collate(data, step).to(info.device)
+        batch = batch.to(info.device)
         with autocast(info.device, cfg.training.amp):
             outputs = model(batch.inputs, batch.lengths).float()
         if task == "classify":
@@ -95,7 +101,8 @@ def _predict_rows(model: torch.nn.Module, data: SequenceData, cfg: Config, encod
     return rows
 
 
-def predict_command(checkpoint: str, input_path: str, output: str, overrides: list[str]) -> int:
+def predict_command(checkpoint: str, input_path: str, output: str, overrides: list[str],
+                    trust_target: bool = False) -> int:
     """Write ``checkpoint``'s predictions for ``input_path`` to ``output`` (JSON lines, input order)."""
     import torch.distributed as dist
 
@@ -103,7 +110,11 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
     from .process_group import distributed
 
     _check_output(output)
-    state, cfg, encoding = _read(checkpoint, overrides)
+    state, cfg, encoding = _read(checkpoint, overrides, trust_target)
+    if cfg.data.target:
+        raise UserError(f"data.target: predict reads files of data.format; the checkpoint was trained on "
+                        f"{cfg.data.target}'s datasets -- apply the model with your own code, or give "
+                        "data.target= and data.format=FORMAT to read a file")
     if cfg.data.format == "synthetic":
         raise UserError("data.format: the checkpoint was trained on synthetic data; give the input's format "
                         "(data.format=npz, tsv, jsonl or ts)")

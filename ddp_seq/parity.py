@@ -36,10 +36,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import objective
+from .builders import build_trainer
 from .config import Config, load_config
-from .data.batching import Step, split_shares
-from .data.collate import Batch
+from .data.batching import Share, split_shares
+from .data.collate import Batch, collate_for, fetch
 from .errors import UserError
 from .parallel import SplitReplicas
 from .process_group import DistInfo, all_reduce_sum, broadcast_object, distributed
@@ -102,14 +102,19 @@ def step_result(trainer: Trainer, batch: Batch) -> Result:
 
     The optimizer step that follows moves the weights but leaves ``.grad`` alone (no clipping).
     """
-    local = trainer.train_step(batch)
-    loss = float(all_reduce_sum(local.reshape(1), trainer.info)[0]) / objective.global_count(trainer.task, batch)
+    local, count = trainer.train_step(batch)
+    loss = float(all_reduce_sum(local.reshape(1), trainer.info)[0]) / count
     grads = {name: p.grad.detach().double().cpu().clone() for name, p in trainer.module.named_parameters()}
     return Result(loss, grads)
 
 
 def _trainer(cfg: Config, info: DistInfo) -> Trainer:
-    return Trainer(cfg, info, NullLogger(), None)
+    return build_trainer(cfg, info, NullLogger(), None)
+
+
+def _batch(trainer: Trainer, share: Share) -> Batch:
+    """``share`` of the training set collated as the trainer's mode does, on its device."""
+    return collate_for(trainer.mode)(fetch(trainer.train_data, share)).to(trainer.info.device)
 
 
 def one_process(info: DistInfo) -> DistInfo:
@@ -123,8 +128,8 @@ def single_result(cfg: Config, info: DistInfo) -> tuple[Result, np.ndarray, np.n
     trainer = _trainer(cfg, info)
     trainer.sampler.set_epoch(0)
     batch, lengths = trainer.sampler.batches()[0], trainer.train_data.lengths
-    step = Step(batch, True, len(batch), int(lengths[batch].sum()))
-    return step_result(trainer, trainer.collate(trainer.train_data, step).to(info.device)), batch, lengths
+    step = Share(batch, True, len(batch), int(lengths[batch].sum()))
+    return step_result(trainer, _batch(trainer, step)), batch, lengths
 
 
 def dp_result(cfg: Config, info: DistInfo) -> tuple[Result, str]:
@@ -138,7 +143,7 @@ def dp_result(cfg: Config, info: DistInfo) -> tuple[Result, str]:
         how = "DataParallel's split into 2 chunks along dim 0 and its gather, on one device"
     trainer.sampler.set_epoch(0)
     step = next(iter(trainer.sampler))
-    return step_result(trainer, trainer.collate(trainer.train_data, step).to(info.device)), how
+    return step_result(trainer, _batch(trainer, step)), how
 
 
 def ddp_result(cfg: Config, info: DistInfo) -> Result:
@@ -146,7 +151,7 @@ def ddp_result(cfg: Config, info: DistInfo) -> Result:
     trainer = _trainer(cfg, info)
     trainer.sampler.set_epoch(0)
     step = next(iter(trainer.sampler))
-    batch = trainer.collate(trainer.train_data, step).to(info.device)
+    batch = _batch(trainer, step)
     if os.environ.get(FAULT_ENV) == "mean-of-rank-means":
         # The trainer scales by W / global count; claiming W x this share's count makes each rank's
         # loss its own mean / W, so DDP's average becomes the mean of the per-rank means.

@@ -38,7 +38,7 @@ class DistInfo:
         return self.backend is not None
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -65,10 +65,10 @@ def _pick_backend(requested: str) -> str:
 
 def setup(cfg: DistributedConfig) -> DistInfo:
     """Read torchrun's variables, pick device and backend, set threads, join the process group."""
-    rank = _env_int("RANK", 0)
-    world_size = _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    rank = env_int("RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    local_rank = env_int("LOCAL_RANK", 0)
+    local_world_size = env_int("LOCAL_WORLD_SIZE", world_size)
     backend = _pick_backend(cfg.backend) if world_size > 1 else None
 
     if torch.cuda.is_available():
@@ -106,9 +106,9 @@ def _restart_scoped_store(timeout_s: int, world_size: int) -> dist.Store | None:
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), world_size,
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], env_int("MASTER_PORT", 29500), world_size,
                           is_master=False, timeout=timedelta(seconds=timeout_s))
-    return dist.PrefixStore(f"ddp_seq/restart-{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    return dist.PrefixStore(f"ddp_seq/restart-{env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
 def teardown() -> None:
@@ -184,7 +184,20 @@ def exit_worker(code: int) -> None:
     destruction), about 1 run in 12 on a loaded 2-core machine, turning a finished run into a failed
     one. Nothing is left to do at that point, so skip finalisation. Single processes exit normally.
     """
-    if _env_int("WORLD_SIZE", 1) > 1:
+    if env_int("WORLD_SIZE", 1) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def current_info() -> DistInfo:
+    """:class:`DistInfo` of a process group the caller already started (``dist.init_process_group``),
+    or of one process when there is none: the device is ``cuda:LOCAL_RANK`` with GPUs, else the CPU."""
+    grouped = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
+    local_rank = env_int("LOCAL_RANK", 0) if grouped else 0
+    local_world_size = env_int("LOCAL_WORLD_SIZE", world_size) if grouped else 1
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    return DistInfo(rank, local_rank, world_size, local_world_size, device,
+                    dist.get_backend() if grouped else None)

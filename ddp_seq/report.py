@@ -28,10 +28,11 @@ def table_columns(task: str) -> list[str]:
     """The columns of the end-of-run table for ``task`` (what ``Trainer.fit`` prints)."""
     from .objective import METRICS  # imports torch: only when a task is known
 
-    return _columns([f"val_{k}" for k in METRICS[task]])
+    return columns_with([f"val_{k}" for k in METRICS[task]])
 
 
-def _columns(val_columns: list[str]) -> list[str]:
+def columns_with(val_columns: list[str]) -> list[str]:
+    """The columns of the end-of-run table with these ``val_*`` columns."""
     return ["epoch", "train_loss", *val_columns, "seq_per_s", "tokens_per_s", "padding_efficiency",
             "straggler_ratio", "train_s"]
 
@@ -157,7 +158,7 @@ def report(run_dir: Path) -> str:
         columns = table_columns(task) if isinstance(task, str) else None
     except KeyError:
         columns = None
-    columns = columns or _columns(_infer_val_columns(epochs))
+    columns = columns or columns_with(_infer_val_columns(epochs))
 
     lines: list[str] = []
     if not finished:

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ddp_seq.data.batching import ShardedBatchSampler, Step, global_batches, padded_cost, split_shares, straggler_ratio
+from ddp_seq.data.batching import BucketBatchSampler, Share, global_batches, padded_cost, split_shares, straggler_ratio
 
 
 def skewed_lengths(n: int, seed: int = 0, median: float = 12.0, sigma: float = 1.0, top: int = 200) -> np.ndarray:
@@ -186,8 +186,8 @@ def test_padded_cost_and_straggler_ratio():
 
 # -- the sampler over ranks ------------------------------------------------------------------
 
-def _all_ranks(lengths: np.ndarray, world_size: int, **kw) -> list[list[Step]]:
-    samplers = [ShardedBatchSampler(lengths, rank=r, world_size=world_size, **kw) for r in range(world_size)]
+def _all_ranks(lengths: np.ndarray, world_size: int, **kw) -> list[list[Share]]:
+    samplers = [BucketBatchSampler(lengths, rank=r, num_replicas=world_size, **kw) for r in range(world_size)]
     return [list(s) for s in samplers]
 
 
@@ -226,7 +226,7 @@ def test_batch_smaller_than_world_gives_filler_steps():
 
 def test_sampler_epochs_cache_and_iter_from():
     lengths = skewed_lengths(100, seed=4)
-    s = ShardedBatchSampler(lengths, rank=1, world_size=2, batch_size=8, strategy="bucket", pool=2, seed=5)
+    s = BucketBatchSampler(lengths, rank=1, num_replicas=2, batch_size=8, strategy="bucket", pool=2, seed=5)
     s.set_epoch(0)
     e0 = [x.indices.tolist() for x in s]
     s.set_epoch(1)
@@ -234,5 +234,7 @@ def test_sampler_epochs_cache_and_iter_from():
     assert e0 != e1
     s.set_epoch(0)
     assert [x.indices.tolist() for x in s] == e0
-    assert [x.indices.tolist() for x in s.iter_from(3)] == e0[3:]
+    s.load_state_dict({"version": 1, "epoch": 0, "position": 3})
+    assert [x.indices.tolist() for x in s] == e0[3:]
+    assert [x.indices.tolist() for x in s] == e0  # a resume position serves one iteration only
     assert len(s) == len(global_batches(lengths, batch_size=8, strategy="bucket", pool=2, seed=5, epoch=0))

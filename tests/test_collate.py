@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ddp_seq.config import DataConfig
-from ddp_seq.data.batching import Step
-from ddp_seq.data.collate import IGNORE_INDEX, collate
+from ddp_seq.data.batching import Share
+from ddp_seq.data.collate import IGNORE_INDEX, collate, fetch
 from ddp_seq.data.synthetic import SequenceData, make_synthetic
 
 
@@ -36,8 +36,8 @@ def rows_of(data: SequenceData, i: int):
 def test_collate_pads_masks_and_keeps_indices(features, per_step):
     data = ragged([4, 1, 7, 2, 5, 3], features, per_step)
     indices = np.array([3, 0, 2, 5])
-    step = Step(indices, True, global_count=9, global_tokens=40)
-    batch = collate(data, step)
+    step = Share(indices, True, global_count=9, global_tokens=40)
+    batch = collate(fetch(data, step))
     longest = int(data.lengths[indices].max())
     assert longest == 7
 
@@ -70,7 +70,7 @@ def test_collate_pads_masks_and_keeps_indices(features, per_step):
 
 def test_filler_step_weighs_zero():
     data = ragged([4, 1, 7], 2, per_step=True)
-    batch = collate(data, Step(np.array([2]), False, global_count=1, global_tokens=7))
+    batch = collate(fetch(data, Share(np.array([2]), False, global_count=1, global_tokens=7)))
     assert batch.weights.tolist() == [0.0]
     assert batch.real_tokens == 0
     assert batch.indices.tolist() == [2]
@@ -79,7 +79,7 @@ def test_filler_step_weighs_zero():
 
 def test_pad_value_is_used_for_padding():
     data = ragged([2, 5], 2, per_step=False)
-    batch = collate(data, Step(np.array([0, 1]), True, 2, 7), pad_value=-3.0)
+    batch = collate(fetch(data, Share(np.array([0, 1]), True, 2, 7)), pad_value=-3.0)
     assert torch.all(batch.inputs[0, 2:] == -3.0)
     assert batch.mask[0].tolist() == [True, True, False, False, False]
 
@@ -89,7 +89,7 @@ def test_collate_synthetic_data(task):
     cfg = DataConfig(task=task, num_train=50, num_val=5, max_length=25)
     data = make_synthetic(cfg, "train")
     indices = np.random.default_rng(0).permutation(50)[:9]
-    batch = collate(data, Step(indices, True, 9, int(data.lengths[indices].sum())))
+    batch = collate(fetch(data, Share(indices, True, 9, int(data.lengths[indices].sum()))))
     assert batch.mask.sum().item() == batch.real_tokens == int(data.lengths[indices].sum())
     for row, idx in enumerate(indices):
         length = int(data.lengths[idx])
@@ -105,7 +105,7 @@ def test_collate_synthetic_data(task):
 def test_to_moves_the_computed_tensors_but_keeps_lengths_on_cpu():
     # "meta" is a real non-CPU device on every machine: the tensors that move show it.
     data = ragged([3, 6, 2], 2, per_step=True)
-    batch = collate(data, Step(np.array([0, 1, 2]), True, 3, 11))
+    batch = collate(fetch(data, Share(np.array([0, 1, 2]), True, 3, 11)))
     moved = batch.to(torch.device("meta"))
     for name in ("inputs", "targets", "mask", "weights"):
         assert getattr(moved, name).device.type == "meta", name
@@ -120,6 +120,6 @@ def test_to_moves_the_computed_tensors_but_keeps_lengths_on_cpu():
 @pytest.mark.gpu
 def test_to_cuda_keeps_lengths_on_cpu():
     data = ragged([3, 6, 2], 2, per_step=False)
-    moved = collate(data, Step(np.array([0, 1, 2]), True, 3, 11)).to(torch.device("cuda"))
+    moved = collate(fetch(data, Share(np.array([0, 1, 2]), True, 3, 11))).to(torch.device("cuda"))
     assert moved.inputs.is_cuda and moved.targets.is_cuda and moved.weights.is_cuda
     assert moved.lengths.device.type == "cpu"

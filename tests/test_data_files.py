@@ -239,8 +239,8 @@ def test_truncation_policies_cut_spans_not_steps():
     pre, _ = policy(data, max_length=5, truncate="pre")
     assert notes == ["src: cut 2 sample(s) to data.max_length=5 (data.truncate=post)"]
     for i, steps in enumerate(([0, 1], [2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13], list(range(14, 23)))):
-        assert post.sample(i)[0][:, 0].tolist() == steps[:5]  # the first max_length steps
-        assert pre.sample(i)[0][:, 0].tolist() == steps[-5:]  # the last max_length steps
+        assert post[i][0][:, 0].tolist() == steps[:5]  # the first max_length steps
+        assert pre[i][0][:, 0].tolist() == steps[-5:]  # the last max_length steps
     assert post.values is data.values and pre.values is data.values  # views: nothing copied
     assert policy(data, max_length=9)[0].lengths.tolist() == [2, 7, 5, 9]
 
@@ -324,7 +324,7 @@ def test_select_matches_reference(per_step):
         assert len(got) == len(want) and got.values is data.values and got.per_step == per_step
         assert got.positions.tolist() == list(indices)
         for i, (values, target) in enumerate(want):
-            steps, got_target = got.sample(i)
+            steps, got_target = got[i]
             np.testing.assert_array_equal(steps, values)
             np.testing.assert_array_equal(got_target, target)
         again = got.select(np.arange(len(got))[::-1])  # a view of a view
@@ -362,7 +362,7 @@ def test_load_splits_holds_out_in_file_order(tmp_path):
     np.testing.assert_array_equal(train.lengths, ids_t + 1)  # lengths (and per-step tags) follow along
     full = load_npz(cfg.train_path, "tag")
     for i, position in enumerate(val.positions):
-        np.testing.assert_array_equal(val.sample(i)[1], full.sample(int(position))[1])
+        np.testing.assert_array_equal(val[i][1], full[int(position)][1])
 
 
 def test_load_splits_val_path_synthetic_and_too_small(tmp_path):

@@ -23,8 +23,8 @@ from torch.nn.parallel import scatter_gather
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ddp_seq.config import ModelConfig
-from ddp_seq.data.batching import Step
-from ddp_seq.data.collate import collate_dp
+from ddp_seq.data.batching import Share
+from ddp_seq.data.collate import collate_dp, fetch
 from ddp_seq.model import SeqModel
 
 TWO_GPUS = [0, 1]  # the device list DataParallel would scatter to; the stand-in only counts it
@@ -114,7 +114,7 @@ LENGTHS = [5, 17, 2, 9, 11, 1, 14, 6, 3]
 def test_padded_tensor_and_lengths_split_reproduce_one_device(cpu_scatter, task, execution, cell, bidirectional,
                                                               devices):
     data = ragged(LENGTHS, 4, per_step=task == "tag")
-    batch = collate_dp(data, Step(np.arange(len(LENGTHS)), True, len(LENGTHS), sum(LENGTHS)))
+    batch = collate_dp(fetch(data, Share(np.arange(len(LENGTHS)), True, len(LENGTHS), sum(LENGTHS))))
     assert batch.lengths.tolist() == sorted(LENGTHS, reverse=True)  # longest first, as the workaround does
     torch.manual_seed(0)
     model = SeqModel(task, 4, 3, ModelConfig(cell=cell, hidden=8, layers=2, bidirectional=bidirectional,
@@ -222,7 +222,7 @@ def test_real_dataparallel_refuses_or_corrupts_a_packed_sequence():
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_real_dataparallel_with_padded_tensor_and_lengths_matches_one_device(task, execution, bidirectional):
     data = ragged(LENGTHS, 4, per_step=task == "tag")
-    batch = collate_dp(data, Step(np.arange(len(LENGTHS)), True, len(LENGTHS), sum(LENGTHS))).to(
+    batch = collate_dp(fetch(data, Share(np.arange(len(LENGTHS)), True, len(LENGTHS), sum(LENGTHS)))).to(
         torch.device("cuda", 0))
     torch.manual_seed(0)
     model = SeqModel(task, 4, 3, ModelConfig(hidden=8, layers=2, bidirectional=bidirectional, embedding_dim=6),

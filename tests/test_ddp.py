@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from helpers import DDP_SCENARIOS
 
 from ddp_seq.config import load_config
-from ddp_seq.data.batching import Step, global_batches
-from ddp_seq.data.collate import collate
+from ddp_seq.data.batching import Share, global_batches
+from ddp_seq.data.collate import collate, fetch
 from ddp_seq.data.synthetic import make_synthetic, num_outputs
 from ddp_seq.model import build_model
 
@@ -41,7 +41,7 @@ def planned_batches(cfg) -> list[np.ndarray]:
 
 def sum_and_count(model, data, task: str, indices) -> tuple[torch.Tensor, int]:
     """The obvious loss: summed over the given samples (tokens for tag), and how many there are."""
-    batch = collate(data, Step(np.asarray(indices, dtype=np.int64), True, 0, 0))
+    batch = collate(fetch(data, Share(np.asarray(indices, dtype=np.int64), True, 0, 0)))
     out = model(batch.inputs, batch.lengths)
     if task == "classify":
         return F.cross_entropy(out, batch.targets, reduction="sum"), len(indices)

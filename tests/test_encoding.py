@@ -40,7 +40,7 @@ def token_file(rng: np.random.Generator, n: int, per_step: bool = False, labels=
 
 
 def decoded(parsed: Parsed, i: int) -> tuple[list, object]:
-    steps, target = parsed.data.sample(i)
+    steps, target = parsed.data[i]
     labels = [parsed.label_symbols[t] for t in np.atleast_1d(target)]
     return [parsed.token_symbols[t] for t in steps], labels if parsed.data.per_step else labels[0]
 
@@ -64,7 +64,7 @@ def test_encoding_matches_reference(min_freq, per_step):
     data = encode(parsed, enc, "tag" if per_step else "classify")
     for i in range(300):
         tokens, label = decoded(parsed, i)
-        ids, target = data.sample(i)
+        ids, target = data[i]
         assert ids.tolist() == [enc.vocab.index(t) if t in enc.vocab[2:] else UNK for t in tokens]
         want = [enc.classes.index(x) if x in enc.classes else -1 for x in np.atleast_1d(label)]
         assert np.atleast_1d(target).tolist() == want
@@ -122,8 +122,8 @@ def test_encode_refuses_other_inputs_than_the_model_reads():
 
 def test_encoding_survives_a_weights_only_checkpoint(tmp_path):
     enc = Encoding(["<pad>", "<unk>", "é", "日本", 17], ["neg", "pos"], 0)
-    torch.save({"encoding": enc.to_state()}, tmp_path / "e.pt")
-    assert Encoding.from_state(torch.load(tmp_path / "e.pt", weights_only=True)["encoding"]) == enc
+    torch.save({"encoding": enc.state_dict()}, tmp_path / "e.pt")
+    assert Encoding.from_state_dict(torch.load(tmp_path / "e.pt", weights_only=True)["encoding"]) == enc
 
 
 # -- folds, splits and the pipeline on real files ------------------------------------------------

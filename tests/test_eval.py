@@ -115,8 +115,8 @@ def test_two_ranks_evaluate_like_the_naive_loop(ddp_runs, name):
 def test_filler_and_uneven_eval_split_in_process():
     """The same plan split for 2 ranks, run here rank by rank, sums to the world-size-1 metrics."""
     from ddp_seq import objective
-    from ddp_seq.data.batching import ShardedBatchSampler
-    from ddp_seq.data.collate import collate
+    from ddp_seq.data.batching import BucketBatchSampler
+    from ddp_seq.data.collate import collate, fetch
 
     cfg = load_config(overrides=["data.task=tag", "data.num_val=21", "model.hidden=8", "model.embedding_dim=8",
                                  "batching.eval_batch_size=4", "training.monitor=val_loss"])
@@ -126,9 +126,9 @@ def test_filler_and_uneven_eval_split_in_process():
     total = None
     with torch.no_grad():
         for rank in range(3):
-            sampler = ShardedBatchSampler(data.lengths, rank=rank, world_size=3, batch_size=4, shuffle=False)
+            sampler = BucketBatchSampler(data.lengths, rank=rank, num_replicas=3, batch_size=4, shuffle=False)
             for step in sampler:
-                batch = collate(data, step)
+                batch = collate(fetch(data, step))
                 part = objective.metric_sums("tag", model(batch.inputs, batch.lengths), batch)
                 total = part if total is None else total + part
     assert int(total[-1]) == int(np.sum(data.lengths))  # every valid token once, fillers weigh 0

@@ -101,7 +101,7 @@ def test_predict_keeps_input_order_under_two_ranks_without_the_training_files(te
     encoding = encoding_of(state, cfg)
     data = load_inputs(cfg.data, encoding, str(inputs))[0]
     for i in (0, 1, 2, 50, 100):
-        steps = torch.from_numpy(data.sample(i)[0])[None]
+        steps = torch.from_numpy(data[i][0])[None]
         with torch.no_grad():
             probs = torch.softmax(model.eval()(steps, torch.tensor([steps.shape[1]])), -1)[0]
         assert rows1[i]["probabilities"]["pos"] == pytest.approx(float(probs[encoding.classes.index("pos")]),

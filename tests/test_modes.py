@@ -19,8 +19,8 @@ from helpers import python, ragged, torchrun
 from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
 from ddp_seq.config import ConfigError, ModelConfig, check_mode, load_config
-from ddp_seq.data.batching import Step
-from ddp_seq.data.collate import collate, collate_dp, collate_for
+from ddp_seq.data.batching import Share
+from ddp_seq.data.collate import collate, collate_dp, collate_for, fetch
 from ddp_seq.errors import UserError
 from ddp_seq.model import SeqModel
 from ddp_seq.parallel import SplitReplicas, wrap_model
@@ -82,8 +82,8 @@ def test_dp_in_a_torchrun_environment_exits_2_before_joining_a_group(tmp_path, r
 @pytest.mark.parametrize("per_step", [False, True], ids=["per-sequence", "per-step"])
 def test_collate_dp_sorts_longest_first_and_its_lengths_travel(per_step):
     data = ragged([4, 9, 2, 7, 7, 1], 3, per_step=per_step)
-    step = Step(np.array([0, 1, 2, 3, 4, 5]), True, 6, 30)
-    plain, dp = collate(data, step), collate_dp(data, step)
+    step = Share(np.array([0, 1, 2, 3, 4, 5]), True, 6, 30)
+    plain, dp = collate(fetch(data, step)), collate_dp(fetch(data, step))
     assert dp.lengths.tolist() == [9, 7, 7, 4, 2, 1] and dp.indices.tolist() == [1, 3, 4, 0, 2, 5]  # stable
     order = dp.indices.tolist()  # every field is sorted together: nothing has to be unsorted later
     for name in ("inputs", "targets", "mask", "weights"):

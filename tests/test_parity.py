@@ -15,8 +15,8 @@ import torch
 from helpers import python, torchrun
 
 from ddp_seq import objective, parity
-from ddp_seq.data.batching import Step, split_shares
-from ddp_seq.data.collate import collate, collate_dp
+from ddp_seq.data.batching import Share, split_shares
+from ddp_seq.data.collate import collate, collate_dp, fetch
 from ddp_seq.process_group import DistInfo
 
 CPU_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
@@ -66,9 +66,9 @@ def mean_of_rank_means(case, world_size: int = 2) -> tuple[parity.Result, parity
     assert len(set(sizes)) == world_size, "precondition: the shares differ in size"
     loss = 0.0
     for share in shares:
-        b = collate(trainer.train_data, Step(share, True, len(share), int(lengths[share].sum())))
-        loss = loss + objective.loss_sum(trainer.task, trainer.module(b.inputs, b.lengths), b) / \
-            objective.global_count(trainer.task, b)
+        b = collate(fetch(trainer.train_data, Share(share, True, len(share), int(lengths[share].sum()))))
+        loss = loss + objective.loss_sum(case[0], trainer.module(b.inputs, b.lengths), b) / \
+            objective.global_count(case[0], b)
     loss = loss / world_size
     grads = torch.autograd.grad(loss, list(trainer.module.parameters()))
     names = [n for n, _ in trainer.module.named_parameters()]
@@ -88,9 +88,9 @@ def test_targets_not_sorted_with_the_inputs_fail_the_check(case):
     left the targets in the drawn order (never unsorting) would pair outputs with other labels."""
     single, batch, lengths = parity.single_result(parity.case_config(*case, "single"), CPU_ONE)
     trainer = parity._trainer(parity.case_config(*case, "dp"), CPU_ONE)
-    step = Step(np.asarray(batch), True, len(batch), int(lengths[batch].sum()))
-    broken = collate_dp(trainer.train_data, step)
-    broken.targets = collate(trainer.train_data, step).targets  # drawn order
+    step = Share(np.asarray(batch), True, len(batch), int(lengths[batch].sum()))
+    broken = collate_dp(fetch(trainer.train_data, step))
+    broken.targets = collate(fetch(trainer.train_data, step)).targets  # drawn order
     row = parity.compare(parity.case_name(*case), "dp", single, parity.step_result(trainer, broken))
     assert not row.ok and row.grad_diff > 100 * parity.GRAD_ATOL, row
 

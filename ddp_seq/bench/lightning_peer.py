@@ -31,31 +31,20 @@ from torch.utils.data import DataLoader
 
 from .. import objective
 from ..config import Config, load_config
-from ..data.batching import ShardedBatchSampler
-from ..data.collate import collate
 from ..data.synthetic import make_synthetic, num_outputs
+from ..engine import make_loader, make_sampler
 from ..model import SeqModel
-from ..process_group import DistInfo, _env_int, all_reduce_sum, peak_rss_mb, per_rank, usable_cores
+from ..process_group import DistInfo, all_reduce_sum, env_int, peak_rss_mb, per_rank, usable_cores
 from .reference import PackedLSTM, SequenceDataset, loss_and_hits, pad_collate
-
-
-class StepsDataset:
-    """ddp_seq's collate as a map-style dataset keyed by the sampler's Steps (``batch_size=None``)."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __getitem__(self, step):
-        return collate(self.data, step)
 
 
 def build(cfg: Config, setup: str, out: Path):
     """The LightningModule, its train/val loaders and the timing callback for ``setup``."""
     import pytorch_lightning as pl
 
-    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    rank, world = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
     # Lightning joins the gloo group in fit(), before any callback below reduces over it.
-    info = DistInfo(rank, _env_int("LOCAL_RANK", 0), world, _env_int("LOCAL_WORLD_SIZE", world),
+    info = DistInfo(rank, env_int("LOCAL_RANK", 0), world, env_int("LOCAL_WORLD_SIZE", world),
                     torch.device("cpu"), "gloo" if world > 1 else None)
     train_data, val_data = make_synthetic(cfg.data, "train"), make_synthetic(cfg.data, "val")
     task, t = cfg.data.task, cfg.training
@@ -70,18 +59,9 @@ def build(cfg: Config, setup: str, out: Path):
                                 collate_fn=pad_collate)
     else:
         model = SeqModel(task, train_data.values.shape[1], num_outputs(cfg.data), cfg.model, execution="padded")
-        b = cfg.batching
-
-        def sampler(data, train: bool) -> ShardedBatchSampler:
-            return ShardedBatchSampler(data.lengths, rank=rank, world_size=world,
-                                       batch_size=b.batch_size if train else b.eval_batch_size,
-                                       strategy=b.strategy, pool=b.pool, seed=t.seed, shuffle=train)
-
-        # batch_size=None: the sampler yields whole Steps; Lightning calls its set_epoch.
-        train_loader = DataLoader(StepsDataset(train_data), batch_size=None, sampler=sampler(train_data, True),
-                                  collate_fn=lambda batch: batch)
-        val_loader = DataLoader(StepsDataset(val_data), batch_size=None, sampler=sampler(val_data, False),
-                                collate_fn=lambda batch: batch)
+        # ddp_seq's public sampler and loader, as the trainer builds them; Lightning calls set_epoch.
+        train_loader = make_loader(train_data, make_sampler(train_data, cfg, info, train=True), cfg)
+        val_loader = make_loader(val_data, make_sampler(val_data, cfg, info, train=False), cfg)
     total_steps = t.epochs * len(train_loader)
 
     class Module(pl.LightningModule):
@@ -172,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     import pytorch_lightning as pl
 
-    world, local_world = _env_int("WORLD_SIZE", 1), _env_int("LOCAL_WORLD_SIZE", 1)
+    world, local_world = env_int("WORLD_SIZE", 1), env_int("LOCAL_WORLD_SIZE", 1)
     # The thread rule ddp_seq applies (Lightning sets none): the cores shared among local ranks.
     torch.set_num_threads(cfg.distributed.threads_per_rank or max(1, usable_cores() // local_world))
     if args.setup == "tuned":  # ddp_seq's process settings too, so only the framework differs

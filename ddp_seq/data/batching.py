@@ -7,15 +7,15 @@ share per rank, contiguous in length order so that each share pads little and th
 there are global batches, and a step's gradient (sum over the global batch / global count) is
 the same whatever the world size.
 
-Pure NumPy: tested without any process group.
+Pure NumPy (the sampler is a torch ``Sampler``): tested without any process group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
+from torch.utils.data import Sampler
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -123,38 +123,132 @@ def straggler_ratio(batches: list[np.ndarray], lengths: np.ndarray, world_size: 
     return slowest / mean if mean else 1.0
 
 
-@dataclass
-class Step:
-    """What one rank computes in one step: its share of a global batch.
+class Share(list):
+    """This rank's part of one global batch: a ``list`` of sample indices, as a batch sampler yields,
+    plus what the loss needs to know about the whole global batch.
 
-    ``indices`` is never empty: a rank whose share is empty gets the batch's first sample with
-    ``real=False`` and runs a zero-weighted step, so it still joins every collective.
+    A share is never empty: a rank whose share of a small global batch is empty gets the batch's
+    first sample with ``real=False`` and runs a zero-weighted step, so it still joins every
+    collective. It pickles with its attributes, so it reaches DataLoader workers whole.
+
+    Attributes:
+        real: False for such a filler share (its loss and metrics weigh 0).
+        global_count: sequences in the whole global batch, over all ranks.
+        global_tokens: real time steps in the whole global batch.
+        epoch: the epoch whose plan it comes from.
+        position: the global batch's index in that epoch's plan (0-based).
     """
 
-    indices: np.ndarray
-    real: bool
-    global_count: int  # sequences in the whole global batch
-    global_tokens: int  # real time steps in the whole global batch
+    def __init__(self, indices, real: bool = True, global_count: int = 0, global_tokens: int = 0,
+                 epoch: int = 0, position: int = 0) -> None:
+        super().__init__(int(i) for i in indices)
+        self.real, self.global_count, self.global_tokens = real, global_count, global_tokens
+        self.epoch, self.position = epoch, position
+
+    @property
+    def indices(self) -> np.ndarray:
+        """The sample indices as an int64 array."""
+        return np.asarray(self, dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return (f"Share({list(self)}, real={self.real}, global_count={self.global_count}, "
+                f"global_tokens={self.global_tokens}, epoch={self.epoch}, position={self.position})")
 
 
-class ShardedBatchSampler:
-    """Yields this rank's :class:`Step` for each global batch of the epoch.
+def _check_int(name: str, value, minimum: int) -> int:
+    """torch's BatchSampler style: a plain int (not a bool) of at least ``minimum``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} should be an integer >= {minimum}, but got {name}={value!r}")
+    return int(value)
 
-    ``set_epoch(e)`` selects the epoch, as with ``DistributedSampler``. ``start`` skips the first
-    global batches (resuming mid-epoch).
+
+def lengths_of(source) -> np.ndarray:
+    """Sequence lengths ``[N]`` int64 of a lengths array or of a Dataset: its ``lengths`` attribute if
+    it has one, else ``len(dataset[i][0])`` for every item (one pass over the data)."""
+    array_like = getattr(source, "ndim", None) == 1 and hasattr(source, "__array__")  # ndarray, tensor
+    numbers = isinstance(source, (list, tuple)) and all(isinstance(x, (int, np.integer)) for x in source)
+    if array_like or numbers:
+        lengths = np.asarray(source)
+    elif hasattr(source, "lengths"):
+        lengths = np.asarray(source.lengths)
+    else:
+        lengths = np.fromiter((len(source[i][0]) for i in range(len(source))), dtype=np.int64, count=len(source))
+    if lengths.ndim != 1 or len(lengths) == 0:
+        raise ValueError(f"lengths should be a non-empty 1-D sequence, got shape {lengths.shape}")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths should be integers, got dtype {lengths.dtype}")
+    if lengths.min() < 1:
+        i = int(np.argmin(lengths))
+        raise ValueError(f"sample {i} has length {int(lengths[i])}: every sequence needs at least one step "
+                         "(pack_padded_sequence rejects empty ones)")
+    return lengths.astype(np.int64, copy=False)
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar lengths, sharded over the ranks of a DDP job: a batch sampler for
+    ``DataLoader(dataset, batch_sampler=...)`` that gives every rank the same number of batches.
+
+    Each epoch's list of *global* batches is a function of ``(seed, epoch)`` alone (see
+    :func:`global_batches`), never of the world size; each global batch is split into
+    ``num_replicas`` shares of near-equal padded-token cost (:func:`split_shares`) and this rank
+    yields its :class:`Share` of each. So ``len()`` -- the steps of an epoch -- is equal on every
+    rank (no DDP hang from uneven batch counts), and a step's gradient is the same whatever the
+    world size when the loss is divided by ``Share.global_count``. After fairseq's
+    ``batch_by_size`` + ``EpochBatchIterator`` and AllenNLP's bucket sampler; the argument names
+    are ``DistributedSampler``'s.
+
+    Args:
+        data_source: a lengths array ``[N]`` (ints >= 1), or a Dataset whose items are
+            ``(sequence, target)``: its ``lengths`` attribute is used if it has one, else one pass
+            over the items.
+        batch_size: sequences per *global* batch (over all ranks).
+        max_tokens: when > 0, also at most this many padded tokens (count x longest) per global batch.
+        num_replicas: ranks; default the process group's world size (1 without one).
+        rank: this rank; default the process group's rank (0 without one).
+        shuffle: True: batches drawn from ``(seed, epoch)``; False: sorted by length (evaluation).
+        seed: the seed of the batch order; must be the same on every rank.
+        strategy: ``bucket`` (sort by length within pools of ``pool`` batches) or ``random``.
+        pool: batches per sorting pool (``bucket``).
+        padding_noise: sort by ``length * U(1 - noise, 1 + noise)`` (``bucket``), in [0, 1].
+
+    Raises:
+        ValueError: an argument out of range (checked here, as torch's samplers do), or a
+            sequence of length 0.
     """
 
-    def __init__(self, lengths: np.ndarray, *, rank: int, world_size: int, batch_size: int,
-                 max_tokens: int = 0, strategy: str = "random", pool: int = 50, padding_noise: float = 0.0,
-                 seed: int = 0, shuffle: bool = True) -> None:
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.rank, self.world_size = rank, world_size
-        self.options = dict(batch_size=batch_size, max_tokens=max_tokens, strategy=strategy, pool=pool,
-                            padding_noise=padding_noise, seed=seed, shuffle=shuffle)
+    def __init__(self, data_source, batch_size: int, *, max_tokens: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None, shuffle: bool = True, seed: int = 0, strategy: str = "bucket",
+                 pool: int = 50, padding_noise: float = 0.0) -> None:
+        if num_replicas is None or rank is None:
+            import torch.distributed as dist
+
+            grouped = dist.is_available() and dist.is_initialized()
+            num_replicas = (dist.get_world_size() if grouped else 1) if num_replicas is None else num_replicas
+            rank = (dist.get_rank() if grouped else 0) if rank is None else rank
+        num_replicas = _check_int("num_replicas", num_replicas, 1)
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
+            raise ValueError(f"Invalid rank {rank!r}, rank should be in the interval [0, {num_replicas - 1}]")
+        if strategy not in ("bucket", "random"):
+            raise ValueError(f"strategy should be 'bucket' or 'random', but got strategy={strategy!r}")
+        if not 0.0 <= float(padding_noise) <= 1.0:
+            raise ValueError(f"padding_noise should be in [0, 1], but got padding_noise={padding_noise!r}")
+        if not isinstance(shuffle, bool):
+            raise ValueError(f"shuffle should be a boolean value, but got shuffle={shuffle!r}")
+        self.lengths = lengths_of(data_source)
+        self.num_replicas, self.rank = num_replicas, int(rank)
+        self.options = dict(batch_size=_check_int("batch_size", batch_size, 1),
+                            max_tokens=_check_int("max_tokens", max_tokens, 0), strategy=strategy,
+                            pool=_check_int("pool", pool, 1), padding_noise=float(padding_noise),
+                            seed=int(seed), shuffle=shuffle)
         self.epoch = 0
+        self._start = 0  # where the next __iter__ begins (load_state_dict sets it)
+        self._yielded = 0  # global batches of this epoch handed out so far
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose plan the next ``__iter__`` yields (as ``DistributedSampler.set_epoch``)."""
+        if epoch != self.epoch:
+            self._start = self._yielded = 0
         self.epoch = epoch
 
     def batches(self) -> list[np.ndarray]:
@@ -164,13 +258,47 @@ class ShardedBatchSampler:
         return self._cache[1]
 
     def __len__(self) -> int:
+        """Global batches of the epoch = steps per rank (the same on every rank)."""
         return len(self.batches())
 
-    def iter_from(self, start: int = 0) -> Iterator[Step]:
-        for batch in self.batches()[start:]:
-            share = split_shares(batch, self.lengths, self.world_size)[self.rank]
-            real = len(share) > 0
-            yield Step(share if real else batch[:1], real, len(batch), int(self.lengths[batch].sum()))
+    def share(self, position: int) -> Share:
+        """This rank's share of global batch ``position`` of the epoch."""
+        batch = self.batches()[position]
+        share = split_shares(batch, self.lengths, self.num_replicas)[self.rank]
+        real = len(share) > 0
+        return Share(share if real else batch[:1], real, len(batch), int(self.lengths[batch].sum()),
+                     self.epoch, position)
 
-    def __iter__(self) -> Iterator[Step]:
-        return self.iter_from(0)
+    def __iter__(self) -> Iterator[Share]:
+        start, self._start = self._start, 0
+        for position in range(start, len(self)):
+            self._yielded = position + 1
+            yield self.share(position)
+
+    def state_dict(self) -> dict:
+        """Where the epoch stands: ``{"version", "epoch", "position", "plan"}``; ``position`` counts the
+        global batches yielded so far. A DataLoader with workers fetches ahead of the loop, so a loop
+        that checkpoints should store the ``position`` of the batches it *trained* (``Share.position``
+        + 1 of the last one) instead."""
+        return {"version": 1, "epoch": self.epoch, "position": max(self._yielded, self._start),
+                "plan": self.plan_key()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next ``__iter__`` starts at ``state["position"]`` of epoch ``state["epoch"]``.
+
+        Raises ValueError if the state comes from a sampler whose plan differs (another batch
+        size, token budget, strategy, seed or data): its position would index other batches.
+        """
+        if state.get("version") != 1:
+            raise ValueError(f"unknown sampler state version {state.get('version')!r}")
+        if "plan" in state and state["plan"] != self.plan_key():
+            changed = [f"{k} {state['plan'].get(k)!r} -> {v!r}" for k, v in self.plan_key().items()
+                       if state["plan"].get(k) != v]
+            raise ValueError("the saved position indexes another plan of batches: " + ", ".join(changed))
+        self.set_epoch(int(state["epoch"]))
+        self._start = self._yielded = int(state["position"])
+
+    def plan_key(self) -> dict:
+        """What the plan of batches depends on besides the epoch (world size and rank do not count)."""
+        return {**{k: v for k, v in self.options.items() if k != "shuffle"}, "num_samples": len(self.lengths),
+                "total_length": int(self.lengths.sum())}

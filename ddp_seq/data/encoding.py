@@ -69,12 +69,12 @@ class Encoding:
         """Width of the model's head: classes (classify, tag) or 1 (regress)."""
         return 1 if task == "regress" else len(self.classes)
 
-    def to_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain lists, ints and None: a ``weights_only`` checkpoint takes them."""
         return asdict(self)
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Encoding:
+    def from_state_dict(cls, state: dict[str, Any]) -> Encoding:
         return cls(**state)
 
 

@@ -84,7 +84,8 @@ class SequenceData:
         return SequenceData(self.values, None, targets, self.per_step, self.starts[indices], self.lengths[indices],
                             self.positions[indices], None if self.lines is None else self.lines[indices], self.source)
 
-    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray | int | float]:
-        """``(steps, target)`` of sample ``i``: for inspection and tests, not for hot paths."""
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | int | float]:
+        """``(steps, target)`` of sample ``i``: a view of its steps (``[T, F]`` or ``[T]``) and its
+        target (a scalar, or ``[T]`` per-step targets) -- the item :func:`~ddp_seq.data.collate.collate` pads."""
         s, n = int(self.starts[i]), int(self.lengths[i])
         return self.values[s:s + n], self.targets[s:s + n] if self.per_step else self.targets[i]

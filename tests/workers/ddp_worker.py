@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from ddp_seq import process_group as ddist
+from ddp_seq.builders import build_trainer
 from ddp_seq.config import load_config
-from ddp_seq.data.collate import collate
+from ddp_seq.data.collate import collate, fetch
 from ddp_seq.process_group import exit_worker
 from ddp_seq.runlog import NullLogger
-from ddp_seq.trainer import Trainer, evaluate
+from ddp_seq.trainer import evaluate
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,16 +46,16 @@ def main(spec_path: str, out_dir: str) -> int:
         for scenario in spec["scenarios"]:
             name = scenario["name"]
             cfg = load_config(overrides=scenario["overrides"])
-            trainer = Trainer(cfg, info, NullLogger(), None)
+            trainer = build_trainer(cfg, info, NullLogger(), None)
             before = _state(trainer.module)
             val_before = evaluate(trainer.module, trainer.val_data, cfg, info)
 
             trainer.model.train()
             trainer.sampler.set_epoch(0)
             steps = list(trainer.sampler)[:cfg.training.grad_accum]
-            batches = [collate(trainer.train_data, step).to(info.device) for step in steps]
+            batches = [collate(fetch(trainer.train_data, step)).to(info.device) for step in steps]
             lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step applies
-            local_sum = trainer.train_step(*batches)
+            local_sum, _ = trainer.train_step(*batches)
 
             after = _state(trainer.module)
             val_after = evaluate(trainer.module, trainer.val_data, cfg, info)

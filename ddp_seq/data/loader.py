@@ -1,0 +1,36 @@
+"""A standard ``torch.utils.data.DataLoader`` over the sampler's shares, set up as the trainer uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from .batching import BucketBatchSampler
+from .collate import Batch, ShareDataset, collate
+
+
+def build_loader(dataset, batch_sampler: BucketBatchSampler, collate_fn: Callable[[list], Batch] = collate, *,
+                 num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool = True,
+                 prefetch_factor: int = 2) -> DataLoader:
+    """``DataLoader(ShareDataset(dataset), batch_sampler=batch_sampler, collate_fn=collate_fn, ...)``.
+
+    The batches are the same with any ``num_workers``: the sampler runs in this process and the
+    loader returns batches in the sampler's order. With workers, ``collate_fn`` runs in them.
+
+    Args:
+        dataset: items ``(sequence, target)``, see :func:`~ddp_seq.data.collate.collate`.
+        batch_sampler: this rank's sampler (``set_epoch`` it before iterating, as usual).
+        collate_fn: turns a share's items into a :class:`~ddp_seq.data.collate.Batch`.
+        num_workers: worker processes (0 = collate in this process).
+        pin_memory: page-locked batches for asynchronous copies to a GPU; None = when CUDA is available.
+        persistent_workers: keep workers between epochs (``num_workers > 0`` only).
+        prefetch_factor: batches each worker prepares ahead (``num_workers > 0`` only).
+    """
+    workers = num_workers > 0
+    return DataLoader(ShareDataset(dataset), batch_sampler=batch_sampler, collate_fn=collate_fn,
+                      num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      persistent_workers=persistent_workers and workers,
+                      prefetch_factor=prefetch_factor if workers else None)
