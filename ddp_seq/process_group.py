@@ -118,9 +118,13 @@ def teardown() -> None:
 
 
 @contextlib.contextmanager
-def distributed(cfg: DistributedConfig) -> Iterator[DistInfo]:
-    """``with distributed(cfg) as info:`` -- the process group lives exactly as long as the block."""
-    info = setup(cfg)
+def distributed(cfg: DistributedConfig | None = None) -> Iterator[DistInfo]:
+    """``with distributed(cfg) as info:`` -- the process group lives exactly as long as the block.
+
+    Reads torchrun's variables (one process without them), picks the device (``cuda:LOCAL_RANK``
+    or the CPU) and the backend (NCCL or gloo), sets threads per rank; ``cfg`` default
+    ``DistributedConfig()``."""
+    info = setup(cfg or DistributedConfig())
     try:
         yield info
         # Ranks reach the end at different times; a barrier lines them up before the group is
