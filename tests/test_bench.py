@@ -208,3 +208,22 @@ def test_quick_modes_suite_runs_dp_beside_ddp(tmp_path):
     assert set(part["variants"]) == {"ddp", "dp"} and part["baseline"] == "ddp"
     for name, row in part["variants"].items():
         assert row["tokens_per_s"] > 0 and 0 <= row["final_metric"] <= 1, name
+
+
+def test_the_user_model_row_trains_the_default_network():
+    """The bench's user model (model.target) must be the very network of the built-in default, or the
+    row compares two models instead of two paths: same layers and order, same seed -> same weights
+    and outputs."""
+    from ddp_seq.bench.user_model import UserLSTM
+    from ddp_seq.config import ModelConfig
+    from ddp_seq.model import build_model
+
+    torch.manual_seed(0)
+    builtin = build_model("classify", 8, 4, ModelConfig(execution="padded"))
+    torch.manual_seed(0)
+    user = UserLSTM(8, 4)
+    shapes = [[(k, v.shape) for k, v in m.state_dict().items()] for m in (builtin, user)]
+    assert shapes[0] == shapes[1]
+    assert all(torch.equal(a, b) for a, b in zip(builtin.state_dict().values(), user.state_dict().values()))
+    x, lengths = torch.randn(5, 9, 8), torch.tensor([9, 3, 5, 1, 7])
+    assert torch.equal(builtin(x, lengths), user(x, lengths))

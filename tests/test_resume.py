@@ -124,6 +124,17 @@ def test_mid_epoch_resume_is_bitwise(reference, tmp_path, world_size, step):
     assert resumed["history"][-1]["val_accuracy"] == uninterrupted["history"][-1]["val_accuracy"]
 
 
+def test_dataloader_workers_resume_exactly(reference, tmp_path):
+    """Collate in 2 DataLoader worker processes per rank: the same batches as in-process, so a
+    mid-epoch resume with workers still reproduces the uninterrupted run without them bitwise."""
+    source = reference[2] / "checkpoints" / "step-00000005.pt"
+    train(tmp_path, "workers", 2, "data.num_workers=2", f"checkpoint.resume={source}")
+    resumed, uninterrupted = final(tmp_path / "workers"), final(reference[2])
+    assert_bitwise(resumed["model"], uninterrupted["model"])
+    assert [e["real_tokens"] for e in epochs(tmp_path / "workers")] == [e["real_tokens"] for e in
+                                                                         epochs(reference[2])[1:]]
+
+
 def test_dropout_rng_is_restored(reference, tmp_path):
     """Control for the test above: the same resume with fresh RNG states must NOT be bitwise equal,
     otherwise that test could not detect a missing RNG restore."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runlog import format_table
-from .suite import DDP, LONG, metric_at
+from .suite import DDP, LONG, USER_MODEL, metric_at
 
 COLUMNS = ["configuration", "tokens_per_s", "vs_baseline", "seq_per_s", "epoch_s", "padding_efficiency",
            "straggler_ratio", "peak_rss_mb", "final_metric", "metric_at_budget"]
@@ -85,6 +85,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             ours, theirs = metric_at(rows[long]["curve"], other_time), rows[other]["final_metric"]
             add(f"... {metric} at {other}'s training time ({other_time:.0f}s) >= {other}'s",
                 "—" if ours is None else f"{ours:.4f} vs {theirs:.4f}", ours is not None and _at_least(ours, theirs))
+    if {USER_MODEL.name, ddp} <= rows.keys():
+        ratio = speed(USER_MODEL.name, ddp)
+        add("a user model through the public API within 2% of the built-in path", shown(USER_MODEL.name, ddp, 3),
+            _at_least(ratio, 0.98))
     if {tuned, ddp} <= rows.keys():
         ratio = speed(ddp, tuned)
         add("ddp within 2% of Lightning given ddp_seq's sampler + padded path", shown(ddp, tuned, 3),

@@ -61,6 +61,9 @@ DDP = "ddp"
 PADDED_BUCKETS = ("batching.strategy=bucket", "model.execution=padded")
 #: The default configuration trained for 4x the epochs (equal wall-clock comparisons).
 LONG = f"{DDP} bucket+padded, 4x epochs"
+#: The default network written as a user's own model (bench/user_model.py), through model.target.
+USER_MODEL = Variant(f"{DDP} bucket+padded, user model", "ddp_seq", 0,
+                     (*PADDED_BUCKETS, "model.target=ddp_seq.bench.user_model:UserLSTM"))
 
 SUITES: dict[str, dict[str, Part]] = {
     # The matrix on the default task, scaled to run 3 alternating repeats in ~45 min on
@@ -76,12 +79,15 @@ SUITES: dict[str, dict[str, Part]] = {
                     (*PADDED_BUCKETS, "distributed.flush_denormal=false"), needs=("cpu",)),
             # The default given 4x the epochs: what ddp_seq reaches in the wall-clock time the
             # reference and Lightning need for their 5 epochs (the equal wall-clock comparison).
-            Variant(LONG, "ddp_seq", 0, (*PADDED_BUCKETS, "training.epochs=20")),
+            Variant(LONG, "ddp_seq", 0, (*PADDED_BUCKETS, "training.epochs=20")), USER_MODEL,
             *cells("dp", 1, ("training.mode=dp",), needs=("cuda",)), *LIGHTNING), "reference"),
         "tag": Part(("data.task=tag", "data.num_train=1000", "training.epochs=3"), (
             REFERENCE, *[v for v in cells(DDP, 0) if v.name in (f"{DDP} random+packed", f"{DDP} bucket+padded")],
             LIGHTNING[0]), "reference"),
     },
+    # The library path against the built-in one: the default network as a user's own model.
+    "library": {"classify": Part(("data.num_train=3000", "training.epochs=5"), (
+        Variant(f"{DDP} bucket+padded", "ddp_seq", 0, PADDED_BUCKETS), USER_MODEL), f"{DDP} bucket+padded")},
     # Batching strategies and knobs on ddp_seq alone (2 ranks).
     "batching": {"classify": Part(("training.epochs=3", "data.num_train=10000"), (
         *[v for v in cells(DDP, 2) if v.name != f"{DDP} random+padded"],
