@@ -29,8 +29,11 @@ def build_loader(dataset, batch_sampler: BucketBatchSampler, collate_fn: Callabl
         prefetch_factor: batches each worker prepares ahead (``num_workers > 0`` only).
     """
     workers = num_workers > 0
+    # Its own generator: each iter() of a DataLoader draws a base seed (for worker seeds) from the
+    # generator it is given, else from torch's global RNG -- which would move the dropout masks of
+    # the training that follows, and a resumed run (one more iter()) would not match the original.
     return DataLoader(ShareDataset(dataset), batch_sampler=batch_sampler, collate_fn=collate_fn,
-                      num_workers=num_workers,
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(0),
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                       persistent_workers=persistent_workers and workers,
                       prefetch_factor=prefetch_factor if workers else None)
