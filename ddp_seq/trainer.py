@@ -41,6 +41,14 @@ from .state import EpochProgress, TrainState
 __all__ = ["Trainer", "evaluate"]
 
 
+def _lengths(dataset, which: str):
+    """The sequence lengths of a dataset; a bad one is the user's error, named."""
+    try:
+        return lengths_of(dataset)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{which} data: {e}") from None
+
+
 class Trainer:
     """Trains ``model`` on ``train_data``, validating on ``val_data`` after every epoch; ``fit()`` runs the job.
 
@@ -89,7 +97,7 @@ class Trainer:
             raise UserError(f"training.monitor: {cfg.training.monitor} is not among the metrics of objective "
                             f"{self.objective.name} ({', '.join('val_' + m for m in self.objective.metrics)})")
         self.train_data, self.val_data = train_data, val_data
-        train_lengths = lengths_of(train_data)
+        train_lengths, val_lengths = _lengths(train_data, "train"), _lengths(val_data, "val")
         if info.world_size > len(train_lengths):
             raise UserError(f"data: {len(train_lengths)} training sequences cannot feed {info.world_size} ranks; "
                             "use at least one per rank (data.num_train, or a bigger data.train_path)")
@@ -103,7 +111,7 @@ class Trainer:
         self.model = wrap_model(self.module, self.mode, info, self.log)
         self.sampler = make_sampler(train_lengths, cfg, info, train=True)
         self.loader = make_loader(train_data, self.sampler, cfg)
-        self.val_loader = make_loader(val_data, make_sampler(val_data, cfg, info, train=False), cfg)
+        self.val_loader = make_loader(val_data, make_sampler(val_lengths, cfg, info, train=False), cfg)
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         self.total_steps = self._count_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
