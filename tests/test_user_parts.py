@@ -142,8 +142,9 @@ def test_bad_targets_stop_before_training_with_one_line(tmp_path, capsys, overri
 
 
 def test_a_dataset_with_an_empty_sequence_is_the_users_error():
-    from ddp_seq import Trainer, UserError, load_config
     from workers.user_parts import MeanPoolGRU
+
+    from ddp_seq import Trainer, UserError, load_config
 
     items = [(torch.ones(3, 3), 0), (torch.ones(0, 3), 1), (torch.ones(2, 3), 2)]
     with pytest.raises(UserError, match="train data: sample 1 has length 0"):
