@@ -6,6 +6,8 @@ place its choices are written, bounds sit in :func:`opt`. Every section dataclas
 fields when it is constructed (``ModelConfig(hidden=-1)`` raises), and :func:`validate` checks the
 whole tree again plus the rules that span fields. Every problem is raised as :class:`ConfigError`
 with a message that names the key to fix; the CLI turns it into one line and exit code 2.
+The field machinery that serves every section (:func:`opt`, reading a field's choices and bounds
+back, coercing and checking values) lives in :mod:`ddp_seq.config_fields`; this module is the schema.
 
 This module imports neither torch nor numpy, so a config can be checked in a fraction of a second
 before any process is launched.
@@ -13,65 +15,34 @@ before any process is launched.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import keyword
-import math
-import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
-
-
-class ConfigError(UserError):
-    """A config key with an unknown name, a wrong type or a value out of range."""
-
-
-def opt(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-        check: Callable[[Any], str | None] | None = None, allowed: str = "") -> Any:
-    """A config field with its one-line doc and the constraints checked on construction and by :func:`validate`.
-
-    A choice field's values are its ``Literal[...]`` annotation, not an argument here. ``check``
-    returns the problem with a value (``"must be ...; got ..."``) or None; ``allowed`` is the
-    reference table's text for values that neither choices nor bounds describe. A mutable
-    ``default`` (``{}``) becomes a ``default_factory``: every instance gets its own copy.
-    """
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "check": check, "allowed": allowed}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def check_target(value: str) -> str | None:
-    """The problem with a ``model.target``/``data.target`` value, or None: it must be empty or
-    ``package.module:Name`` / ``path/to/file.py:Name`` (syntax only; nothing is imported here)."""
-    if not value:
-        return None
-    where, _, name = value.partition(":")
-    if value.count(":") != 1 or not where.strip() or not all(
-            part.isidentifier() and not keyword.iskeyword(part) for part in name.split(".")):
-        return f"must be package.module:Name or path/to/file.py:Name (one ':', then a Python name); got {value!r}"
-    return None
-
-
-_TARGET_ALLOWED = "empty, `module:Name`, `file.py:Name`"
-
-
-class _Section:
-    """Base of the section dataclasses: a section checks its own fields when it is constructed."""
-
-    def __post_init__(self) -> None:
-        _check_section(self, _section_name(type(self)))
+from .config_fields import (
+    NOT_PLAIN,
+    TARGET_ALLOWED,
+    ConfigError,
+    FieldSpec,
+    Section,
+    check_section,
+    check_target,
+    coerce,
+    field_specs,
+    name_sections,
+    opt,
+    plain_scalar,
+)
+from .config_fields import choices_of as choices_of  # re-exported: importers take it from here
+from .errors import UserError as UserError  # re-exported: importers take it from here
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     task: Literal["classify", "regress", "tag"] = opt(
         "classify", "classify: one label per sequence; regress: one value; tag: one label per step")
     format: Literal["synthetic", "npz", "tsv", "jsonl", "ts"] = opt(
@@ -80,7 +51,7 @@ class DataConfig(_Section):
     target: str = opt("", "your data: package.module:function or path/to/file.py:function returning (train_dataset, "
                       "val_dataset); called with the keyword arguments it accepts among task, seed and data.args; "
                       "empty = data.format (when set, data.format and data.train_path are ignored)",
-                      check=check_target, allowed=_TARGET_ALLOWED)
+                      check=check_target, allowed=TARGET_ALLOWED)
     args: dict[str, Any] = opt({}, "keyword arguments for data.target (a YAML mapping; override one with "
                                "data.args.NAME=value)", allowed="a mapping")
     train_path: str = opt("", "training file (every format but synthetic)")
@@ -118,7 +89,7 @@ class DataConfig(_Section):
 
 
 @dataclass
-class BatchingConfig(_Section):
+class BatchingConfig(Section):
     strategy: Literal["random", "bucket"] = opt(
         "bucket", "random: plain shuffled batches; bucket: length-sorted within pools")
     batch_size: int = opt(64, "sequences per global batch (split across all ranks)", ge=1)
@@ -130,7 +101,7 @@ class BatchingConfig(_Section):
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     cell: Literal["lstm", "gru"] = opt("lstm", "recurrent cell")
     hidden: int = opt(128, "hidden units per direction", ge=1)
     layers: int = opt(2, "stacked recurrent layers", ge=1)
@@ -144,13 +115,13 @@ class ModelConfig(_Section):
         "packed on CUDA)")
     target: str = opt("", "your model class: package.module:Class or path/to/file.py:Class, called with the keyword "
                       "arguments it accepts among task, num_inputs, num_outputs, vocab_size, plus model.args; "
-                      "empty = the built-in SeqModel", check=check_target, allowed=_TARGET_ALLOWED)
+                      "empty = the built-in SeqModel", check=check_target, allowed=TARGET_ALLOWED)
     args: dict[str, Any] = opt({}, "keyword arguments for model.target (a YAML mapping; override one with "
                                "model.args.NAME=value)", allowed="a mapping")
 
 
 @dataclass
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     epochs: int = opt(5, "passes over the training set", ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = opt("adam", "optimizer")
     lr: float = opt(1e-2, "peak learning rate", gt=0)
@@ -172,7 +143,7 @@ class TrainingConfig(_Section):
 
 
 @dataclass
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     save: bool = opt(True, "write checkpoints into runs/<name>/checkpoints/ (step-<N>.pt and best.pt)")
     every_steps: int = opt(100, "also checkpoint every this many optimizer steps mid-epoch; 0 = epoch ends only",
                            ge=0)
@@ -184,14 +155,14 @@ class CheckpointConfig(_Section):
 
 
 @dataclass
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     root: str = opt("runs", "directory that holds one sub-directory per run")
     name: str = opt("", "run name; empty = '<task>-<date>-<time>' chosen by rank 0")
     progress: Literal["auto", "bar", "lines", "none"] = opt("auto", "auto: a bar on a terminal, plain lines otherwise")
 
 
 @dataclass
-class WandbConfig(_Section):
+class WandbConfig(Section):
     mode: Literal["disabled", "offline", "online"] = opt(
         "disabled", "disabled; offline: files under the run directory (`wandb sync` later); online. WANDB_MODE in the "
         "environment wins")
@@ -206,7 +177,7 @@ class WandbConfig(_Section):
 
 
 @dataclass
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "auto: nccl with GPUs, gloo on CPU")
     timeout_s: int = opt(600, "collective timeout in seconds (a dead rank fails the others then)", ge=1)
     threads_per_rank: int = opt(0, "torch threads per rank; 0 = usable cores / local ranks", ge=0)
@@ -226,146 +197,11 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
+name_sections(Config)  # the section classes take their key prefixes from the field names above
+
+
 def _sections(cfg: Config) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-
-
-class FieldSpec(NamedTuple):
-    """What a section field accepts: its Python ``kind`` (bool, int, float, str or dict), its
-    ``choices`` (from a ``Literal[...]`` annotation, else None) and the :func:`opt` metadata."""
-
-    name: str
-    kind: type
-    choices: tuple[str, ...] | None
-    meta: Mapping[str, Any]
-
-
-_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
-
-
-@functools.cache
-def field_specs(cls: type) -> dict[str, FieldSpec]:
-    """The :class:`FieldSpec` of every field of the section dataclass ``cls``, in field order. The
-    annotations are strings (``from __future__ import annotations``): resolved once per class."""
-    hints = get_type_hints(cls)
-    specs = {}
-    for f in dataclasses.fields(cls):
-        hint, choices = hints[f.name], None
-        if get_origin(hint) is Literal:
-            choices = get_args(hint)
-            kind = type(choices[0])
-        else:
-            kind = get_origin(hint) or hint
-        if kind not in _KINDS:
-            raise TypeError(f"{cls.__name__}.{f.name}: config fields are bool, int, float, str, Literal or dict")
-        specs[f.name] = FieldSpec(f.name, kind, choices, f.metadata)
-    return specs
-
-
-def choices_of(cls: type, name: str) -> tuple[str, ...] | None:
-    """The values the choice field ``cls.name`` accepts (its ``Literal[...]``), or None."""
-    return field_specs(cls)[name].choices
-
-
-@functools.cache
-def _section_classes() -> dict[type, str]:
-    return {hint: name for name, hint in get_type_hints(Config).items()}
-
-
-def _section_name(cls: type) -> str:
-    """``model`` for ModelConfig (or a subclass of it): the prefix of the keys its errors name."""
-    names = _section_classes()
-    return next((names[k] for k in cls.__mro__ if k in names), cls.__name__)
-
-
-_NOT_PLAIN = object()
-
-
-def _plain(key: str, value: Any, *, top: bool = False) -> Any:
-    """``value`` as plain YAML data (scalars, lists, mappings; tuples become lists), copied; else a
-    ConfigError naming ``key`` (``model.args.NAME`` for an entry). ``top``: the keys are keyword-argument names."""
-    if isinstance(value, Mapping):
-        plain = {}
-        for k, v in value.items():
-            if top and not (isinstance(k, str) and k.isidentifier()):
-                raise ConfigError(f"{key}: keys are keyword-argument names; got {k!r}")
-            if _plain_scalar(k) is _NOT_PLAIN:
-                raise ConfigError(f"{key}: mapping keys must be YAML scalars; got {k!r}")
-            plain[_plain_scalar(k)] = _plain(f"{key}.{k}", v)
-        return plain
-    if isinstance(value, (list, tuple)):
-        return [_plain(f"{key}[{i}]", v) for i, v in enumerate(value)]
-    scalar = _plain_scalar(value)
-    if scalar is _NOT_PLAIN:
-        raise ConfigError(f"{key}: expected a YAML scalar (number, string, boolean, null), list or mapping; "
-                          f"got {value!r}")
-    return scalar
-
-
-
-def _plain_scalar(value: Any) -> Any:
-    """``value`` as a plain YAML scalar (bool, int, float, str or None), or ``_NOT_PLAIN``."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return _NOT_PLAIN
-
-
-def _coerce(key: str, value: Any, target: type) -> Any:
-    """Return ``value`` as ``target`` or raise a ConfigError naming ``key``."""
-    kind = _KINDS[target]
-    if target is bool:
-        if isinstance(value, bool):
-            return value
-    elif target is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-    elif target is float:
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif target is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif target is dict:
-        if isinstance(value, Mapping):
-            return _plain(key, value, top=True)
-        raise ConfigError(f"{key}: expected a mapping (in YAML `{{name: value}}`; one entry: {key}.NAME=value), "
-                          f"got {value!r}")
-    raise ConfigError(f"{key}: expected {kind}, got {value!r}")
-
-
-def _check_field(key: str, spec: FieldSpec, value: Any) -> Any:
-    """``value`` coerced to the field's kind and checked against its choices, bounds and check;
-    else a ConfigError naming ``key``. The one per-field check of construction and :func:`validate`."""
-    value = _coerce(key, value, spec.kind)
-    meta = spec.meta
-    if spec.choices and value not in spec.choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(spec.choices)}; got {value!r}")
-    if meta["ge"] is not None and value < meta["ge"]:
-        raise ConfigError(f"{key}: must be >= {meta['ge']}; got {value!r}")
-    if meta["gt"] is not None and value <= meta["gt"]:
-        raise ConfigError(f"{key}: must be > {meta['gt']}; got {value!r}")
-    if meta["le"] is not None and value > meta["le"]:
-        raise ConfigError(f"{key}: must be <= {meta['le']}; got {value!r}")
-    if meta["check"] is not None and (problem := meta["check"](value)):
-        raise ConfigError(f"{key}: {problem}")
-    return value
-
-
-def _check_section(section: Any, section_name: str) -> None:
-    """Check (and coerce in place: an int given to a float field becomes a float) every field of ``section``."""
-    for name, spec in field_specs(type(section)).items():
-        setattr(section, name, _check_field(f"{section_name}.{name}", spec, getattr(section, name)))
 
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
@@ -385,7 +221,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
             raise ConfigError(f"{dotted}: {section_name}.{name}.NAME=value needs a keyword-argument name; "
                               f"got {entry!r}")
         value = {**getattr(section, name), entry: value}
-    setattr(section, name, _coerce(f"{section_name}.{name}", value, specs[name].kind))
+    setattr(section, name, coerce(f"{section_name}.{name}", value, specs[name].kind))
 
 
 def _spec_of(cfg: Config, dotted: str) -> FieldSpec | None:
@@ -417,7 +253,7 @@ def _override_value(cfg: Config, dotted: str, raw: str) -> Any:
     section_key, _, entry = dotted.rpartition(".")
     spec = _spec_of(cfg, section_key) if entry and section_key.count(".") == 1 else None
     if spec is not None and spec.kind is dict and not isinstance(value, (Mapping, list)) \
-            and _plain_scalar(value) is _NOT_PLAIN:
+            and plain_scalar(value) is NOT_PLAIN:
         return raw
     return value
 
@@ -426,7 +262,7 @@ def validate(cfg: Config) -> Config:
     """Check every field (as construction does: values assigned since are checked too) and the
     cross-field rules; return ``cfg``."""
     for section_name, section in _sections(cfg).items():
-        _check_section(section, section_name)
+        check_section(section, section_name)
     d = cfg.data
     if d.max_length and d.min_length > d.max_length:
         raise ConfigError(f"data.min_length: must be <= data.max_length ({d.max_length}); got {d.min_length}")
