@@ -12,6 +12,7 @@ unwrapped module's state) and resuming are the same code for ``ddp``, ``dp`` and
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from .process_group import DistInfo, all_reduce_sum, current_info, peak_rss_mb, 
 from .report import columns_with, summary_lines
 from .resume import Preempted, StopFlag, capture_rng, prune, restore_rng, step_path
 from .runlog import NullLogger, format_table
-from .state import EpochProgress, TrainState
+from .state import EpochCounters, EpochProgress, TrainState
 
 __all__ = ["Trainer", "evaluate"]
 
@@ -286,29 +287,13 @@ class Trainer:
         done = -(-start_position // accum)  # groups finished before this segment
         total_groups = done + num_groups
         log.start_progress(num_groups, f"epoch {epoch + 1}/{cfg.training.epochs}")
-        # Since the last flush: the local loss sum (on the device) and the global count.
-        window_loss, window_count = torch.zeros(1, dtype=torch.float64, device=info.device), 0.0
-        # [real tokens, padded tokens computed by each rank ...] of this segment (filler steps included).
-        tokens = torch.zeros(1 + info.world_size, dtype=torch.float64)
+        counters = EpochCounters(info.world_size, info.rank, info.device)
         step_times: list[float] = []
         self.checkpoint_s = 0.0
         check_every = cfg.checkpoint.signal_check_steps if info.distributed else 1
         start = last = time.perf_counter()
         logged = 0  # steps already shown on the progress bar
-        # Throughput of the logging window: global sequences, and the token counters at its start.
-        window_seqs, tokens_at_log = 0, tokens.clone()
-
-        def flush() -> float:
-            """All-reduce the loss window into the epoch totals; returns the window's mean loss."""
-            nonlocal window_count
-            loss_sum = float(all_reduce_sum(window_loss, info)[0])
-            mean = loss_sum / max(window_count, 1)
-            st.progress.loss_sum += loss_sum
-            st.progress.count += window_count
-            window_loss.zero_()
-            window_count = 0.0
-            return mean
-
+        reduce = functools.partial(all_reduce_sum, info=info)
         step_start = time.perf_counter()  # a step's time includes waiting for its batches
         for i, group in enumerate(self._step_groups(epoch, start_position)):
             batches = [b.to(info.device) for b in group]
@@ -316,26 +301,20 @@ class Trainer:
             step_times.append(time.perf_counter() - step_start)
             st.step += 1
             st.position = min(num_batches, st.position + len(group))
-            window_loss += local
-            window_count += count
-            window_seqs += sum(b.global_count for b in batches)
-            tokens[0] += sum(b.real_tokens for b in batches)
-            tokens[1 + info.rank] += sum(b.padded_tokens for b in batches)
+            counters.add(local, count, batches)
             last_group = i + 1 == num_groups
             # Every rank evaluates these conditions identically, so the collectives below line up.
             if (i + 1) % cfg.training.log_every == 0 or last_group:
-                train_loss = flush()
-                since_log = tokens - tokens_at_log
-                real, padded = all_reduce_sum(torch.stack([since_log[0], since_log[1:].sum()]), info).tolist()
+                train_loss = counters.flush(st.progress, reduce)
+                real, padded, sequences = counters.since_log(reduce)
                 now = time.perf_counter()
                 seconds = max(now - last, 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.record({"kind": "train", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
                             "lr": lr, "elapsed_s": st.progress.seconds + now - start,
                             "grad_norm": None if self.last_grad_norm is None else float(self.last_grad_norm),
-                            "seq_per_s": window_seqs / seconds, "tokens_per_s": real / seconds,
+                            "seq_per_s": sequences / seconds, "tokens_per_s": real / seconds,
                             "padding_efficiency": real / max(padded, 1)})
-                window_seqs, tokens_at_log = 0, tokens.clone()
                 log.progress(i + 1 - logged, f"loss {train_loss:.4f}, {real / seconds:,.0f} tok/s",
                              f"epoch {epoch + 1} step {done + i + 1}/{total_groups} loss {train_loss:.4f} "
                              f"lr {lr:.2e} ({now - last:.1f}s)")
@@ -344,17 +323,17 @@ class Trainer:
                 break  # the epoch-end checkpoint follows evaluation
             every = cfg.checkpoint.every_steps
             if every and st.step % every == 0:
-                flush()
-                self._save(self._progress_now(tokens, start)[0])
+                counters.flush(st.progress, reduce)
+                self._save(self._progress_now(counters.tokens, start)[0])
             if (i + 1) % check_every == 0 and self._stop_requested():
-                flush()
+                counters.flush(st.progress, reduce)
                 if self.saved_step != st.step:
-                    self._save(self._progress_now(tokens, start)[0])
+                    self._save(self._progress_now(counters.tokens, start)[0])
                 log.end_progress()
                 raise self._preempted(f"at epoch {epoch + 1}, step {st.step}")
             step_start = time.perf_counter()
         log.end_progress()
-        totals, padded_per_rank = self._progress_now(tokens, start)
+        totals, padded_per_rank = self._progress_now(counters.tokens, start)
         times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
         return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.count, 1),
                 "train_s": totals.seconds, "seq_per_s": len(self.sampler.lengths) / totals.seconds,
