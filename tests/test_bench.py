@@ -195,7 +195,7 @@ def test_quick_default_suite_runs_every_runner_and_writes_benchmarks_md(tmp_path
     text = markdown.read_text()
     assert "### Targets" in text and "### Execution paths" in text and "![classify" in text
     checks = targets(result)
-    assert len(checks) == (8 if lightning else 5)
+    assert len(checks) == (9 if lightning else 6)  # 6: the user-model row is not a Lightning one
     assert all(f"| {row['target']} | {row['measured']} | {row['met']} |" in text for row in checks)
 
 
