@@ -37,6 +37,8 @@ class SequenceData:
     ``per_step`` tasks (tag), per time step and indexed like ``values``. ``positions`` is each
     sample's index in its source (the input order ``predict`` writes back); ``lines`` its 1-based
     line in a text file, or None; ``source`` the file (or ``synthetic``), for messages.
+    ``input_lengths`` is each sample's length in its input before ``data.max_length`` cut it (set
+    for ``predict`` input, which reports the steps a prediction covers), or None.
     """
 
     values: np.ndarray  # [total_steps, features] float32, or [total_steps] int64 token ids
@@ -48,6 +50,7 @@ class SequenceData:
     positions: np.ndarray | None = None  # [n] int64; arange(n) by default
     lines: np.ndarray | None = None  # [n] int64, or None (not a text file)
     source: str = ""
+    input_lengths: np.ndarray | None = None  # [n] int64, or None (not recorded)
 
     def __post_init__(self) -> None:
         if self.starts is None:
@@ -75,14 +78,16 @@ class SequenceData:
     def with_spans(self, starts: np.ndarray, lengths: np.ndarray) -> SequenceData:
         """The same samples with new spans over the same storage (e.g. truncated sequences)."""
         return SequenceData(self.values, None, self.targets, self.per_step, np.asarray(starts, dtype=np.int64),
-                            np.asarray(lengths, dtype=np.int64), self.positions, self.lines, self.source)
+                            np.asarray(lengths, dtype=np.int64), self.positions, self.lines, self.source,
+                            self.input_lengths)
 
     def select(self, indices: np.ndarray) -> SequenceData:
         """A view of the samples ``indices`` (in that order); steps are shared, not copied."""
         indices = np.asarray(indices, dtype=np.int64)
         targets = self.targets if self.per_step else self.targets[indices]
         return SequenceData(self.values, None, targets, self.per_step, self.starts[indices], self.lengths[indices],
-                            self.positions[indices], None if self.lines is None else self.lines[indices], self.source)
+                            self.positions[indices], None if self.lines is None else self.lines[indices], self.source,
+                            None if self.input_lengths is None else self.input_lengths[indices])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | int | float]:
         """``(steps, target)`` of sample ``i``: a view of its steps (``[T, F]`` or ``[T]``) and its

@@ -195,10 +195,15 @@ def load_eval_data(cfg: DataConfig, encoding: Encoding, fold: int | None = None)
 
 def load_inputs(cfg: DataConfig, encoding: Encoding, path: str) -> tuple[SequenceData, int, list[str]]:
     """``predict`` input: ``path`` in ``data.format``, labels optional and unread; returns the encoded
-    data, the number of samples in the file (dropped empty ones included) and notes."""
+    data, the number of samples in the file (dropped empty ones included) and notes.
+
+    The data's ``input_lengths`` are the samples' lengths in the file, so that ``predict`` can say
+    which steps of a sample ``data.max_length`` cut (its positions index the file's samples)."""
     raw = read_raw(cfg, path, labelled=False)
     parsed, notes = apply_length_policies(raw, cfg)
-    return encode(parsed, encoding, cfg.task), len(raw.data), notes
+    data = encode(parsed, encoding, cfg.task)
+    data.input_lengths = raw.data.lengths[data.positions]
+    return data, len(raw.data), notes
 
 
 def describe(splits: Splits, task: str) -> list[str]:
