@@ -127,3 +127,52 @@ class Preempted(Exception):
     def __init__(self, path: Path | None) -> None:
         super().__init__(f"stopped on SIGTERM; checkpoint: {path}")
         self.path = path
+
+
+#: What each entry of the sampler's plan key (``BucketBatchSampler.plan_key``) is set by.
+PLAN_SOURCES = {"batch_size": "batching.batch_size", "max_tokens": "batching.max_tokens",
+                "strategy": "batching.strategy", "pool": "batching.pool", "padding_noise": "batching.padding_noise",
+                "seed": "training.seed", "num_samples": "the training data's sequences",
+                "total_length": "the training data's steps"}
+
+
+def check_plan(state: dict[str, Any], plan: dict[str, Any], source: str) -> None:
+    """Refuse a mid-epoch resume whose epoch would be cut into other batches than the saved run's.
+
+    The saved position counts global batches of the epoch's plan; under another plan (another
+    batch size, token budget, strategy, seed or data) the batches after it hold other samples, so
+    the rest of the epoch would skip some and repeat others. An epoch-end checkpoint (position 0)
+    is free to change them: the next epoch is planned anew. World size and ``grad_accum`` never
+    change the plan.
+    """
+    if state.get("finished") or not state.get("position"):
+        return
+    saved = state.get("plan")
+    if saved is None:  # checkpoints from before the plan was stored: compare the config keys it came from
+        old = state["config"]
+        saved = {k: old["batching"].get(k) for k in ("batch_size", "max_tokens", "strategy", "pool", "padding_noise")}
+        saved["seed"] = old["training"].get("seed")
+    changed = [f"{PLAN_SOURCES.get(k, k)} {v!r} -> {plan.get(k)!r}" for k, v in saved.items() if plan.get(k) != v]
+    if changed:
+        raise UserError(f"checkpoint.resume: {source} stopped in epoch {state['epoch'] + 1} after global batch "
+                        f"{state['position']}, and that epoch's batches have changed since ({', '.join(changed)}): "
+                        "the rest of the epoch would skip or repeat samples. Resume with the saved values, or "
+                        "from a checkpoint taken at an epoch end (checkpoint.resume=PATH)")
+
+
+def stop_reason(epoch: int, stale: int, epochs: int, patience: int, monitor: str) -> str | None:
+    """Why a run that has finished ``epoch`` epochs, ``stale`` of them without improvement, trains no
+    further under ``training.epochs`` / ``training.patience`` as they are now; None if it trains on.
+
+    How long a run lasts follows the config it is resumed with, as a higher ``max_epochs`` does in
+    Lightning: a finished run given more epochs (or more patience) trains on.
+    """
+    if epoch > epochs:
+        return (f"this run has already trained {epoch} epochs, more than training.epochs={epochs}: "
+                "nothing to train (raise training.epochs to train on)")
+    if epoch == epochs:
+        return f"this run has already trained its {epochs} epochs: nothing to train (raise training.epochs to train on)"
+    if patience and stale >= patience:
+        return (f"this run stopped early: {monitor} did not improve for {stale} epoch(s), training.patience="
+                f"{patience}: nothing to train (raise training.patience, or 0 for none, to train on)")
+    return None

@@ -35,7 +35,7 @@ from .objective import Objective, as_objective
 from .parallel import wrap_model
 from .process_group import DistInfo, all_reduce_sum, current_info, peak_rss_mb, per_rank
 from .report import columns_with, summary_lines
-from .resume import Preempted, StopFlag, capture_rng, prune, restore_rng, step_path
+from .resume import Preempted, StopFlag, capture_rng, check_plan, prune, restore_rng, step_path, stop_reason
 from .runlog import NullLogger, format_table
 from .state import EpochCounters, EpochProgress, TrainState
 
@@ -123,6 +123,7 @@ class Trainer:
         self.checkpoint_s = 0.0  # rank 0's time in mid-epoch checkpoints this epoch (gather + write)
         self.saves: list[float] = []  # rank 0's seconds per checkpoint of this process
         self.stop = StopFlag()
+        self.stop_reason: str | None = None  # why a resumed run trains no further
         if state is not None:
             self.load_state_dict(state, resume_from)
 
@@ -151,7 +152,7 @@ class Trainer:
         s = self.state
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                **s.state_dict(), "config": to_dict(self.cfg), **self.extra,
+                **s.state_dict(), "plan": self.sampler.plan_key(), "config": to_dict(self.cfg), **self.extra,
                 "metrics": s.history[-1] if s.history else {}}
 
     def load_state_dict(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
@@ -159,8 +160,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        check_plan(state, self.sampler.plan_key(), str(source))
         self.state.load_state_dict(state)
-        self.saved_step = self.state.step
+        st, t = self.state, self.cfg.training
+        self.stop_reason = stop_reason(st.epoch, st.stale, t.epochs, t.patience, t.monitor)
+        st.finished = self.stop_reason is not None
+        self.saved_step = st.step
         # Ranks that did not exist in the saved job (resumed on more ranks) take rank 0's states.
         rng = state["rng"]
         restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
@@ -392,7 +397,7 @@ class Trainer:
         for line in self.notes:
             log.info(line)
         if st.finished:
-            log.info("this run has already finished; nothing to train")
+            log.info(self.stop_reason or "this run has already finished; nothing to train")
         job_start = time.perf_counter()
         with self.stop:
             while not st.finished:
