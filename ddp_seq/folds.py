@@ -1,12 +1,14 @@
 """k-fold cross-validation (``data.folds=k``): one job trains k models in turn.
 
 The training data is read once; fold ``i`` trains on every part but the i-th and validates on
-the i-th (``sources.fold_indices``: deterministic from ``data.seed``). Each fold is an ordinary
-run -- its own vocabulary and classes (from its training part only), a fresh model, optimizer
-and DDP wrapper, its own directory ``<run>/fold-<i>`` with config, logs and checkpoints -- so an
-interrupted job resumes fold by fold (finished folds are not trained again). At the end rank 0
-prints each fold's validation metrics at its best epoch with their mean and standard deviation,
-and writes them to ``<run>/folds.json``.
+the i-th (``sources.fold_indices``: deterministic from ``data.seed``). Every fold's split is
+checked before the first fold trains (``sources.check_folds``): a class that some fold's training
+part lacks is one error line up front, not a failure after the earlier folds have trained. Each
+fold is an ordinary run -- its own vocabulary and classes (from its training part only), a fresh
+model, optimizer and DDP wrapper, its own directory ``<run>/fold-<i>`` with config, logs and
+checkpoints -- so an interrupted job resumes fold by fold (finished folds are not trained again).
+At the end rank 0 prints each fold's validation metrics at its best epoch with their mean and
+standard deviation, and writes them to ``<run>/folds.json``.
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ def report_lines(result: dict[str, Any], run: Path) -> list[str]:
 
 def train_folds(cfg: Config, info, train_run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Train the ``data.folds`` folds in turn with ``train_run`` (``cli._train_run``); return the summary."""
-    from .data.sources import Splits, load_splits, read_training
+    from .data.sources import Splits, check_folds, load_splits, read_training
     from .rundir import choose_run_dir, on_rank0, prepare_run
 
     training = read_training(cfg.data)  # every rank reads the file once, for all folds
-    # The first fold's splits before any directory: a bad file or too few samples fail first.
+    # Every fold's split, then the first fold's data, before any directory: a bad file, too few
+    # samples, or a class that one fold's training part lacks fails before any fold trains.
+    check_folds(cfg.data, training[0], info.world_size)
     first: Splits | None = load_splits(cfg.data, 0, training)
     run = on_rank0(info, lambda: choose_run_dir(cfg))
     summaries = []

@@ -125,12 +125,15 @@ def _shown(classes: list, limit: int = 8) -> str:
     return head + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
 
 
-def encode(parsed: Parsed, encoding: Encoding, task: str, check: np.ndarray | None = None) -> SequenceData:
+def encode(parsed: Parsed, encoding: Encoding, task: str, check: np.ndarray | None = None, *,
+           lacking: str = "the training data", advice: str = "") -> SequenceData:
     """``parsed`` in model ids: tokens through the vocabulary (unknown -> ``<unk>``), labels to class ids.
 
     ``check``: the samples whose labels must be classes of ``encoding`` (validation or evaluation
-    data); the first that is not is a :class:`UserError` naming its file and line. Labels of other
-    samples that are unknown become -1 (the training part of the same file has none by construction).
+    data); the first that is not is a :class:`UserError` naming its file and line, ``lacking`` (what
+    the classes were built from: ``the training data``, or the training part of the same file for a
+    hold-out or a fold) and ``advice`` (what to do; may be empty). Labels of other samples that are
+    unknown become -1 (the training part of the same file has none by construction).
     """
     data = parsed.data
     if (parsed.token_symbols is None) != (encoding.vocab is None):
@@ -152,7 +155,7 @@ def encode(parsed: Parsed, encoding: Encoding, task: str, check: np.ndarray | No
     elif task != "regress":
         targets = _class_lookup(parsed.label_symbols, encoding.classes)[targets] if len(targets) else targets
         if check is not None:
-            _check_known(data, check, targets, parsed.label_symbols, encoding.classes, task)
+            _check_known(data, check, targets, parsed.label_symbols, encoding.classes, task, lacking, advice)
     return SequenceData(values, data.offsets, targets, data.per_step, data.starts, data.lengths, data.positions,
                         data.lines, data.source)
 
@@ -167,7 +170,7 @@ def _class_lookup(symbols: list, classes: list) -> np.ndarray:
 
 
 def _check_known(data: SequenceData, check: np.ndarray, targets: np.ndarray, symbols: list, classes: list,
-                 task: str) -> None:
+                 task: str, lacking: str = "the training data", advice: str = "") -> None:
     """Raise for the first sample of ``check`` whose label (``targets``: class ids, -1 unknown) is not a class."""
     view = data.select(check)
     where = span_steps(view.starts, view.lengths) if view.per_step else np.asarray(check, dtype=np.int64)
@@ -178,5 +181,6 @@ def _check_known(data: SequenceData, check: np.ndarray, targets: np.ndarray, sym
     sample = int(np.searchsorted(np.cumsum(view.lengths), first, side="right")) if view.per_step else first
     label = symbols[int(data.targets[where[first]])]
     kind = "tag" if task == "tag" else "label"
-    raise UserError(f"{view.where(sample)} has {kind} {label!r}, which the training data does not have "
-                    f"(classes: {_shown(classes)}; {int(bad.sum())} unknown in all)")
+    then = f"; {advice}" if advice else ""
+    raise UserError(f"{view.where(sample)} has {kind} {label!r}, which {lacking} does not have "
+                    f"(classes: {_shown(classes)}; {int(bad.sum())} unknown in all){then}")

@@ -17,7 +17,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import UserError
 from . import synthetic
-from .encoding import Encoding, Parsed, build_encoding, encode
+from .encoding import Encoding, Parsed, _is_index, build_encoding, encode
 from .files import read_npz
 from .sequences import SequenceData, span_steps
 from .synthetic import make_synthetic
@@ -104,14 +104,15 @@ def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def fold_indices(n: int, folds: int, fold: int, seed: int,
-                 strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) sample indices of fold ``fold`` of ``folds``; sorted, like the hold-out.
+def fold_assignment(n: int, folds: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
+    """The fold (0-based) of each of ``n`` samples: the one whose validation part holds it.
 
     The samples, shuffled by ``seed``, are dealt to the folds in turn, so fold sizes differ by at
-    most one. With ``strata`` (the class of each sample) they are shuffled within each class and
-    dealt class after class: every fold holds each class in about its overall proportion, as
-    scikit-learn's ``StratifiedKFold`` does for classifiers.
+    most one (the first folds get the extra samples). With ``strata`` (the class of each sample)
+    they are shuffled within each class and dealt class after class: every fold holds each class in
+    about its overall proportion, as scikit-learn's ``StratifiedKFold`` does for classifiers. A
+    class of ``c`` samples lands in ``min(c, folds)`` different folds, so a class of one sample is
+    missing from the training part of the fold that validates on it, and only then.
     """
     rng = np.random.default_rng(seed)
     if strata is None:
@@ -120,6 +121,14 @@ def fold_indices(n: int, folds: int, fold: int, seed: int,
         order = np.concatenate([rng.permutation(np.flatnonzero(strata == c)) for c in np.unique(strata)])
     assigned = np.empty(n, dtype=np.int64)
     assigned[order] = np.arange(n) % folds
+    return assigned
+
+
+def fold_indices(n: int, folds: int, fold: int, seed: int,
+                 strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sample indices of fold ``fold`` of ``folds`` (:func:`fold_assignment`); sorted,
+    like the hold-out."""
+    assigned = fold_assignment(n, folds, seed, strata)
     return np.flatnonzero(assigned != fold), np.flatnonzero(assigned == fold)
 
 
@@ -136,18 +145,109 @@ def read_training(cfg: DataConfig) -> tuple[Parsed, list[str]]:
     return read_file(cfg, cfg.train_path)
 
 
+def _source(cfg: DataConfig) -> str:
+    return cfg.train_path or "the synthetic training set"
+
+
+def _strata(cfg: DataConfig, parsed: Parsed) -> np.ndarray | None:
+    """The class of each sample when the folds are stratified (labelled classify data), else None."""
+    return parsed.data.targets if cfg.task == "classify" and parsed.labelled else None
+
+
+def _check_fold_count(cfg: DataConfig, n: int) -> None:
+    if n < cfg.folds:
+        what = f"use at most data.folds={n}, or add samples" if n >= 2 else "add samples"
+        raise UserError(f"data.folds: {cfg.folds} folds need at least {cfg.folds} samples; {_source(cfg)} has {n}: "
+                        f"{what}")
+
+
 def _split(cfg: DataConfig, parsed: Parsed, fold: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices: fold ``fold`` (stratified for classify), or the ``val_fraction`` hold-out."""
-    n, source = len(parsed.data), cfg.train_path or "the synthetic training set"
+    n, source = len(parsed.data), _source(cfg)
     if fold is not None:
-        if n < cfg.folds:
-            raise UserError(f"data.folds: {cfg.folds} folds need at least {cfg.folds} samples; {source} has {n}")
-        strata = parsed.data.targets if cfg.task == "classify" and parsed.labelled else None
-        return fold_indices(n, cfg.folds, fold, cfg.seed, strata)
+        _check_fold_count(cfg, n)
+        return fold_indices(n, cfg.folds, fold, cfg.seed, _strata(cfg, parsed))
     if n < 2:
         raise UserError(f"{source}: {n} sample cannot be split into train and validation "
                         "(data.val_fraction); add samples or set data.val_path")
     return holdout_indices(n, cfg.val_fraction, cfg.seed)
+
+
+def check_folds(cfg: DataConfig, parsed: Parsed, world_size: int = 1) -> None:
+    """Raise a :class:`UserError` if any fold of ``data.folds`` cannot train on its split of ``parsed``.
+
+    Run before the first fold trains (and before any directory exists), so a split that fails at
+    fold 3 is not found after folds 1 and 2 have trained. Index arithmetic and label counts only,
+    no encoding: the file has at least as many samples as there are folds; every fold's training
+    part has a sample per rank and holds every class (tag) its validation part has, the classes
+    derived as :func:`build_encoding` derives them from the training part; the file holds two
+    classes at least.
+    """
+    data, k, source = parsed.data, cfg.folds, _source(cfg)
+    n = len(data)
+    _check_fold_count(cfg, n)
+    assigned = fold_assignment(n, k, cfg.seed, _strata(cfg, parsed))
+    sizes = np.bincount(assigned, minlength=k)
+    largest = int(np.argmax(sizes))  # the fold with the smallest training part
+    if n - int(sizes[largest]) < world_size:
+        raise UserError(f"{source}: data.folds={k}: fold {largest + 1}'s training part has {n - int(sizes[largest])} "
+                        f"samples, too few to feed {world_size} ranks (one per rank at least); add samples or run "
+                        "fewer ranks")
+    if cfg.format == "synthetic" or cfg.task == "regress" or not parsed.labelled:
+        return  # synthetic classes come from the config, present or not
+    _check_fold_classes(cfg, parsed, assigned)
+
+
+def _places(data: SequenceData, samples: np.ndarray, limit: int = 3) -> str:
+    """``line 12`` / ``lines 4, 9`` / ``samples 3, 7, 8, ... (5 in all)`` for messages."""
+    numbers = data.lines if data.lines is not None else data.positions
+    word = "line" if data.lines is not None else "sample"
+    shown = ", ".join(str(int(numbers[i])) for i in samples[:limit])
+    more = f", ... ({len(samples)} in all)" if len(samples) > limit else ""
+    return f"{word}{'s' if len(samples) > 1 else ''} {shown}{more}"
+
+
+def _check_fold_classes(cfg: DataConfig, parsed: Parsed, assigned: np.ndarray) -> None:
+    """The label part of :func:`check_folds`: per fold, the labels of its validation part that the
+    classes of its training part lack (the first, by fold then label, is reported)."""
+    data, symbols, k, source = parsed.data, parsed.label_symbols, cfg.folds, _source(cfg)
+    kind = "tag" if cfg.task == "tag" else "label"
+    n, width = len(data), len(symbols)
+    if data.per_step:  # (sample, tag) pairs, each once: a tag counts the samples holding it
+        steps = span_steps(data.starts, data.lengths)
+        pairs = np.unique(np.repeat(np.arange(n, dtype=np.int64), data.lengths) * width + data.targets[steps])
+        sample_of, label_of = pairs // width, pairs % width
+    else:
+        sample_of, label_of = np.arange(n, dtype=np.int64), np.asarray(data.targets, dtype=np.int64)
+    # counts[f, l]: samples with label l in fold f's validation part; the training part has the rest.
+    counts = np.bincount(assigned[sample_of] * width + label_of, minlength=k * width).reshape(k, width)
+    total = counts.sum(axis=0)
+    present = np.flatnonzero(total)
+    if len(present) == 1 and not _is_index(symbols[present[0]]):
+        raise UserError(f"{source}: data.folds={k}: the file holds only the {kind} {symbols[present[0]]!r} "
+                        "(at least two classes are needed)")
+    for fold in range(k):
+        train = counts[fold] < total  # labels the training part holds
+        held = [symbols[j] for j in np.flatnonzero(train)]
+        if held and all(_is_index(s) for s in held):  # integer labels are class indices: 0..largest
+            top = max(2, int(max(held)) + 1)
+            known = np.array([_is_index(s) and 0 <= s < top for s in symbols], dtype=bool)
+        else:
+            known = train
+        lacking = np.flatnonzero((counts[fold] > 0) & ~train & ~known)
+        if not len(lacking):
+            continue
+        label = int(lacking[0])
+        where = np.unique(sample_of[(label_of == label) & (assigned[sample_of] == fold)])
+        count = int(total[label])
+        which = "the only sample" if count == 1 else f"all {count} samples"
+        what = "class" if kind == "label" else "tag"
+        advice = (f"drop the rare {kind} or merge it into another: k-fold needs at least 2 samples of every {what}"
+                  if count == 1 else f"use fewer folds or another data.seed, or drop or merge the rare {kind}")
+        raise UserError(f"{source}: data.folds={k}: fold {fold + 1} cannot train: {which} with {kind} "
+                        f"{symbols[label]!r} ({_places(data, where)}) {'is' if count == 1 else 'are'} in fold "
+                        f"{fold + 1}'s validation part, so its training part (the other folds) lacks that {what}; "
+                        f"{advice}")
 
 
 def load_splits(cfg: DataConfig, fold: int | None = None,
@@ -168,8 +268,15 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
         encoding = _synthetic_encoding(cfg)
     else:
         encoding = build_encoding(parsed, train_idx, cfg.task, cfg.min_freq)
-    # The whole file is encoded once; train and val are views of it. Held-out labels must be classes.
-    whole = encode(parsed, encoding, cfg.task, check=val_idx)
+    # The whole file is encoded once; train and val are views of it. Held-out labels must be classes
+    # (train_folds checks every fold up front, with check_folds; this is the hold-out's check).
+    if fold is not None:
+        lacking, advice = f"fold {fold + 1}'s training part (the other folds)", ""
+    else:
+        lacking = f"the training part (all but the data.val_fraction={cfg.val_fraction} hold-out)"
+        advice = f"drop or merge the rare {'tag' if cfg.task == 'tag' else 'label'}, change data.seed, or give " \
+                 "data.val_path"
+    whole = encode(parsed, encoding, cfg.task, check=val_idx, lacking=lacking, advice=advice)
     if val_idx is not None:
         return Splits(whole.select(train_idx), whole.select(val_idx), encoding, notes)
     val_parsed, val_notes = read_file(cfg, cfg.val_path)
