@@ -20,32 +20,34 @@ from ddp_seq.data.text import read_jsonl, read_tsv
 from ddp_seq.data.uea import read_ts
 from ddp_seq.errors import UserError
 
-ALPHABET = ["a", "b", "z", " ", " ", "\t", "é", "ü", "日", "本", "ß", "\x0b", "\u2028", "\x1c", "😀"]
-WORDS = ["é", "über", "日本", "cat", "dog", "ß", "x\x0by", "\u2028"]
+# Every separator str.splitlines knows besides \r and \n: inside a line they are text, never a line break.
+SEPARATORS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+ALPHABET = ["a", "b", "z", " ", " ", "\t", "é", "ü", "日", "本", "ß", *SEPARATORS, "😀"]
+WORDS = ["é", "über", "日本", "cat", "dog", "ß", "x\x0by", "\u2028", "a\x85b", "\x1dc\u2029"]
+#: The line endings files are written with: each alone, and a mix of the three within one file.
+ENDINGS = ["\n", "\r\n", "\r", "mixed"]
 
 
 # -- references ---------------------------------------------------------------------------------
 
 def ref_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line, text) of the non-empty lines: decode, drop BOM, split on '\\n' by hand, drop one '\\r'."""
+    """(1-based line, text) of the non-empty lines: decode, drop BOM, split by hand at '\\r\\n', '\\r' and '\\n'."""
     text = path.read_bytes().decode("utf-8")
     if text and text[0] == "\ufeff":
         text = text[1:]
-    lines, current = [], ""
-    for ch in text:
-        if ch == "\n":
+    lines, current, i = [], "", 0
+    while i < len(text):
+        ch = text[i]
+        if ch in "\r\n":
             lines.append(current)
             current = ""
+            if text[i:i + 2] == "\r\n":
+                i += 1  # one break, not two
         else:
             current += ch
+        i += 1
     lines.append(current)
-    out = []
-    for i, line in enumerate(lines):
-        if line.endswith("\r"):
-            line = line[:-1]
-        if line != "":
-            out.append((i + 1, line))
-    return out
+    return [(i + 1, line) for i, line in enumerate(lines) if line != ""]
 
 
 def ref_tsv(path: Path, task: str, tokenizer: str, labelled: bool) -> list[tuple[int, object, list]]:
@@ -142,14 +144,23 @@ def decoded(parsed: Parsed, task: str) -> list[tuple[int, object, list]]:
     return out
 
 
-def write(path: Path, lines: list[str], rng: random.Random, crlf: bool, bom: bool) -> Path:
-    """Join ``lines`` with blank lines sprinkled in; CRLF endings and a BOM on request."""
-    out = []
+def write(path: Path, lines: list[str], rng: random.Random, ending: str, bom: bool) -> Path:
+    """Each of ``lines`` ended by ``ending`` (one of ENDINGS), blank lines sprinkled in, a BOM on request.
+
+    ``mixed`` picks each line's ending at random, but never puts a lone '\\r' right before a '\\n'
+    (across a blank line, they would be one CRLF); the file may or may not end with a line break.
+    """
+    out, previous = [], ""
     for line in lines:
-        if rng.random() < 0.1:
-            out.append("")
-        out.append(line)
-    text = ("\r\n" if crlf else "\n").join(out) + ("\n" if rng.random() < 0.5 else "")
+        for part in (["", line] if rng.random() < 0.1 else [line]):
+            end = ending if ending != "mixed" else rng.choice(["\n", "\r\n", "\r"])
+            if previous == "\r" and end == "\n":
+                end = "\r\n"
+            out.append(part + end)
+            previous = end
+    text = "".join(out)
+    if rng.random() < 0.5:
+        text = text[:-len(previous)]
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
     return path
 
@@ -158,16 +169,16 @@ def write(path: Path, lines: list[str], rng: random.Random, crlf: bool, bom: boo
 
 @pytest.mark.parametrize("task", ["classify", "regress"])
 @pytest.mark.parametrize("tokenizer", ["char", "whitespace"])
-@pytest.mark.parametrize("crlf,bom", [(False, False), (True, True)])
-def test_tsv_matches_reference(tmp_path, task, tokenizer, crlf, bom):
-    rng = random.Random(f"{task}{tokenizer}{crlf}")
+@pytest.mark.parametrize("ending,bom", [("\n", False), ("\r\n", True), ("\r", False), ("mixed", True)])
+def test_tsv_matches_reference(tmp_path, task, tokenizer, ending, bom):
+    rng = random.Random(f"{task}{tokenizer}{ending}")
     lines = []
     for _ in range(200):
         label = rng.choice(["pos", "nég", "3", " 日本 "]) if task == "classify" else f"{rng.uniform(-5, 5):.4f}"
         pool = ALPHABET if tokenizer == "char" else [*WORDS, " ", "\t", "  "]
         text = "".join(rng.choice(pool) for _ in range(rng.choice([0, 1, 5, 30])))
         lines.append(f"{label}\t{text}")
-    path = write(tmp_path / "d.tsv", lines, rng, crlf, bom)
+    path = write(tmp_path / "d.tsv", lines, rng, ending, bom)
     expected = ref_tsv(path, task, tokenizer, True)
     assert len(expected) == 200 and any(not tokens for _, _, tokens in expected)
     parsed = read_tsv(str(path), task=task, tokenizer=tokenizer)
@@ -213,14 +224,15 @@ def jsonl_line(rng: random.Random, inputs: str, task: str, width: int) -> str:
     return json.dumps(obj, ensure_ascii=rng.random() < 0.5)
 
 
-@pytest.mark.parametrize("inputs,task,width", [("str", "classify", 0), ("int", "classify", 0), ("str", "tag", 0),
-                                               ("int", "regress", 0), ("vec", "classify", 3), ("vec", "tag", 1),
-                                               ("scalar", "regress", 0), ("vec", "regress", 5)])
-def test_jsonl_matches_reference(tmp_path, inputs, task, width):
+@pytest.mark.parametrize("inputs,task,width,ending", [
+    ("str", "classify", 0, "\n"), ("int", "classify", 0, "\r\n"), ("str", "tag", 0, "\r"),
+    ("int", "regress", 0, "mixed"), ("vec", "classify", 3, "\r"), ("vec", "tag", 1, "\r\n"),
+    ("scalar", "regress", 0, "mixed"), ("vec", "regress", 5, "\n")])
+def test_jsonl_matches_reference(tmp_path, inputs, task, width, ending):
     rng = random.Random(f"{inputs}{task}{width}")
     lines = [jsonl_line(rng, inputs, task, width) for _ in range(200)]
     lines.insert(5, "   ")  # whitespace-only lines are blank in JSONL
-    path = write(tmp_path / "d.jsonl", lines, rng, crlf=task == "tag", bom=inputs == "int")
+    path = write(tmp_path / "d.jsonl", lines, rng, ending, bom=inputs == "int")
     parsed = read_jsonl(str(path), task=task)
     expected = ref_jsonl(path, task, True)
     assert len(expected) == 200 and decoded(parsed, task) == expected
@@ -254,7 +266,7 @@ def test_jsonl_sparse_integer_tokens(tmp_path):
 
 # -- UEA .ts ------------------------------------------------------------------------------------
 
-def ts_file(path: Path, rng: random.Random, dims: int, task: str, holes: bool, crlf: bool) -> Path:
+def ts_file(path: Path, rng: random.Random, dims: int, task: str, holes: bool, ending: str) -> Path:
     classes = ["Standing", "Running", "Wälking", "1"]
     header = ["# a comment", "@problemName Test", "@timeStamps false", f"@missing {str(holes).lower()}",
               f"@univariate {'true' if dims == 1 else 'false'}", f"@DIMENSIONS {dims}", "@equalLength false"]
@@ -269,14 +281,15 @@ def ts_file(path: Path, rng: random.Random, dims: int, task: str, holes: bool, c
             fields.append(",".join(values))
         label = rng.choice(classes) if task == "classify" else f"{rng.uniform(0, 100):.3f}"
         lines.append(":".join([*fields, label]))
-    return write(path, lines, rng, crlf, bom=crlf)
+    return write(path, lines, rng, ending, bom=ending == "\r\n")
 
 
 @pytest.mark.parametrize("dims,task", [(1, "classify"), (3, "classify"), (2, "regress")])
 @pytest.mark.parametrize("missing", ["zero", "ffill", "error"])
 def test_ts_matches_reference(tmp_path, dims, task, missing):
     rng = random.Random(f"{dims}{task}{missing}")
-    path = ts_file(tmp_path / "d.ts", rng, dims, task, holes=missing != "error", crlf=dims == 3)
+    ending = ENDINGS[(dims + ["zero", "ffill", "error"].index(missing)) % len(ENDINGS)]  # each ending, some dims
+    path = ts_file(tmp_path / "d.ts", rng, dims, task, holes=missing != "error", ending=ending)
     expected = ref_ts(path, missing, True)
     if task == "regress":
         expected = [(n, float(np.float32(float(label))), steps) for n, label, steps in expected]

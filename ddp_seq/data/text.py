@@ -4,9 +4,12 @@ Both produce a :class:`~ddp_seq.data.encoding.Parsed`: file-local ids for tokens
 feature rows, ``offsets`` over the steps and the 1-based line of every sample. Every problem is a
 :class:`UserError` of one line that starts with the path (and names the line when one is at fault).
 
-Files are decoded as strict UTF-8 and split on ``\\n`` only: ``str.splitlines`` would also split on
-``\\x0b``, ``\\x1c`` or ``\\u2028``, which may occur inside a text. Blank lines are not samples, but they
-count for line numbers so that messages point at the line an editor shows.
+Files are decoded as strict UTF-8 and split at the three line endings ``\\n`` (Unix), ``\\r\\n``
+(Windows) and a lone ``\\r`` (old Mac "Text" exports), mixed within one file too -- and at nothing
+else: ``str.splitlines`` would also split on ``\\x0b``, ``\\x1c`` or ``\\u2028``, which may occur inside
+a text. Blank lines are not samples, but they count for line numbers so that messages point at the
+line an editor shows. Every reader here and in :mod:`~ddp_seq.data.uea` (training, validation and
+``predict`` input alike) gets its lines from :func:`read_lines`.
 """
 
 from __future__ import annotations
@@ -28,8 +31,29 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _NUMBER = {int, float}  # JSON numbers; bool is a different type, so True/False never pass as numbers
 
 
+def split_lines(text: str) -> list[str]:
+    """``text`` cut at ``\\r\\n``, ``\\r`` and ``\\n`` -- only those: other Unicode separators stay in the line.
+
+    Like ``str.split``, a text ending in a line break gives a last, empty element.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.split("\n")
+
+
+def line_at(raw: bytes, pos: int) -> tuple[int, int]:
+    """``(line, column)``, both 1-based, of byte ``pos`` of ``raw`` under the endings of :func:`split_lines`.
+
+    The column counts bytes from the start of the line.
+    """
+    before = raw[:pos]
+    line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+    start = max(before.rfind(b"\n"), before.rfind(b"\r")) + 1
+    return line, pos - start + 1
+
+
 def read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file: BOM dropped, split on ``\\n`` only, one trailing ``\\r`` removed.
+    """The lines of a UTF-8 text file: BOM dropped, split by :func:`split_lines` (``\\n``, ``\\r\\n``, ``\\r``).
 
     Line ``k`` (1-based) of the file is element ``k - 1``; blank lines are kept so numbering holds.
     """
@@ -43,13 +67,12 @@ def read_lines(path: str) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line_start = raw.rfind(b"\n", 0, e.start) + 1
-        line = raw.count(b"\n", 0, e.start) + 1
+        line, column = line_at(raw, e.start)
         raise UserError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                        f"{e.start - line_start + 1}); save the file as UTF-8") from None
+                        f"{column}); save the file as UTF-8") from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    return split_lines(text)
 
 
 def check_task(path: str, task: str, fmt: str) -> None:

@@ -11,8 +11,10 @@ the class label or regression target as the last field::
     @data
     -0.74,0.52,...:0.1,0.2,...:...:Standing
 
-Each case becomes one sample of float32 steps ``[length, dimensions]``. Every problem is a
-:class:`UserError` of one line that starts with the path (and names the line when one is at fault).
+Lines are those of :func:`~ddp_seq.data.text.read_lines`, as for TSV and JSONL: UTF-8, ending in
+``\\n``, ``\\r\\n`` or a lone ``\\r`` (mixed too). Each case becomes one sample of float32 steps
+``[length, dimensions]``. Every problem is a :class:`UserError` of one line that starts with the path
+(and names the line when one is at fault).
 """
 
 from __future__ import annotations
