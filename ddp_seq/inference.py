@@ -10,6 +10,9 @@ its data, without the training file.
 * ``predict`` writes one JSON line per input sample, in input order although batches are sorted
   by length: each rank predicts its shares, rank 0 gathers the rows, orders them by their position
   in the input and writes a temporary file that is renamed over ``--output`` only when complete.
+  A row of a sample that ``data.max_length`` cut names the input steps the model saw
+  (``"steps": [start, end]``, 0-based, end exclusive) and ``"truncated": "pre"`` or ``"post"``;
+  a ``tag`` row has one tag per step seen. Rows of samples not cut have neither field.
 """
 
 from __future__ import annotations
@@ -69,13 +72,26 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
     return result
 
 
+def _coverage(data: SequenceData, index: int, truncate: str) -> dict[str, Any]:
+    """``steps`` and ``truncated`` of sample ``index`` if ``data.max_length`` cut it, else nothing.
+
+    ``pre`` kept the last steps, ``post`` the first (``sources.apply_length_policies``).
+    """
+    kept = int(data.lengths[index])
+    full = kept if data.input_lengths is None else int(data.input_lengths[index])
+    if kept == full:
+        return {}
+    start = full - kept if truncate == "pre" else 0
+    return {"steps": [start, start + kept], "truncated": truncate}
+
+
 @torch.no_grad()
 def _predict_rows(model: torch.nn.Module, data: SequenceData, cfg: Config, encoding: Encoding,
                   info) -> list[tuple[int, dict[str, Any]]]:
     """``(input position, output row)`` of this rank's samples (its shares of the sorted global batches)."""
     from .engine import autocast, make_loader, make_sampler
 
-    task, classes, rows = cfg.data.task, encoding.classes, []
+    task, classes, truncate, rows = cfg.data.task, encoding.classes, cfg.data.truncate, []
     for batch in make_loader(data, make_sampler(data, cfg, info, train=False), cfg):
         if not bool(batch.weights[0] > 0):  # a filler sample of an empty share: another rank predicts it
             continue
@@ -89,15 +105,17 @@ def _predict_rows(model: torch.nn.Module, data: SequenceData, cfg: Config, encod
                 best = max(range(len(p)), key=p.__getitem__)
                 rows.append((int(data.positions[index]), {
                     "prediction": classes[best],
-                    "probabilities": {str(c): round(q, 6) for c, q in zip(classes, p)}}))
+                    "probabilities": {str(c): round(q, 6) for c, q in zip(classes, p)},
+                    **_coverage(data, index, truncate)}))
         elif task == "regress":
             for value, index in zip(outputs.cpu().tolist(), batch.indices.tolist()):
-                rows.append((int(data.positions[index]), {"prediction": value}))
+                rows.append((int(data.positions[index]), {"prediction": value, **_coverage(data, index, truncate)}))
         else:
             tags = outputs.argmax(-1).cpu()
             for row, (index, length) in enumerate(zip(batch.indices.tolist(), batch.lengths.tolist())):
                 rows.append((int(data.positions[index]),
-                             {"prediction": [classes[t] for t in tags[row, :length].tolist()]}))
+                             {"prediction": [classes[t] for t in tags[row, :length].tolist()],
+                              **_coverage(data, index, truncate)}))
     return rows
 
 

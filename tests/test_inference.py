@@ -167,7 +167,89 @@ def test_kfold_trains_each_fold_the_same_on_one_and_two_ranks_and_resumes(text_r
     # the same command again resumes every fold: nothing is trained twice, the summary is the same
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("fold-*/checkpoints/step-*.pt")}
     assert main([*args, "logging.name=one"]) == 0
-    assert capsys.readouterr().out.count("this run has already finished") == 3
+    assert capsys.readouterr().out.count("this run has already trained its 2 epochs") == 3
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert fold_rows(tmp_path / "one") == one
     shutil.rmtree(tmp_path / "two")
+
+
+def letters(path: Path, samples: int = 48) -> Path:
+    """``tokens`` of a..e, 1 to 6 steps; ``tags``: each letter in capitals; ``label``: whether an 'a' occurs."""
+    rng = np.random.default_rng(1)
+    lines = []
+    for _ in range(samples):
+        tokens = [str(t) for t in rng.choice(list("abcde"), size=int(rng.integers(1, 7)))]
+        lines.append(json.dumps({"tokens": tokens, "tags": [t.upper() for t in tokens],
+                                 "label": "yes" if "a" in tokens else "no"}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# Input 0 and 4 are longer than data.max_length=3, 1 shorter, 3 exactly as long, 2 empty (dropped).
+CUT_INPUTS = [list("abcde"), list("ab"), [], list("abc"), list("edcba")]
+
+
+class Alone:
+    """A checkpoint's model applied to one sample alone: what a prediction row must match."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        model, cfg, state = model_from_checkpoint(checkpoint)
+        self.model, self.encoding = model.eval(), encoding_of(state, cfg)
+
+    def outputs(self, tokens: list[str]) -> torch.Tensor:
+        vocab = self.encoding.vocab
+        ids = torch.tensor([[vocab.index(t) if t in vocab else 1 for t in tokens]])  # 1: <unk>
+        with torch.no_grad():
+            return self.model(ids, torch.tensor([len(tokens)]))[0]
+
+    def tags(self, tokens: list[str]) -> list[str]:
+        return [self.encoding.classes[k] for k in self.outputs(tokens).argmax(-1).tolist()]
+
+
+def predict_cut(checkpoint: Path, tmp_path: Path, truncate: str) -> list[dict]:
+    new = tmp_path / "cut.jsonl"
+    new.write_text("".join(json.dumps({"tokens": t}) + "\n" for t in CUT_INPUTS), encoding="utf-8")
+    out = tmp_path / f"cut-{truncate}.jsonl"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(new), "--output", str(out),
+                 f"data.truncate={truncate}", "data.empty=drop"]) == 0
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]  # the input's positions, the empty one included
+    assert rows[2] == {"index": 2, "prediction": None, "skipped": "empty sequence (data.empty=drop)"}
+    return rows
+
+
+def test_predict_tag_rows_of_truncated_inputs_name_the_steps_they_cover(tmp_path):
+    # The report: a tag model trained with data.max_length=3 data.truncate=pre, then predict on a
+    # 5-step input wrote three tags (for c, d, e) with nothing to say so.
+    assert main(["train", "data.task=tag", "data.format=jsonl", f"data.train_path={letters(tmp_path / 'l.jsonl')}",
+                 "data.max_length=3", "data.truncate=pre", "training.epochs=4", *SMALL,
+                 f"logging.root={tmp_path}", "logging.name=tag"]) == 0
+    checkpoint = tmp_path / "tag/checkpoints/last.pt"
+    tags = Alone(checkpoint).tags
+    for truncate, (start, end) in (("pre", (2, 5)), ("post", (0, 3))):  # post: the same model, overridden
+        rows = predict_cut(checkpoint, tmp_path, truncate)
+        for i in (0, 4):
+            assert set(rows[i]) == {"index", "prediction", "steps", "truncated"}
+            assert rows[i]["steps"] == [start, end] and rows[i]["truncated"] == truncate
+            assert len(rows[i]["prediction"]) == end - start  # one tag per step the model saw
+            assert rows[i]["prediction"] == tags(CUT_INPUTS[i][start:end])  # ... and those are the steps
+        # inputs not cut (shorter than max_length, or exactly as long) keep the plain row
+        assert rows[1] == {"index": 1, "prediction": tags(CUT_INPUTS[1])}
+        assert rows[3] == {"index": 3, "prediction": tags(CUT_INPUTS[3])}
+
+
+def test_predict_classify_rows_of_truncated_inputs_name_the_steps_they_cover(tmp_path):
+    assert main(["train", "data.format=jsonl", f"data.train_path={letters(tmp_path / 'l.jsonl')}",
+                 "data.max_length=3", "data.truncate=post", "training.epochs=1", *SMALL,
+                 f"logging.root={tmp_path}", "logging.name=cls"]) == 0
+    checkpoint = tmp_path / "cls/checkpoints/last.pt"
+    alone = Alone(checkpoint)
+    rows = predict_cut(checkpoint, tmp_path, "post")
+    for i in (0, 4):
+        assert set(rows[i]) == {"index", "prediction", "probabilities", "steps", "truncated"}
+        assert rows[i]["steps"] == [0, 3] and rows[i]["truncated"] == "post"
+        probs = torch.softmax(alone.outputs(CUT_INPUTS[i][:3]), -1)
+        for c, p in zip(alone.encoding.classes, probs.tolist()):
+            assert rows[i]["probabilities"][str(c)] == pytest.approx(p, abs=1e-5)
+    for i in (1, 3):
+        assert set(rows[i]) == {"index", "prediction", "probabilities"}
