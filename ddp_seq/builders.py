@@ -188,11 +188,17 @@ def checkpoint_extra(data: DataParts, fold: int | None = None) -> dict[str, Any]
     return extra
 
 
-def build_trainer(cfg: Config, info, logger, run_dir: Path | None, resume_from: Path | None = None,
-                  splits=None, fold: int | None = None):
-    """The :class:`~ddp_seq.trainer.Trainer` of ``cfg``: data, model (same seed on every rank), probe."""
-    from .trainer import Trainer
+@dataclass
+class Parts:
+    """What the Trainer is handed, built from the config."""
 
+    data: DataParts
+    model: nn.Module
+
+
+def build_parts(cfg: Config, info, splits=None) -> Parts:
+    """Data and model (the same seed on every rank), probed when they are the user's: everything that
+    can fail on the user's input fails here, before a run directory is created for it."""
     data = build_data(cfg, splits)
     # The same seed on every rank gives identical initial weights; DDP also broadcasts rank 0's
     # parameters when it wraps the module.
@@ -200,5 +206,15 @@ def build_trainer(cfg: Config, info, logger, run_dir: Path | None, resume_from: 
     model = build_model(cfg, data, info.device)
     if cfg.model.target or cfg.data.target:
         probe(model, data, cfg, info.device)
-    return Trainer(model, data.train, data.val, cfg, info=info, logger=logger, run_dir=run_dir,
+    return Parts(data, model)
+
+
+def build_trainer(cfg: Config, info, logger, run_dir: Path | None, resume_from: Path | None = None,
+                  splits=None, fold: int | None = None, parts: Parts | None = None):
+    """The :class:`~ddp_seq.trainer.Trainer` of ``cfg`` over ``parts`` (built here when not given)."""
+    from .trainer import Trainer
+
+    parts = parts or build_parts(cfg, info, splits)
+    data = parts.data
+    return Trainer(parts.model, data.train, data.val, cfg, info=info, logger=logger, run_dir=run_dir,
                    resume_from=resume_from, checkpoint_extra=checkpoint_extra(data, fold), notes=data.notes)

@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 def train(cfg: Config) -> dict:
     """Run one training job in this process (one rank of it under torchrun); return the summary
     (for a k-fold job: the folds' summaries and their mean and std)."""
+    from .builders import build_parts
     from .data.sources import load_splits
     from .process_group import distributed
     from .rundir import prepare_run
@@ -70,14 +71,14 @@ def train(cfg: Config) -> dict:
                                 "build the folds in your data function (data.args) and run one job per fold")
 
             return train_folds(cfg, info, _train_run)
-        # The data first: a bad file is reported before a run directory is created for it.
-        splits = None if cfg.data.target else load_splits(cfg.data)
+        # Data and model first: a bad file or target is reported before a run directory is created for it.
+        parts = build_parts(cfg, info, None if cfg.data.target else load_splits(cfg.data))
         run_dir, resume_from, notes = prepare_run(cfg, info)
-        return _train_run(cfg, info, run_dir, resume_from, notes, splits)
+        return _train_run(cfg, info, run_dir, resume_from, notes, parts=parts)
 
 
 def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes: list[str], splits=None,
-               fold: int | None = None) -> dict:
+               fold: int | None = None, parts=None) -> dict:
     """Train one run (one fold of a k-fold job) in ``run_dir`` with its own logger and tracker."""
     from .builders import build_trainer
     from .runlog import make_logger
@@ -88,7 +89,7 @@ def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes
         logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
         for note in notes:
             logger.info(note)
-        summary = build_trainer(cfg, info, logger, run_dir, resume_from, splits, fold).fit()
+        summary = build_trainer(cfg, info, logger, run_dir, resume_from, splits, fold, parts).fit()
         exit_code = 0
         return summary
     finally:

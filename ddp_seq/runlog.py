@@ -55,17 +55,19 @@ class RunLogger(NullLogger):
 
     ``progress``: ``bar`` (tqdm on stderr), ``lines`` (the periodic line is printed), ``none``, or
     ``auto`` (a bar when stderr is a terminal, lines otherwise -- e.g. in Slurm logs).
+    ``run_dir`` None: the console only, no files.
     """
 
-    def __init__(self, run_dir: Path, progress: str = "auto", stream: TextIO | None = None, tracker=None) -> None:
+    def __init__(self, run_dir: Path | None, progress: str = "auto", stream: TextIO | None = None,
+                 tracker=None) -> None:
         self.run_dir = run_dir
         self.tracker = tracker  # a tracking.WandbRun, or None
         self.stream = stream or sys.stdout
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"
         self.mode = progress
-        self._log = open(run_dir / "train.log", "a", encoding="utf-8")
-        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._log = open(run_dir / "train.log", "a", encoding="utf-8") if run_dir else None
+        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir else None
         self._bar: tqdm | None = None
 
     def info(self, message: str) -> None:
@@ -74,13 +76,15 @@ class RunLogger(NullLogger):
             self._bar.write(message, file=self.stream)
         else:
             print(message, file=self.stream, flush=True)
-        for line in message.splitlines() or [""]:
-            self._log.write(f"{stamp} {line}\n")
-        self._log.flush()
+        if self._log is not None:
+            for line in message.splitlines() or [""]:
+                self._log.write(f"{stamp} {line}\n")
+            self._log.flush()
 
     def record(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
         if self.tracker is not None:
             self.tracker.log(record)
 
@@ -106,8 +110,9 @@ class RunLogger(NullLogger):
         self.end_progress()
         if self.tracker is not None:
             self.info(self.tracker.cost())
-        self._log.close()
-        self._metrics.close()
+        for file in (self._log, self._metrics):
+            if file is not None:
+                file.close()
         if self.tracker is not None:
             self.tracker.finish(exit_code)
 

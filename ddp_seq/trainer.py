@@ -11,7 +11,6 @@ unwrapped module's state) and resuming are the same code for ``ddp``, ``dp`` and
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import time
@@ -29,14 +28,14 @@ from .checkpoint import check_encoding, check_shapes, link_latest, load_checkpoi
 from .config import Config, check_mode, to_dict
 from .data.batching import lengths_of, straggler_ratio
 from .data.collate import Batch
-from .engine import autocast, build_optimizer, build_scheduler, evaluate, make_loader, make_sampler
+from .engine import backward_global_mean, build_optimizer, build_scheduler, evaluate, make_loader, make_sampler
 from .errors import UserError
 from .objective import Objective, as_objective
 from .parallel import wrap_model
 from .process_group import DistInfo, all_reduce_sum, current_info, peak_rss_mb, per_rank
 from .report import columns_with, summary_lines
 from .resume import Preempted, StopFlag, capture_rng, check_plan, prune, restore_rng, step_path, stop_reason
-from .runlog import NullLogger, format_table
+from .runlog import NullLogger, RunLogger, format_table
 from .state import EpochCounters, EpochProgress, TrainState
 
 __all__ = ["Trainer", "evaluate"]
@@ -64,8 +63,11 @@ class Trainer:
         objective: a task name (``classify``, ``regress``, ``tag``), an :class:`~ddp_seq.objective.Objective`,
             or a loss function ``(outputs, batch) -> (loss_sum, count)``; default ``cfg.data.task``.
         info: this process's place in the job; default the current process group (or one process).
-        logger: rank 0's logger (``runlog.make_logger``); default a no-op one.
-        run_dir: where checkpoints go (``checkpoints/``); None = no checkpoints.
+        logger: what rank 0 prints and records (``runlog.make_logger``); default: rank 0 prints the
+            progress and epoch lines (``logging.progress``) and, with ``run_dir``, writes
+            ``train.log`` and ``metrics.jsonl`` there; the other ranks stay silent.
+        run_dir: where checkpoints (``checkpoints/``) and the default logger's files go, created if
+            missing; None = no checkpoints, no files.
         resume_from: a checkpoint of this trainer's kind to continue from.
         checkpoint_extra: plain values stored in every checkpoint (the builders store the data's
             encoding and the model's inputs and outputs there, to rebuild it for ``predict``).
@@ -87,7 +89,9 @@ class Trainer:
                  checkpoint_extra: dict[str, Any] | None = None, notes: list[str] | tuple[str, ...] = ()) -> None:
         self.cfg = cfg = cfg or Config()
         self.info = info = info or current_info()
-        self.log, self.run_dir = logger or NullLogger(), run_dir
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._owns_log = logger is None  # closed at the end of fit()
+        self.log = logger or self._default_logger()
         self.objective = as_objective(cfg.data.task if objective is None else objective)
         self.mode, self.notes, self.extra = cfg.training.mode, list(notes), dict(checkpoint_extra or {})
         check_mode(self.mode, info.world_size)
@@ -126,6 +130,14 @@ class Trainer:
         self.stop_reason: str | None = None  # why a resumed run trains no further
         if state is not None:
             self.load_state_dict(state, resume_from)
+
+    def _default_logger(self) -> NullLogger:
+        """Rank 0 prints (and writes train.log and metrics.jsonl into run_dir); the others are silent."""
+        if not self.info.is_main:
+            return NullLogger()
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        return RunLogger(self.run_dir, self.cfg.logging.progress)
 
     def _count_steps(self) -> int:
         """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
@@ -233,39 +245,10 @@ class Trainer:
         Returns the detached local loss *sum* over all of them, on the device (reading it would
         wait for the device; the caller reads it only when it logs), and the global count N.
         """
-        cfg, info = self.cfg, self.info
-        # Loss normalisation. N = global count of the whole accumulated batch (sequences, or real
-        # tokens for tag); S_r = this rank's loss sum over its shares; W = world size. DDP averages
-        # gradients over ranks:
-        #     g = (1/W) * sum_r grad(L_r)
-        # so with L_r = W * S_r / N:
-        #     g = grad(sum_r S_r / N) = grad(mean loss over the whole accumulated global batch),
-        # the same for any split and any W. (A mean of per-rank means is not.) The built-in
-        # objectives know N from the global batch plan before backward; for a user's loss function
-        # N = sum_r n_r is all-reduced after backward and the gradients are scaled by W / N then,
-        # which gives the same g (as fairseq scales by its all-reduced sample size).
-        known = [self.objective.global_count(b) for b in batches]
-        count = sum(known) if None not in known else None
-        scale = info.world_size / count if count is not None else 1.0
+        cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float64, device=info.device)
-        local_count = torch.zeros((), dtype=torch.float64)
-        for k, batch in enumerate(batches):
-            # Gradients are all-reduced only after the last micro-batch of the step.
-            sync = k == len(batches) - 1 or not info.distributed
-            with contextlib.nullcontext() if sync else self.model.no_sync():
-                with autocast(info.device, cfg.training.amp):
-                    outputs = self.model(batch.inputs, batch.model_lengths)
-                local_sum, n = self.objective.loss(outputs, batch)
-                self.scaler.scale(local_sum * scale).backward()
-            total += local_sum.detach().double()
-            if count is None:
-                local_count += torch.as_tensor(n, dtype=torch.float64).cpu()
-        if count is None:
-            count = float(all_reduce_sum(local_count, info))
-            for param in self.module.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(info.world_size / max(count, 1e-12))
+        total, count = backward_global_mean(self.model, self.module, self.objective, batches, self.scaler,
+                                            self.info, cfg.training.amp)
         if cfg.training.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.training.grad_clip)
@@ -388,6 +371,13 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train from where the run stands to the configured epochs; return the summary."""
+        try:
+            return self._fit()
+        finally:
+            if self._owns_log:
+                self.log.close()
+
+    def _fit(self) -> dict[str, Any]:
         log, monitor, st = self.log, self.cfg.training.monitor, self.state
         params = sum(p.numel() for p in self.module.parameters())
         log.info(f"training {self.objective.name} on {len(self.sampler.lengths)} sequences "

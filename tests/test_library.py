@@ -84,6 +84,15 @@ def test_sampler_state_dict_resumes_mid_epoch_and_refuses_another_plan():
     fresh = BucketBatchSampler(data, 4, num_replicas=2, rank=1, seed=7)
     fresh.load_state_dict(state)
     assert first + [list(s) for s in fresh] == whole
+    # A loader with workers fetches ahead of the loop: the loop says what it trained.
+    sampler.set_epoch(2)
+    loader = build_loader(data, sampler, num_workers=1, prefetch_factor=4)
+    batches = iter(loader)
+    trained = [next(batches) for _ in range(2)]
+    assert sampler.state_dict()["position"] > 2  # the sampler ran ahead
+    state = sampler.state_dict(position=trained[-1].position + 1)
+    fresh.load_state_dict(state)
+    assert [b.indices.tolist() for b in trained] + [list(s) for s in fresh] == whole
     other = BucketBatchSampler(data, 8, num_replicas=2, rank=1, seed=7)
     with pytest.raises(ValueError, match="batch_size 4 -> 8"):
         other.load_state_dict(state)
@@ -123,9 +132,15 @@ def test_sampler_lengths_from_array_attribute_or_one_pass():
         BucketBatchSampler([3, 0, 2], 4, num_replicas=1, rank=0)
 
 
-def test_sampler_defaults_to_one_process_without_a_process_group():
+def test_sampler_defaults_to_one_process_without_a_process_group(monkeypatch):
     sampler = BucketBatchSampler([3, 1, 2, 5], 2)
     assert (sampler.num_replicas, sampler.rank) == (1, 0)
+    # Under torchrun before init_process_group, "one process" would silently give every rank the
+    # whole global batch: refused instead.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="no process group is initialised yet"):
+        BucketBatchSampler([3, 1, 2, 5], 2)
+    assert BucketBatchSampler([3, 1, 2, 5], 2, num_replicas=2, rank=1).rank == 1
 
 
 def test_collate_pads_user_items_of_every_kind():

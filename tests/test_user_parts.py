@@ -139,6 +139,7 @@ def test_bad_targets_stop_before_training_with_one_line(tmp_path, capsys, overri
     assert code == 2, err
     assert err.startswith(f"ddp-seq: error: {key}: ") and words in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()  # stopped before a run directory was made for it
 
 
 def test_a_dataset_with_an_empty_sequence_is_the_users_error():
@@ -149,3 +150,21 @@ def test_a_dataset_with_an_empty_sequence_is_the_users_error():
     items = [(torch.ones(3, 3), 0), (torch.ones(0, 3), 1), (torch.ones(2, 3), 2)]
     with pytest.raises(UserError, match="train data: sample 1 has length 0"):
         Trainer(MeanPoolGRU(3, 3), items, items, load_config(overrides=["checkpoint.save=false"]))
+
+
+def test_the_trainer_prints_and_records_by_default(tmp_path, capsys):
+    """Handed no logger, the Trainer prints its epoch lines on rank 0 and, given run_dir (created
+    if missing), writes train.log, metrics.jsonl and checkpoints there."""
+    from workers.user_parts import MeanPoolGRU, make_datasets
+
+    from ddp_seq import Trainer, load_config
+
+    train, val = make_datasets(num_train=24, num_val=8)
+    cfg = load_config(overrides=["training.epochs=1", "batching.batch_size=8", "logging.progress=lines"])
+    run = tmp_path / "new" / "run"
+    Trainer(MeanPoolGRU(3, 3), train, val, cfg, run_dir=run).fit()
+    out = capsys.readouterr().out
+    assert "epoch 1/1  train_loss" in out and "best val_accuracy" in out
+    assert [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()][-2:] == \
+        ["epoch", "summary"]
+    assert "epoch 1/1" in (run / "train.log").read_text() and (run / "checkpoints" / "last.pt").exists()

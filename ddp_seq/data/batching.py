@@ -203,7 +203,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             over the items.
         batch_size: sequences per *global* batch (over all ranks).
         max_tokens: when > 0, also at most this many padded tokens (count x longest) per global batch.
-        num_replicas: ranks; default the process group's world size (1 without one).
+        num_replicas: ranks; default the process group's world size (1 without one; an error under
+            torchrun before the group is initialised).
         rank: this rank; default the process group's rank (0 without one).
         shuffle: True: batches drawn from ``(seed, epoch)``; False: sorted by length (evaluation).
         seed: the seed of the batch order; must be the same on every rank.
@@ -220,9 +221,16 @@ class BucketBatchSampler(Sampler[list[int]]):
                  rank: int | None = None, shuffle: bool = True, seed: int = 0, strategy: str = "bucket",
                  pool: int = 50, padding_noise: float = 0.0) -> None:
         if num_replicas is None or rank is None:
+            import os
+
             import torch.distributed as dist
 
             grouped = dist.is_available() and dist.is_initialized()
+            if not grouped and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                # Under torchrun but before init_process_group: defaulting to one process would give
+                # every rank the whole global batch (and a loss W times too large), silently.
+                raise ValueError("BucketBatchSampler: WORLD_SIZE > 1 but no process group is initialised yet; "
+                                 "call torch.distributed.init_process_group first, or pass num_replicas and rank")
             num_replicas = (dist.get_world_size() if grouped else 1) if num_replicas is None else num_replicas
             rank = (dist.get_rank() if grouped else 0) if rank is None else rank
         num_replicas = _check_int("num_replicas", num_replicas, 1)
@@ -275,13 +283,16 @@ class BucketBatchSampler(Sampler[list[int]]):
             self._yielded = position + 1
             yield self.share(position)
 
-    def state_dict(self) -> dict:
-        """Where the epoch stands: ``{"version", "epoch", "position", "plan"}``; ``position`` counts the
-        global batches yielded so far. A DataLoader with workers fetches ahead of the loop, so a loop
-        that checkpoints should store the ``position`` of the batches it *trained* (``Share.position``
-        + 1 of the last one) instead."""
-        return {"version": 1, "epoch": self.epoch, "position": max(self._yielded, self._start),
-                "plan": self.plan_key()}
+    def state_dict(self, position: int | None = None) -> dict:
+        """Where the epoch stands: ``{"version", "epoch", "position", "plan"}``.
+
+        ``position``: the global batches of this epoch already trained -- pass ``batch.position + 1``
+        of the last batch your loop trained. The default counts the batches this sampler has
+        yielded, which is the same only without prefetching: a DataLoader with workers fetches
+        ``num_workers * prefetch_factor`` batches ahead, and a resume from that count would skip them.
+        """
+        done = max(self._yielded, self._start) if position is None else int(position)
+        return {"version": 1, "epoch": self.epoch, "position": done, "plan": self.plan_key()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next ``__iter__`` starts at ``state["position"]`` of epoch ``state["epoch"]``.
