@@ -183,6 +183,9 @@ class DistributedConfig(Section):
     threads_per_rank: int = opt(0, "torch threads per rank; 0 = usable cores / local ranks", ge=0)
     flush_denormal: bool = opt(True, "CPU: treat denormal floats as zero (early LSTM training makes many, "
                                      "and they slow CPU kernels); off = IEEE denormals")
+    onednn_cache_capacity: int = opt(8, "CPU: oneDNN primitive cache capacity, set as ONEDNN_PRIMITIVE_CACHE_CAPACITY "
+                                        "unless the environment sets it (oneDNN's 1024 let peak memory grow every "
+                                        "epoch with variable lengths); 0 = leave oneDNN's default", ge=0)
 
 
 @dataclass

@@ -126,7 +126,7 @@ def _as_array(value) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
-def collate(items: list, pad_value: float = 0.0) -> Batch:
+def collate(items: list, pad_value: float = 0.0, pad_to_multiple_of: int = 1) -> Batch:
     """Pad a list of ``(sequence, target)`` items into one :class:`Batch`, without sorting them.
 
     Args:
@@ -137,18 +137,27 @@ def collate(items: list, pad_value: float = 0.0) -> Batch:
             the share is a filler (weights 0), its position, and the samples' dataset indices; a
             plain list is taken as the whole global batch (one process).
         pad_value: the value of padded input steps.
+        pad_to_multiple_of: pad the time dimension up to a multiple of this (1: to the longest
+            sequence exactly), as Hugging Face's ``pad_to_multiple_of``; pass it with
+            ``functools.partial(collate, pad_to_multiple_of=k)``. Fewer distinct ``(B, T)`` shapes
+            mean fewer oneDNN primitives cached on CPU (the trainer bounds the cache instead:
+            docs/batching.md "Memory"). The extra steps follow every sequence's end: outputs and
+            losses are unchanged; gradients may differ in the last float32 bits.
 
     Returns:
-        A :class:`Batch`: ``inputs`` ``[B, T_max, F]`` float32 or ``[B, T_max]`` int64, ``lengths``
-        ``[B]`` int64 on the CPU, ``targets`` ``[B]`` or ``[B, T_max]`` (``IGNORE_INDEX``, or 0.0
-        for float targets, past each length), ``mask`` ``[B, T_max]``.
+        A :class:`Batch`: ``inputs`` ``[B, T, F]`` float32 or ``[B, T]`` int64, ``lengths``
+        ``[B]`` int64 on the CPU, ``targets`` ``[B]`` or ``[B, T]`` (``IGNORE_INDEX``, or 0.0
+        for float targets, past each length), ``mask`` ``[B, T]``; ``T`` is the longest length
+        rounded up to a multiple of ``pad_to_multiple_of``.
 
     Raises:
-        ValueError: an empty batch or sequence, mixed sequence kinds, or a per-step target whose
-            length differs from its sequence's (naming the item).
+        ValueError: an empty batch or sequence, mixed sequence kinds, a per-step target whose
+            length differs from its sequence's (naming the item), or ``pad_to_multiple_of < 1``.
     """
     if len(items) == 0:
         raise ValueError("collate: no items")
+    if int(pad_to_multiple_of) != pad_to_multiple_of or pad_to_multiple_of < 1:
+        raise ValueError(f"collate: pad_to_multiple_of should be an integer >= 1, got {pad_to_multiple_of!r}")
     share = getattr(items, "share", None)
     sequences = [_as_array(item[0]) for item in items]
     first = sequences[0]
@@ -158,14 +167,15 @@ def collate(items: list, pad_value: float = 0.0) -> Batch:
     if lengths.min() < 1:
         raise ValueError(f"collate: item {int(np.argmin(lengths))} has no steps (pack_padded_sequence rejects it)")
     dtype = np.int64 if first.ndim == 1 and np.issubdtype(first.dtype, np.integer) else np.float32
-    batch, longest = len(items), int(lengths.max())
-    inputs = np.full((batch, longest) + first.shape[1:], pad_value, dtype=dtype)
+    multiple = int(pad_to_multiple_of)  # T: the longest length, rounded up to the multiple
+    batch, steps = len(items), -(-int(lengths.max()) // multiple) * multiple
+    inputs = np.full((batch, steps) + first.shape[1:], pad_value, dtype=dtype)
     for row, seq in enumerate(sequences):
         if seq.shape[1:] != first.shape[1:]:
             raise ValueError(f"collate: item {row} has steps of shape {seq.shape[1:]}, item 0 {first.shape[1:]}")
         inputs[row, :len(seq)] = seq
-    mask = np.arange(longest)[None, :] < lengths[:, None]
-    targets = _pad_targets([_as_array(item[1]) for item in items], lengths, longest)
+    mask = np.arange(steps)[None, :] < lengths[:, None]
+    targets = _pad_targets([_as_array(item[1]) for item in items], lengths, steps)
     real = share.real if share is not None else True
     weights = np.full(batch, 1.0 if real else 0.0, dtype=np.float32)
     indices = share.indices if share is not None else np.arange(batch, dtype=np.int64)
@@ -192,7 +202,7 @@ def _pad_targets(targets: list[np.ndarray], lengths: np.ndarray, longest: int) -
     return out
 
 
-def collate_dp(items: list, pad_value: float = 0.0) -> Batch:
+def collate_dp(items: list, pad_value: float = 0.0, pad_to_multiple_of: int = 1) -> Batch:
     """``training.mode=dp``: the whole global batch prepared as the known DataParallel workaround does.
 
     Sorted by length, longest first; the padded tensor ``[B, T, ...]``; the lengths as a 1-D int64
@@ -212,7 +222,7 @@ def collate_dp(items: list, pad_value: float = 0.0) -> Batch:
     if share is not None:
         ordered = ShareItems(ordered, Share(share.indices[order], share.real, share.global_count, share.global_tokens,
                                             share.epoch, share.position))
-    batch = collate(ordered, pad_value)
+    batch = collate(ordered, pad_value, pad_to_multiple_of)
     batch.scatter_lengths = batch.lengths.clone()
     return batch
 
