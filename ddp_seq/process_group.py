@@ -63,6 +63,13 @@ def _pick_backend(requested: str) -> str:
     return requested
 
 
+def rank_device(local_rank: int) -> torch.device:
+    """``cuda:LOCAL_RANK`` (modulo the visible GPUs) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def setup(cfg: DistributedConfig) -> DistInfo:
     """Read torchrun's variables, pick device and backend, set threads, join the process group."""
     # oneDNN (CPU) caches the primitives of every distinct LSTM/GRU input shape, 1024 by default, each
@@ -80,11 +87,9 @@ def setup(cfg: DistributedConfig) -> DistInfo:
     local_world_size = env_int("LOCAL_WORLD_SIZE", world_size)
     backend = _pick_backend(cfg.backend) if world_size > 1 else None
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = rank_device(local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
 
     # Ranks on one machine share its cores; oversubscribing them makes every rank slower
     # than running fewer threads each (2 cores, 2 ranks -> 1 thread per rank).
@@ -210,7 +215,5 @@ def current_info() -> DistInfo:
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
     local_rank = env_int("LOCAL_RANK", 0) if grouped else 0
     local_world_size = env_int("LOCAL_WORLD_SIZE", world_size) if grouped else 1
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    return DistInfo(rank, local_rank, world_size, local_world_size, device,
+    return DistInfo(rank, local_rank, world_size, local_world_size, rank_device(local_rank),
                     dist.get_backend() if grouped else None)

@@ -364,7 +364,8 @@ class Trainer:
         patience = cfg.training.patience
         stopping = bool(patience and st.stale >= patience)
         st.epoch, st.position, st.progress = row["epoch"], 0, EpochProgress()
-        st.finished = stopping or st.epoch >= cfg.training.epochs
+        # The same rule a resume applies (resume.stop_reason): epochs reached, or patience run out.
+        st.finished = stop_reason(st.epoch, st.stale, cfg.training.epochs, patience, monitor) is not None
         if stopping:
             log.info(f"early stopping: {monitor} did not improve for {patience} epoch(s)")
         return improved
