@@ -14,6 +14,7 @@ from .data.collate import collate_for
 from .data.loader import build_loader
 from .objective import Objective, TaskObjective
 from .process_group import DistInfo, all_reduce_sum
+from .steptime import StepTimer
 
 
 def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
@@ -45,14 +46,16 @@ def autocast(device: torch.device, amp: str):
 
 
 def backward_global_mean(model: torch.nn.Module, module: torch.nn.Module, objective: Objective, batches,
-                         scaler: torch.amp.GradScaler, info: DistInfo, amp: str) -> tuple[torch.Tensor, float]:
+                         scaler: torch.amp.GradScaler, info: DistInfo, amp: str,
+                         timer: StepTimer | None = None) -> tuple[torch.Tensor, float]:
     """Backward over this rank's shares of one or more global batches (gradient accumulation), so
     that after DDP's all-reduce the gradients are those of the mean loss over the whole global batch.
 
     ``model`` is what the trainer calls (DDP-wrapped, or not), ``module`` the unwrapped one. Returns
     the detached local loss *sum* on the device (reading it would wait for the device) and the
-    global count N.
+    global count N. ``timer`` (optional) times the forward, backward and sync phases.
     """
+    timer = timer or StepTimer(enabled=False)
     # Loss normalisation. N = global count of the whole accumulated batch (sequences, or real
     # tokens for tag); S_r = this rank's loss sum over its shares; W = world size. DDP averages
     # gradients over ranks:
@@ -75,7 +78,9 @@ def backward_global_mean(model: torch.nn.Module, module: torch.nn.Module, object
             with autocast(info.device, amp):
                 outputs = model(batch.inputs, batch.model_lengths)
             local_sum, n = objective.loss(outputs, batch)
+            timer.mark("forward")
             scaler.scale(local_sum * scale).backward()
+            timer.backward_done()  # the wait for DDP's all-reduce after the last gradient is "sync"
         total += local_sum.detach().double()
         if count is None:
             local_count += torch.as_tensor(n, dtype=torch.float64).cpu()
@@ -84,6 +89,7 @@ def backward_global_mean(model: torch.nn.Module, module: torch.nn.Module, object
         for param in module.parameters():
             if param.grad is not None:
                 param.grad.mul_(info.world_size / max(count, 1e-12))
+        timer.mark("sync")
     return total, count
 
 

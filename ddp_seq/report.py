@@ -108,10 +108,30 @@ def summary_lines(summary: dict[str, Any], monitor: Any = None) -> list[str]:
     if _is_number(count) and count > 0 and _is_number(seconds):
         lines.append(f"{count} checkpoints written in {seconds:.2f}s ({1000 * seconds / count:.0f} ms each, "
                      f"{100 * seconds / max(wall, 1e-9):.2f}% of the wall time)")
+    if isinstance(summary.get("advice"), str):
+        lines.append(summary["advice"])
     if summary.get("best_checkpoint"):
         lines.append(f"best checkpoint: {summary['best_checkpoint']}")
         lines.append(f"last checkpoint: {summary.get('last_checkpoint')}")
     return lines
+
+
+def breakdown_table(epochs: list[dict[str, Any]]) -> str | None:
+    """Where each epoch's step time went: ms per step per phase (mean over ranks) and the share of
+    synchronisation; None when the records carry no breakdown (runs from before it existed)."""
+    from .steptime import PHASES  # no torch needed for the names, but steptime imports it: only here
+
+    rows = []
+    for r in epochs:
+        if not isinstance(r.get("step_ms"), list) or not r["step_ms"]:
+            continue
+        mean = {k: sum(r[f"step_ms_{k}"]) / len(r[f"step_ms_{k}"]) for k in PHASES if r.get(f"step_ms_{k}")}
+        rows.append({"epoch": r["epoch"], "step_ms": sum(r["step_ms"]) / len(r["step_ms"]),
+                     **{f"{k}_ms": v for k, v in mean.items()}, "sync_share": r.get("sync_share")})
+    if not rows:
+        return None
+    return ("where a step's time goes (ms per step, mean over ranks; per rank in metrics.jsonl):\n"
+            + format_table(rows, ["epoch", "step_ms", *(f"{k}_ms" for k in PHASES), "sync_share"]))
 
 
 def _infer_val_columns(epochs: list[dict[str, Any]]) -> list[str]:
@@ -172,6 +192,9 @@ def report(run_dir: Path) -> str:
                      f"{len(epochs)}{of} epoch(s) finished{where}")
     if epochs:
         lines.append(format_table(epochs, columns))
+        breakdown = breakdown_table(epochs)
+        if breakdown:
+            lines.append(breakdown)
     if finished:
         lines += summary_lines(summary, monitor)
     return "\n".join(lines)
@@ -197,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-__all__ = ["main", "report", "summary_lines", "table_columns"]
+__all__ = ["breakdown_table", "main", "report", "summary_lines", "table_columns"]

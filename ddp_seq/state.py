@@ -62,40 +62,52 @@ class TrainState:
 class EpochCounters:
     """The running totals of one training segment (from the epoch's start or a resume to now).
 
-    Kept per rank and reduced only when read, so reading never changes them: the loss window
-    (a local sum on the device and the global count) since the last :meth:`flush`, and the token
-    counters ``[real tokens, padded tokens of rank 0, ..., of rank W-1]`` (filler steps included).
+    Each rank adds its steps to *pending* local values: the loss sum (on the device, so no step
+    waits for it), its real tokens and its padded tokens. :meth:`reduce` sums the pending values
+    of every rank, together with the SIGTERM flag, in **one** all-reduce and adds them to the
+    segment's global totals and to the log window; reading those needs no collective. The loop
+    calls it only at the steps that need global figures (a log line, a SIGTERM check, a checkpoint,
+    the epoch's end), so a step costs at most one collective besides DDP's gradients.
     """
 
     def __init__(self, world_size: int, rank: int, device: torch.device) -> None:
-        self.rank = rank
-        self.loss = torch.zeros(1, dtype=torch.float64, device=device)
-        self.count = 0.0
-        self.tokens = torch.zeros(1 + world_size, dtype=torch.float64)
-        self.sequences = 0  # global sequences since the last log line
-        self.tokens_at_log = self.tokens.clone()
+        self.world_size, self.rank = world_size, rank
+        self.pending_loss = torch.zeros(1, dtype=torch.float64, device=device)
+        self.pending = torch.zeros(2 + world_size, dtype=torch.float64)  # [real, padded of rank 0..W-1, stop]
+        self.pending_count = 0.0  # the global count, the same on every rank: never reduced
+        self.real_tokens = 0.0  # the segment's global totals (reduced)
+        self.padded_per_rank = [0.0] * world_size
+        self.window = [0.0, 0.0, 0.0, 0.0, 0]  # since the last log line: loss sum, count, real, padded, sequences
 
     def add(self, loss_sum: torch.Tensor, count: float, batches: list) -> None:
         """One optimizer step over ``batches`` (this rank's shares) with its local loss sum and global count."""
-        self.loss += loss_sum
-        self.count += count
-        self.sequences += sum(b.global_count for b in batches)
-        self.tokens[0] += sum(b.real_tokens for b in batches)
-        self.tokens[1 + self.rank] += sum(b.padded_tokens for b in batches)
+        self.pending_loss += loss_sum
+        self.pending_count += count
+        self.window[4] += sum(b.global_count for b in batches)
+        self.pending[0] += sum(b.real_tokens for b in batches)
+        self.pending[1 + self.rank] += sum(b.padded_tokens for b in batches)
 
-    def flush(self, progress: EpochProgress, reduce) -> float:
-        """Move the loss window into ``progress`` (``reduce``: the all-reduce); returns its mean loss."""
-        loss_sum = float(reduce(self.loss)[0])
-        mean = loss_sum / max(self.count, 1)
+    def reduce(self, progress: EpochProgress, reduce, stop: bool = False) -> bool:
+        """One all-reduce (``reduce``) of every rank's pending values and SIGTERM flag; moves the loss
+        into ``progress`` and the tokens into the segment's totals. Returns whether any rank got SIGTERM."""
+        self.pending[-1] = 1.0 if stop else 0.0
+        loss = self.pending_loss.cpu()  # waits for the device once per reduce, not per step
+        values = reduce(torch.cat([loss, self.pending])).tolist()
+        loss_sum, real, padded, stopping = values[0], values[1], values[2:-1], values[-1] > 0
         progress.loss_sum += loss_sum
-        progress.count += self.count
-        self.loss.zero_()
-        self.count = 0.0
-        return mean
+        progress.count += self.pending_count
+        self.real_tokens += real
+        self.padded_per_rank = [a + b for a, b in zip(self.padded_per_rank, padded)]
+        w = self.window
+        w[0], w[1], w[2], w[3] = w[0] + loss_sum, w[1] + self.pending_count, w[2] + real, w[3] + sum(padded)
+        self.pending_loss.zero_()
+        self.pending.zero_()
+        self.pending_count = 0.0
+        return stopping
 
-    def since_log(self, reduce) -> tuple[float, float, int]:
-        """Global ``(real tokens, padded tokens, sequences)`` since the last call; starts a new log window."""
-        delta = self.tokens - self.tokens_at_log
-        real, padded = reduce(torch.stack([delta[0], delta[1:].sum()])).tolist()
-        sequences, self.sequences, self.tokens_at_log = self.sequences, 0, self.tokens.clone()
-        return real, padded, sequences
+    def take_window(self) -> tuple[float, float, float, int]:
+        """The log window's global ``(mean loss, real tokens, padded tokens, sequences)`` since the last
+        call, as of the last :meth:`reduce`; starts a new window. No collective."""
+        loss_sum, count, real, padded, sequences = self.window
+        self.window = [0.0, 0.0, 0.0, 0.0, 0]
+        return loss_sum / max(count, 1), real, padded, sequences

@@ -33,10 +33,11 @@ from .errors import UserError
 from .objective import Objective, as_objective
 from .parallel import wrap_model
 from .process_group import DistInfo, all_reduce_sum, current_info, peak_rss_mb, per_rank
-from .report import columns_with, summary_lines
+from .report import breakdown_table, columns_with, summary_lines
 from .resume import Preempted, StopFlag, capture_rng, check_plan, prune, restore_rng, step_path, stop_reason
 from .runlog import NullLogger, RunLogger, format_table
 from .state import EpochCounters, EpochProgress, TrainState
+from .steptime import PHASES, StepTimer, advice, breakdown_record
 
 __all__ = ["Trainer", "evaluate"]
 
@@ -128,6 +129,7 @@ class Trainer:
         self.saves: list[float] = []  # rank 0's seconds per checkpoint of this process
         self.stop = StopFlag()
         self.stop_reason: str | None = None  # why a resumed run trains no further
+        self.advice: str | None = None  # what the first epoch's step breakdown says would help
         if state is not None:
             self.load_state_dict(state, resume_from)
 
@@ -190,15 +192,12 @@ class Trainer:
         self.log.info(f"resuming from {source}: {where}, step {s.step}, saved with world size {len(rng)}"
                       + (f"; config changed since: {', '.join(changed)}" if changed else ""))
 
-    def _progress_now(self, tokens: torch.Tensor, segment_start: float) -> tuple[EpochProgress, list[int]]:
-        """The epoch's global totals so far (carried ones plus this segment's), and this segment's
-        padded tokens per rank. A collective: every rank calls it at the same step."""
-        tokens = all_reduce_sum(tokens, self.info)
+    def _progress_now(self, counters: EpochCounters, segment_start: float) -> EpochProgress:
+        """The epoch's global totals as of the counters' last reduce (carried ones plus this segment's)."""
         p = self.state.progress
-        totals = EpochProgress(p.loss_sum, p.count, p.real_tokens + float(tokens[0]),
-                               p.padded_tokens + float(tokens[1:].sum()),
-                               p.seconds + time.perf_counter() - segment_start)
-        return totals, [int(t) for t in tokens[1:]]
+        return EpochProgress(p.loss_sum, p.count, p.real_tokens + counters.real_tokens,
+                             p.padded_tokens + sum(counters.padded_per_rank),
+                             p.seconds + time.perf_counter() - segment_start)
 
     def _save(self, progress: EpochProgress, best: bool = False) -> Path | None:
         """Every rank calls this at the same step; rank 0 writes ``step-<N>.pt`` and updates ``last.pt``."""
@@ -239,22 +238,24 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self, *batches: Batch) -> tuple[torch.Tensor, float]:
+    def train_step(self, *batches: Batch, timer: StepTimer | None = None) -> tuple[torch.Tensor, float]:
         """One optimizer step over one or more global batches' shares (gradient accumulation).
 
         Returns the detached local loss *sum* over all of them, on the device (reading it would
         wait for the device; the caller reads it only when it logs), and the global count N.
+        ``timer``: where the step's phases are timed (the loop's :class:`~ddp_seq.steptime.StepTimer`).
         """
-        cfg = self.cfg
+        cfg, timer = self.cfg, timer or StepTimer(enabled=False)
         self.optimizer.zero_grad(set_to_none=True)
         total, count = backward_global_mean(self.model, self.module, self.objective, batches, self.scaler,
-                                            self.info, cfg.training.amp)
+                                            self.info, cfg.training.amp, timer)
         if cfg.training.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.training.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        timer.mark("optimizer")
         return total, count
 
     def _step_groups(self, epoch: int, start: int) -> Iterator[list[Batch]]:
@@ -266,6 +267,13 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """Train epoch ``epoch`` from ``state.position`` to its end; raises :class:`Preempted` on SIGTERM."""
+        timer = StepTimer(self.module, self.info.device)
+        try:
+            return self._train_epoch(epoch, timer)
+        finally:
+            timer.close()
+
+    def _train_epoch(self, epoch: int, timer: StepTimer) -> dict[str, Any]:
         cfg, info, log, st = self.cfg, self.info, self.log, self.state
         accum = cfg.training.grad_accum
         self.model.train()
@@ -279,22 +287,33 @@ class Trainer:
         step_times: list[float] = []
         self.checkpoint_s = 0.0
         check_every = cfg.checkpoint.signal_check_steps if info.distributed else 1
+        every = cfg.checkpoint.every_steps
         start = last = time.perf_counter()
         logged = 0  # steps already shown on the progress bar
         reduce = functools.partial(all_reduce_sum, info=info)
         step_start = time.perf_counter()  # a step's time includes waiting for its batches
+        timer.start()
         for i, group in enumerate(self._step_groups(epoch, start_position)):
             batches = [b.to(info.device) for b in group]
-            local, count = self.train_step(*batches)
+            timer.mark("data")
+            local, count = self.train_step(*batches, timer=timer)
             step_times.append(time.perf_counter() - step_start)
             st.step += 1
             st.position = min(num_batches, st.position + len(group))
             counters.add(local, count, batches)
             last_group = i + 1 == num_groups
-            # Every rank evaluates these conditions identically, so the collectives below line up.
-            if (i + 1) % cfg.training.log_every == 0 or last_group:
-                train_loss = counters.flush(st.progress, reduce)
-                real, padded, sequences = counters.since_log(reduce)
+            # Every rank evaluates these conditions identically, so the collective below lines up.
+            log_now = (i + 1) % cfg.training.log_every == 0 or last_group
+            save_now = not last_group and bool(every) and st.step % every == 0
+            check_now = not last_group and (i + 1) % check_every == 0
+            stopping = False
+            if log_now or save_now or check_now:
+                timer.mark("other")
+                # The loss window, token counters and SIGTERM flag, merged into one all-reduce.
+                stopping = counters.reduce(st.progress, reduce, stop=self.stop.signal is not None) and not last_group
+                timer.mark("sync")
+            if log_now:
+                train_loss, real, padded, sequences = counters.take_window()
                 now = time.perf_counter()
                 seconds = max(now - last, 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -308,30 +327,33 @@ class Trainer:
                              f"lr {lr:.2e} ({now - last:.1f}s)")
                 logged, last = i + 1, now
             if last_group:
+                timer.end()
                 break  # the epoch-end checkpoint follows evaluation
-            every = cfg.checkpoint.every_steps
-            if every and st.step % every == 0:
-                counters.flush(st.progress, reduce)
-                self._save(self._progress_now(counters.tokens, start)[0])
-            if (i + 1) % check_every == 0 and self._stop_requested():
-                counters.flush(st.progress, reduce)
-                if self.saved_step != st.step:
-                    self._save(self._progress_now(counters.tokens, start)[0])
+            if save_now or (stopping and self.saved_step != st.step):
+                self._save(self._progress_now(counters, start))
+            if stopping:  # any rank got SIGTERM: all stop here, at the same step
                 log.end_progress()
                 raise self._preempted(f"at epoch {epoch + 1}, step {st.step}")
+            timer.end()
             step_start = time.perf_counter()
+            timer.start()
         log.end_progress()
-        totals, padded_per_rank = self._progress_now(counters.tokens, start)
+        totals = self._progress_now(counters, start)
         times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
+        ms = timer.ms_per_step()
+        # One all-reduce for every per-rank figure of the epoch: peak memory and the step breakdown.
+        ranks = per_rank([peak_rss_mb(), ms["step"], *(ms[p] for p in PHASES)], info)
+        breakdown = breakdown_record([dict(zip(("step", *PHASES), r[1:])) for r in ranks])
         return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.count, 1),
                 "train_s": totals.seconds, "seq_per_s": len(self.sampler.lengths) / totals.seconds,
                 "tokens_per_s": totals.real_tokens / totals.seconds,
                 "padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
-                "real_tokens": int(totals.real_tokens), "padded_tokens_per_rank": padded_per_rank,
+                "real_tokens": int(totals.real_tokens),
+                "padded_tokens_per_rank": [int(t) for t in counters.padded_per_rank],
                 "straggler_ratio": straggler_ratio(self.sampler.batches(), self.sampler.lengths, info.world_size),
                 "step_s_p50": float(np.percentile(times, 50)), "step_s_p90": float(np.percentile(times, 90)),
                 "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s,
-                "peak_rss_mb": per_rank(peak_rss_mb(), info)}
+                "peak_rss_mb": [r[0] for r in ranks], **breakdown}
 
     def validate(self) -> dict[str, float]:
         """``{"val_<metric>": value}`` over every validation sample exactly once."""
@@ -389,11 +411,16 @@ class Trainer:
             log.info(line)
         if st.finished:
             log.info(self.stop_reason or "this run has already finished; nothing to train")
-        job_start = time.perf_counter()
+        job_start, trained = time.perf_counter(), 0
         with self.stop:
             while not st.finished:
                 row = self.train_epoch(st.epoch)
                 improved = self._end_epoch(row, self.validate())
+                if trained == 0:  # what the first epoch's breakdown says would make the job faster
+                    self.advice = advice(row, self.info.world_size)
+                    if self.advice:
+                        log.info(self.advice)
+                trained += 1
                 self._save(st.progress, best=improved)
                 if not st.finished and self._stop_requested():
                     raise self._preempted(f"after epoch {st.epoch}, step {st.step}")
@@ -403,9 +430,12 @@ class Trainer:
                    "best_checkpoint": st.best["path"], "last_checkpoint": str(last) if last else None,
                    "wall_s": wall, "checkpoints": len(self.saves), "checkpoint_s": sum(self.saves),
                    "tokens_per_s": sum(r["tokens_per_s"] for r in st.history) / len(st.history),
-                   "seq_per_s": sum(r["seq_per_s"] for r in st.history) / len(st.history)}
+                   "seq_per_s": sum(r["seq_per_s"] for r in st.history) / len(st.history), "advice": self.advice}
         log.record({"kind": "summary", **summary})
         # The same table and lines as `ddp-seq report` prints from metrics.jsonl later.
         log.info("\n" + format_table(st.history, columns_with([f"val_{m}" for m in self.objective.metrics])))
+        breakdown = breakdown_table(st.history)
+        if breakdown:
+            log.info(breakdown)
         log.info("\n".join(summary_lines(summary, monitor)))
         return {**summary, "best_metrics": st.best["metrics"]}  # every val metric at the best epoch (k-fold)
