@@ -4,14 +4,27 @@ end to end on tiny sizes (the full run is `make bench`)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import python
 
 from ddp_seq.bench import execution_matrix, metric_at, summarise
-from ddp_seq.bench.report import newest_per_device, render_markdown, targets
-from ddp_seq.bench.suite import LONG, SUITES, Variant, finish_part, lightning_installed, missing
+from ddp_seq.bench.report import STEP_TITLE, newest_per_device, render_markdown, render_text, targets
+from ddp_seq.bench.suite import (
+    LONG,
+    QUICK,
+    SUITES,
+    Variant,
+    command,
+    finish_part,
+    lightning_installed,
+    medians,
+    missing,
+)
+
+REPO_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def epoch(train_s, tokens_per_s, metric, rss=(100.0,)):
@@ -102,6 +115,169 @@ def test_targets_are_checked_against_the_measured_ratios():
     assert measured["ddp 2 ranks >= 1.15x single 2 threads"] == "1.11x (per repeat 1.25 / 1.20 / 1.11)"
     assert targets({"parts": {}}) == []
 
+def steps(epoch_record, step, data, forward, backward, sync, optimizer, other, share):
+    """``epoch_record`` with the trainer's per-rank step-time breakdown (lists: one value per rank)."""
+    return {**epoch_record, "step_ms": step, "step_ms_data": data, "step_ms_forward": forward,
+            "step_ms_backward": backward, "step_ms_sync": sync, "step_ms_optimizer": optimizer,
+            "step_ms_other": other, "sync_share": share}
+
+
+def test_summarise_carries_the_step_time_breakdown_as_mean_over_epochs_of_rank_means():
+    records = [steps(epoch(2.0, 100.0, 0.6, (90.0, 80.0)), [10.0, 12.0], [1.0, 1.0], [3.0, 5.0], [4.0, 4.0],
+                     [1.0, 1.0], [0.5, 0.5], [0.5, 0.5], 0.1),
+               steps(epoch(4.0, 50.0, 0.8, (95.0, 70.0)), [14.0, 16.0], [2.0, 2.0], [5.0, 7.0], [4.0, 6.0],
+                     [2.0, 2.0], [0.5, 0.5], [0.5, 0.5], 0.3)]
+    row = summarise(records, "val_accuracy")
+    assert row["step_ms"] == pytest.approx(13.0)  # epoch means 11 and 15
+    assert row["data_ms"] == pytest.approx(1.5) and row["forward_ms"] == pytest.approx(5.0)
+    assert row["backward_ms"] == pytest.approx(4.5) and row["sync_ms"] == pytest.approx(1.5)
+    assert row["optimizer_ms"] == pytest.approx(0.5) and row["other_ms"] == pytest.approx(0.5)
+    assert row["sync_share"] == pytest.approx(0.2)
+    assert row["tokens_per_s"] == pytest.approx(400 / 6)  # the rest of the summary unchanged
+    # The reference, minimal and Lightning runners write no breakdown: every figure is None.
+    old = summarise([epoch(2.0, 100.0, 0.6), epoch(4.0, 50.0, 0.8)], "val_accuracy")
+    assert all(old[k] is None for k in ("step_ms", "data_ms", "forward_ms", "backward_ms", "sync_ms",
+                                        "optimizer_ms", "other_ms", "sync_share"))
+    assert old["tokens_per_s"] == pytest.approx(400 / 6)
+
+
+def test_medians_skip_figures_a_repeat_lacks_and_keep_none_where_none_has_them():
+    with_steps = [summarise([steps(epoch(s, tps, 0.5), [ms, ms], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [0.0, 0.0],
+                                   [1.0, 1.0], [1.0, 1.0], 0.0)], "val_accuracy")
+                  for s, tps, ms in ((1.0, 10.0, 8.0), (1.0, 30.0, 9.0), (1.0, 20.0, 30.0))]
+    row = medians(with_steps)
+    assert row["step_ms"] == 9.0 and row["tokens_per_s"] == 20.0 and row["sync_ms"] == 0.0
+    without = [summarise([epoch(1.0, tps, 0.5)], "val_accuracy") for tps in (10.0, 30.0, 20.0)]
+    row = medians(without)
+    assert row["step_ms"] is None and row["sync_share"] is None and row["tokens_per_s"] == 20.0
+    row = medians([with_steps[0], without[1]])  # one repeat with, one without: the one that has it
+    assert row["step_ms"] == 8.0 and row["tokens_per_s"] == 20.0
+    part = finish_part({"reference": without, "ddp bucket+padded": with_steps}, "reference", "ddp bucket+padded")
+    assert part["variants"]["reference"]["step_ms"] is None and part["variants"]["ddp bucket+padded"]["step_ms"] == 9.0
+
+
+def test_short_and_amp_suites_and_the_minimal_runner_command(tmp_path):
+    from ddp_seq.config import load_config
+
+    short = SUITES["short"]["short"]
+    assert SUITES["default"]["short"] == short and set(SUITES["short"]) == {"short"}
+    assert [v.name for v in short.variants] == [
+        "reference", "single bucket+padded", "ddp bucket+padded", "minimal no sync", "minimal ddp",
+        "single bucket+padded, bf16", "ddp bucket+padded, bf16"] and short.baseline == "reference"
+    byname = {v.name: v for v in short.variants}
+    assert (byname["minimal no sync"].runner, byname["minimal no sync"].setup) == ("minimal", "none")
+    assert (byname["minimal ddp"].runner, byname["minimal ddp"].setup) == ("minimal", "ddp")
+    assert all(v.world_size == 0 for n, v in byname.items() if n.startswith(("ddp", "minimal")))
+    assert "training.amp=bf16" in byname["ddp bucket+padded, bf16"].overrides
+    # The sizes are real config keys, at full size and under --quick (QUICK comes last and wins).
+    cfg = load_config("configs/default.yaml", list(short.base))
+    assert (cfg.data.num_train, cfg.data.length_median, cfg.data.length_sigma, cfg.data.max_length) == (
+        28800, 8.0, 0.4, 30)
+    assert (cfg.model.hidden, cfg.model.layers, cfg.training.epochs) == (256, 1, 2)
+    quick = load_config("configs/default.yaml", [*short.base, *QUICK])
+    assert (quick.data.num_train, quick.model.hidden, quick.data.length_median) == (128, 16, 8.0)
+    classify = {v.name for v in SUITES["default"]["classify"].variants}
+    assert {"single bucket+padded, bf16", "ddp bucket+padded, bf16"} <= classify
+    amp = SUITES["amp"]["classify"]
+    assert {v.name for v in amp.variants} == {"ddp bucket+padded", "ddp bucket+padded, bf16",
+                                              "single bucket+padded", "single bucket+padded, bf16"}
+    assert amp.baseline == "ddp bucket+padded" and amp.base == SUITES["default"]["classify"].base
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    cmd = command(byname["minimal no sync"], ["--config", "c.yaml", "data.num_train=8"], metrics)
+    assert "--nproc_per_node=2" in cmd or any(a.startswith("--nproc_per_node=") for a in cmd)
+    assert cmd[cmd.index("-m", cmd.index("torch.distributed.run") + 1) + 1:] == [
+        "ddp_seq.bench.minimal", "--sync", "none", "--out", str(metrics), "--config", "c.yaml", "data.num_train=8"]
+    one = command(Variant("m", "minimal", 1, setup="ddp"), [], metrics)
+    assert one[1:] == ["-m", "ddp_seq.bench.minimal", "--sync", "ddp", "--out", str(metrics)]  # no torchrun
+
+
+def _short_result(rows, budget=10.0):
+    variants = {name: {"tokens_per_s": tps, "final_metric": m, "metric_at_budget": m, "curve": [(budget, m)]}
+                for name, (tps, m) in rows.items()}
+    return {"short": {"variants": variants, "default": "ddp bucket+padded", "monitor": "val_accuracy",
+                      "budget_s": budget, "baseline": "reference"}}
+
+
+def test_short_targets_and_the_informational_rows():
+    parts = _short_result({"reference": (10.0, 0.5), "single bucket+padded": (40.0, 0.8),
+                           "ddp bucket+padded": (24.0, 0.8), "minimal no sync": (40.0, 0.3),
+                           "minimal ddp": (25.0, 0.8), "single bucket+padded, bf16": (64.0, 0.79),
+                           "ddp bucket+padded, bf16": (30.0, 0.8)})
+    checks = {row["target"]: row for row in targets({"parts": parts})}  # a short-only result (--suite short)
+    assert list(checks) == ["short: ddp 2 ranks >= 0.65x single 2 threads",
+                            "short: single 2 threads >= 3x reference tokens/s",
+                            "short: single bf16 >= 1.5x single fp32 (informational)",
+                            "short: minimal ddp / minimal no sync (informational: one gradient all-reduce per step)",
+                            "short: ddp_seq ddp >= 0.95x minimal ddp (ddp_seq's own overhead)"]
+    assert checks["short: ddp 2 ranks >= 0.65x single 2 threads"]["met"] == "NO"  # 0.60x
+    assert checks["short: single 2 threads >= 3x reference tokens/s"]["met"] == "yes"  # 4.0x
+    bf16 = checks["short: single bf16 >= 1.5x single fp32 (informational)"]
+    assert bf16["met"] == "yes" and bf16["measured"] == "1.60x; val_accuracy at 10.0s: 0.7900 vs 0.8000"
+    info = checks["short: minimal ddp / minimal no sync (informational: one gradient all-reduce per step)"]
+    assert info["measured"] == "0.62x" and info["met"] == "—"
+    own = checks["short: ddp_seq ddp >= 0.95x minimal ddp (ddp_seq's own overhead)"]
+    assert own["measured"] == "0.960x" and own["met"] == "yes"
+    parts["short"]["variants"]["ddp bucket+padded"]["tokens_per_s"] = 27.0  # 0.675x single; 1.08x minimal
+    parts["short"]["variants"]["single bucket+padded, bf16"]["tokens_per_s"] = 50.0  # 1.25x
+    parts["short"]["variants"]["single bucket+padded, bf16"]["metric_at_budget"] = None  # not yet evaluated
+    checks = {row["target"]: row for row in targets({"parts": parts})}
+    assert checks["short: ddp 2 ranks >= 0.65x single 2 threads"]["met"] == "yes"
+    assert checks["short: single bf16 >= 1.5x single fp32 (informational)"]["met"] == "NO"
+    assert checks["short: single bf16 >= 1.5x single fp32 (informational)"]["measured"].endswith(": — vs 0.8000")
+    # Rows that did not run: no check about them.
+    del parts["short"]["variants"]["minimal ddp"], parts["short"]["variants"]["reference"]
+    labels = [row["target"] for row in targets({"parts": parts})]
+    assert labels == ["short: ddp 2 ranks >= 0.65x single 2 threads",
+                      "short: single bf16 >= 1.5x single fp32 (informational)"]
+
+
+def test_classify_bf16_target_beside_the_classify_targets():
+    result = _part({"ddp bucket+padded": (100.0, 0.9, [(10.0, 0.9)]),
+                    "ddp bucket+padded, bf16": (170.0, 0.88, [(6.0, 0.88)])})
+    variants = result["parts"]["classify"]["variants"]
+    variants["ddp bucket+padded"]["metric_at_budget"], variants["ddp bucket+padded, bf16"]["metric_at_budget"] = (
+        0.9, 0.88)
+    result["parts"]["classify"]["budget_s"] = 10.0
+    checks = targets(result)
+    assert [row["target"] for row in checks] == ["classify: ddp bf16 >= 1.5x ddp fp32 (informational)"]
+    assert checks[0]["measured"] == "1.70x; val_accuracy at 10.0s: 0.8800 vs 0.9000" and checks[0]["met"] == "yes"
+    result["parts"].update(_short_result({"single bucket+padded": (40.0, 0.8), "reference": (10.0, 0.5)}))
+    assert [row["target"] for row in targets(result)] == [
+        "classify: ddp bf16 >= 1.5x ddp fp32 (informational)", "short: single 2 threads >= 3x reference tokens/s"]
+
+
+def test_reports_show_where_a_step_goes_for_rows_that_say_and_old_results_still_render():
+    breakdown = {"step_ms": 6.5, "data_ms": 0.5, "forward_ms": 2.0, "backward_ms": 2.5, "sync_ms": 1.25,
+                 "optimizer_ms": 0.2, "other_ms": 0.05, "sync_share": 0.19}
+    base = {"vs_baseline": 1.0, "seq_per_s": 1.0, "epoch_s": 1.0, "padding_efficiency": 1.0,
+            "straggler_ratio": 1.0, "peak_rss_mb": [100.0], "final_metric": 0.5, "metric_at_budget": 0.5,
+            "curve": [(1.0, 0.5)]}
+    part = {"base_overrides": ["training.epochs=2"], "monitor": "val_accuracy", "budget_s": 1.0,
+            "default": "ddp bucket+padded", "baseline": "reference",
+            "variants": {"reference": {**base, "tokens_per_s": 10.0},  # no breakdown keys at all (old)
+                         "minimal ddp": {**base, "tokens_per_s": 30.0, **dict.fromkeys(breakdown)},  # None
+                         "ddp bucket+padded": {**base, "tokens_per_s": 31.0, **breakdown}}}
+    machine = {"device": "cpu", "date": "2026-12-01", "host": "h", "cores": 2, "torch": "2.13.0", "python": "3.11"}
+    result = {"suite": "short", "repeats": 1, "config": "c.yaml", "command": "ddp-seq bench --suite short",
+              "parts": {"short": part}, "machine": machine}
+    text = render_text(result)
+    assert f"short: {STEP_TITLE}" in text
+    table = text[text.index(STEP_TITLE):].splitlines()
+    assert table[1].split() == ["configuration", "step_ms", "data_ms", "forward_ms", "backward_ms", "sync_ms",
+                                "optimizer_ms", "other_ms", "sync_share"]
+    assert table[2].split() == ["ddp", "bucket+padded", "6.5000", "0.5000", "2.0000", "2.5000", "1.2500",
+                                "0.2000", "0.0500", "0.1900"]
+    assert not any("minimal ddp" in line or line.strip().startswith("reference") for line in table[2:4])
+    markdown = render_markdown([(result, "r.json")])
+    assert f"#### short: {STEP_TITLE}" in markdown
+    assert "| ddp bucket+padded | 6.500 | 0.500 | 2.000 | 2.500 | 1.250 | 0.200 | 0.050 | 0.190 |" in markdown
+    assert markdown.count("| minimal ddp |") == 1  # in the main table only
+    # Results saved before the breakdown existed: no second table, and nothing fails.
+    for name in ("2026-11-27-vm.json", "2026-11-30-library.json"):
+        old = json.loads((REPO_RESULTS / name).read_text())
+        assert "step_ms" not in json.dumps(old)
+        assert STEP_TITLE not in render_markdown([(old, name)]) and STEP_TITLE not in render_text(old)
+
 
 def test_newest_complete_full_result_per_device(tmp_path):
     def write(name, device, finished, **extra):
@@ -175,7 +351,7 @@ def test_quick_default_suite_runs_every_runner_and_writes_benchmarks_md(tmp_path
     proc = python("-m", "ddp_seq", "bench", "--suite", "default", "--quick", "--repeats", "1", "--out", out,
                   "--markdown", markdown, timeout=400).check()
     result = json.loads(out.read_text())
-    assert result["complete"] and set(result["parts"]) == {"classify", "tag"}
+    assert result["complete"] and set(result["parts"]) == {"classify", "tag", "short"}
     lightning = lightning_installed()  # make test installs the [bench] extra; without it, its rows are skipped
     for name, part in result["parts"].items():
         expected = {v.name for v in SUITES["default"][name].variants
@@ -195,8 +371,33 @@ def test_quick_default_suite_runs_every_runner_and_writes_benchmarks_md(tmp_path
     text = markdown.read_text()
     assert "### Targets" in text and "### Execution paths" in text and "![classify" in text
     checks = targets(result)
-    assert len(checks) == (9 if lightning else 6)  # 6: the user-model row is not a Lightning one
+    # classify: 10 (7 without Lightning: the user-model and bf16 rows are not Lightning ones); short: 5
+    assert len(checks) == (15 if lightning else 12)
     assert all(f"| {row['target']} | {row['measured']} | {row['met']} |" in text for row in checks)
+
+
+@pytest.mark.slow
+def test_quick_short_suite_runs_the_minimal_loop_both_ways(tmp_path):
+    """``--suite short``: ddp_seq beside the minimal loop without sync and under DDP, on 2 ranks."""
+    out = tmp_path / "short.json"
+    proc = python("-m", "ddp_seq", "bench", "--suite", "short", "--quick", "--repeats", "1", "--out", out,
+                  timeout=240).check()
+    result = json.loads(out.read_text())
+    assert result["complete"] and set(result["parts"]) == {"short"}
+    part = result["parts"]["short"]
+    assert set(part["variants"]) == {v.name for v in SUITES["short"]["short"].variants}
+    assert part["baseline"] == "reference" and part["base_overrides"][-len(QUICK):] == list(QUICK)
+    for name, row in part["variants"].items():
+        assert row["tokens_per_s"] > 0 and 0 <= row["final_metric"] <= 1, name
+        assert round(row["sequences_per_epoch"]) == 128, name  # every runner trains on the same data
+        assert f"short / {name} #1" in proc.stdout
+    for name in ("minimal no sync", "minimal ddp", "ddp bucket+padded"):
+        assert len(part["variants"][name]["peak_rss_mb"]) == 2, name  # 2 ranks
+    for name in ("reference", "minimal no sync", "minimal ddp"):  # runners that write no breakdown
+        assert part["variants"][name]["step_ms"] is None, name
+    checks = {row["target"] for row in targets(result)}
+    assert "short: ddp_seq ddp >= 0.95x minimal ddp (ddp_seq's own overhead)" in checks and len(checks) == 5
+    assert all(target in proc.stdout for target in checks)
 
 
 @pytest.mark.slow

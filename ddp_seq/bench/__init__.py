@@ -1,8 +1,9 @@
 """``ddp-seq bench``: ddp_seq measured against a hand-written reference and its peers, side by side.
 
 ``--suite default`` (``make bench``) trains the default task with the hand-written reference loop,
-ddp_seq's batching x execution matrix (one process, 2 ranks, DataParallel on GPUs) and PyTorch
-Lightning, in alternation, then writes ``bench/results/<date>-<host>.json``, a PNG of the val
+ddp_seq's batching x execution matrix (one process, 2 ranks, DataParallel on GPUs, bf16) and PyTorch
+Lightning, a tag task, and short sequences beside a minimal data-parallel loop (``--suite short``
+alone), in alternation, then writes ``bench/results/<date>-<host>.json``, a PNG of the val
 metric over training time, and regenerates ``BENCHMARKS.md``. ``--quick`` runs every piece on
 tiny sizes (the test suite does); it measures nothing.
 """

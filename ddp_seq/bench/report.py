@@ -7,16 +7,38 @@ from pathlib import Path
 from typing import Any
 
 from ..runlog import format_table
-from .suite import DDP, LONG, USER_MODEL, metric_at
+from .suite import (
+    BREAKDOWN,
+    DDP_BF16,
+    DDP_ROW,
+    LONG,
+    MINIMAL_DDP,
+    MINIMAL_NONE,
+    SINGLE_BF16,
+    SINGLE_ROW,
+    USER_MODEL,
+    metric_at,
+)
 
 COLUMNS = ["configuration", "tokens_per_s", "vs_baseline", "seq_per_s", "epoch_s", "padding_efficiency",
            "straggler_ratio", "peak_rss_mb", "final_metric", "metric_at_budget"]
+#: The second table of a part: where a step's time goes, for the rows whose records say.
+STEP_TITLE = "where a step's time goes (ms per step, mean over ranks)"
+STEP_COLUMNS = ["configuration", *BREAKDOWN.values(), "sync_share"]
+STEP_HEADERS = ["configuration", "step", "data", "forward", "backward", "sync", "optimizer", "other", "sync share"]
 
 
 def _rows(part: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"configuration": name, **row,
              "peak_rss_mb": "/".join(f"{mb:.0f}" for mb in row["peak_rss_mb"])}
             for name, row in part["variants"].items()]
+
+
+def _step_rows(part: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows that carry a step-time breakdown (ddp_seq's, from records that have one; results
+    saved before the breakdown existed have none)."""
+    return [{"configuration": name, **{c: row.get(c) for c in STEP_COLUMNS[1:]}}
+            for name, row in part["variants"].items() if row.get("step_ms") is not None]
 
 
 def render_text(result: dict[str, Any]) -> str:
@@ -27,6 +49,10 @@ def render_text(result: dict[str, Any]) -> str:
                    f"epochs and at {part['budget_s']:.1f}s, the training time of {part['default']}; "
                    f"vs_baseline = tokens/s over {part['baseline']}'s)")
         out.append(format_table(_rows(part), COLUMNS))
+        steps = _step_rows(part)
+        if steps:
+            out.append(f"{name}: {STEP_TITLE}")
+            out.append(format_table(steps, STEP_COLUMNS))
     for key, reason in result.get("skipped", {}).items():
         out.append(f"skipped {key}: {reason}")
     checks = targets(result)
@@ -39,61 +65,97 @@ def _at_least(value: float, floor: float) -> bool:
     return value >= floor - 1e-12
 
 
-def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets for 2 CPU cores, checked against the classify part (empty where its rows
-    are missing, e.g. on a GPU machine or without Lightning)."""
-    part = result.get("parts", {}).get("classify")
-    if part is None:
-        return []
-    rows, default, checks = part["variants"], part["default"], []
-    metric = part["monitor"]
+class _Ratios:
+    """Speed ratios between the rows of one part, and the checks they make."""
 
-    def speed(a: str, b: str) -> float:
+    def __init__(self, part: dict[str, Any], checks: list[dict[str, Any]]):
+        self.part, self.rows, self.checks = part, part["variants"], checks
+
+    def has(self, *names: str) -> bool:
+        return set(names) <= self.rows.keys()
+
+    def speed(self, a: str, b: str) -> float:
         """The ratio of the medians: the figure each target is judged on."""
-        return rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
+        return self.rows[a]["tokens_per_s"] / self.rows[b]["tokens_per_s"]
 
-    def shown(a: str, b: str, digits: int = 2) -> str:
+    def shown(self, a: str, b: str, digits: int = 2) -> str:
         """The ratio, and beside it the ratio within each repeat (runs measured minutes apart)."""
+        rows = self.rows
         paired = [x / y for x, y in zip(rows[a].get("runs_tokens_per_s", []), rows[b].get("runs_tokens_per_s", []))]
         each = f" (per repeat {' / '.join(f'{r:.{digits}f}' for r in paired)})" if len(paired) > 1 else ""
-        return f"{speed(a, b):.{digits}f}x{each}"
+        return f"{self.speed(a, b):.{digits}f}x{each}"
 
-    def add(target: str, measured: str, met: bool) -> None:
-        checks.append({"target": target, "measured": measured, "met": "yes" if met else "NO"})
+    def add(self, target: str, measured: str, met: bool | None) -> None:
+        """One check; ``met`` None for a figure shown for information, with no target."""
+        self.checks.append({"target": target, "measured": measured,
+                            "met": "—" if met is None else "yes" if met else "NO"})
 
-    if default in rows and "reference" in rows:
-        ratio = speed(default, "reference")
+    def ratio_at_least(self, target: str, a: str, b: str, floor: float, digits: int = 2) -> None:
+        if self.has(a, b):
+            self.add(target, self.shown(a, b, digits), _at_least(self.speed(a, b), floor))
+
+    def bf16(self, target: str, bf16: str, fp32: str, floor: float = 1.5) -> None:
+        """bf16 over fp32 tokens/s, and both rows' metric at the part's wall-clock budget (equal
+        training time: the judge of whether the speed is worth its rounding)."""
+        if not self.has(bf16, fp32):
+            return
+        at = [self.rows[name].get("metric_at_budget") for name in (bf16, fp32)]
+        budget = self.part.get("budget_s")
+        when = f" at {budget:.1f}s" if budget is not None else " at the budget"
+        metrics = " vs ".join("—" if m is None else f"{m:.4f}" for m in at)
+        self.add(target, f"{self.shown(bf16, fp32)}; {self.part.get('monitor', 'metric')}{when}: {metrics}",
+                 _at_least(self.speed(bf16, fp32), floor))
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for 2 CPU cores, checked against the classify part and, when it ran, the
+    short part (each check only where its rows are present, e.g. not on a GPU machine or without
+    Lightning). Rows marked informational have a floor to read them against, not a target."""
+    checks: list[dict[str, Any]] = []
+    parts = result.get("parts", {})
+    if "classify" in parts:
+        _classify_targets(_Ratios(parts["classify"], checks))
+    if "short" in parts:
+        _short_targets(_Ratios(parts["short"], checks))
+    return checks
+
+
+def _classify_targets(r: _Ratios) -> None:
+    part, rows = r.part, r.rows
+    default, metric = part["default"], part["monitor"]
+    if r.has(default, "reference"):
         ours, theirs = rows[default]["final_metric"], rows["reference"]["final_metric"]
-        add("default config >= 10x reference tokens/s", shown(default, "reference"), _at_least(ratio, 10))
-        add(f"... at equal or better {metric} (fixed epochs)", f"{ours:.4f} vs {theirs:.4f}", _at_least(ours, theirs))
-    single1, single2, ddp = "single-1thread bucket+padded", "single bucket+padded", f"{DDP} bucket+padded"
-    if {single1, ddp} <= rows.keys():
-        ratio = speed(ddp, single1)
-        add("ddp 2 ranks >= 1.85x single 1 thread", shown(ddp, single1), _at_least(ratio, 1.85))
-    if {single2, ddp} <= rows.keys():
-        ratio = speed(ddp, single2)
-        add("ddp 2 ranks >= 1.15x single 2 threads", shown(ddp, single2), _at_least(ratio, 1.15))
+        r.ratio_at_least("default config >= 10x reference tokens/s", default, "reference", 10)
+        r.add(f"... at equal or better {metric} (fixed epochs)", f"{ours:.4f} vs {theirs:.4f}", _at_least(ours, theirs))
+    single1, single2, ddp = "single-1thread bucket+padded", SINGLE_ROW.name, DDP_ROW.name
+    r.ratio_at_least("ddp 2 ranks >= 1.85x single 1 thread", ddp, single1, 1.85)
+    r.ratio_at_least("ddp 2 ranks >= 1.15x single 2 threads", ddp, single2, 1.15)
     peer, tuned = "lightning default", "lightning tuned"
-    if {peer, ddp} <= rows.keys():
-        ratio = speed(ddp, peer)
-        add("ddp >= 10x Lightning DDP (default setup) tokens/s", shown(ddp, peer), _at_least(ratio, 10))
+    r.ratio_at_least("ddp >= 10x Lightning DDP (default setup) tokens/s", ddp, peer, 10)
     # Equal wall-clock: what the default, given more epochs, had reached when the other finished.
     long = LONG if LONG in rows else ddp
     for other in ("reference", peer):
-        if {other, long} <= rows.keys():
+        if r.has(other, long):
             other_time = rows[other]["curve"][-1][0]
             ours, theirs = metric_at(rows[long]["curve"], other_time), rows[other]["final_metric"]
-            add(f"... {metric} at {other}'s training time ({other_time:.0f}s) >= {other}'s",
-                "—" if ours is None else f"{ours:.4f} vs {theirs:.4f}", ours is not None and _at_least(ours, theirs))
-    if {USER_MODEL.name, ddp} <= rows.keys():
-        ratio = speed(USER_MODEL.name, ddp)
-        add("a user model through the public API within 2% of the built-in path", shown(USER_MODEL.name, ddp, 3),
-            _at_least(ratio, 0.98))
-    if {tuned, ddp} <= rows.keys():
-        ratio = speed(ddp, tuned)
-        add("ddp within 2% of Lightning given ddp_seq's sampler + padded path", shown(ddp, tuned, 3),
-            _at_least(ratio, 0.98))
-    return checks
+            r.add(f"... {metric} at {other}'s training time ({other_time:.0f}s) >= {other}'s",
+                  "—" if ours is None else f"{ours:.4f} vs {theirs:.4f}", ours is not None and _at_least(ours, theirs))
+    r.ratio_at_least("a user model through the public API within 2% of the built-in path", USER_MODEL.name, ddp,
+                     0.98, 3)
+    r.ratio_at_least("ddp within 2% of Lightning given ddp_seq's sampler + padded path", ddp, tuned, 0.98, 3)
+    r.bf16("classify: ddp bf16 >= 1.5x ddp fp32 (informational)", DDP_BF16.name, ddp)
+
+
+def _short_targets(r: _Ratios) -> None:
+    single, ddp = SINGLE_ROW.name, DDP_ROW.name
+    r.ratio_at_least("short: ddp 2 ranks >= 0.65x single 2 threads", ddp, single, 0.65)
+    r.ratio_at_least("short: single 2 threads >= 3x reference tokens/s", single, "reference", 3.0)
+    r.bf16("short: single bf16 >= 1.5x single fp32 (informational)", SINGLE_BF16.name, single)
+    if r.has(MINIMAL_DDP.name, MINIMAL_NONE.name):
+        r.add("short: minimal ddp / minimal no sync (informational: one gradient all-reduce per step)",
+              r.shown(MINIMAL_DDP.name, MINIMAL_NONE.name), None)
+    r.ratio_at_least("short: ddp_seq ddp >= 0.95x minimal ddp (ddp_seq's own overhead)", ddp, MINIMAL_DDP.name,
+                     0.95, 3)
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> Path | None:
@@ -164,6 +226,9 @@ def section(result: dict[str, Any], json_name: str) -> str:
                 f"The last column is each configuration's metric after {part['budget_s']:.1f} s of training, the "
                 f"time `{part['default']}` (the default configuration) needed for all its epochs; — means no "
                 "evaluation yet.", "", _md_table(_rows(part), COLUMNS, head), ""]
+        steps = _step_rows(part)
+        if steps:
+            out += [f"#### {name}: {STEP_TITLE}", "", _md_table(steps, STEP_COLUMNS, STEP_HEADERS), ""]
         if part.get("curves"):
             out += [f"![{name}: val metric over training time](bench/results/{part['curves']})", ""]
     execution = result.get("execution")
@@ -193,6 +258,13 @@ headline; absolute numbers depend on the machine and its load.
 - **lightning default / tuned**: PyTorch Lightning DDP with 2 processes (`ddp_seq/bench/lightning_peer.py`):
   its DistributedSampler with the reference's pad-and-pack model, or given ddp_seq's sampler and
   padded model.
+- **…, bf16**: the same ddp_seq row with `training.amp=bf16` (bf16 autocast).
+- **short**: short sequences (median 8 steps, hidden 256, 1 layer). **minimal no sync / minimal ddp**
+  (`ddp_seq/bench/minimal.py`): a minimal hand-written loop on ddp_seq's shares, as many ranks as
+  the ddp rows, without any synchronisation (the computation alone; its metric means nothing) or
+  wrapped in DDP (plus one gradient all-reduce per step).
+- **where a step's time goes**: ddp_seq's per-rank step breakdown (mean over epochs of the mean
+  over ranks, ms per step); only rows whose records carry it.
 - **real tokens/s** counts sequence steps, not padding; **padding eff.** = real / padded steps;
   **straggler** = sum over steps of the slowest rank's padded cost over the mean rank's;
   **epoch s** is training time, evaluation excluded.

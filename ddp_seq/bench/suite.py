@@ -1,8 +1,9 @@
 """Benchmark suites: which configurations run, how each run is launched, and how runs are summarised.
 
 Every configuration is a real job in its own processes: ddp_seq's ``train`` (torchrun for more
-than one rank), the hand-written :mod:`.reference` loop, or the :mod:`.lightning_peer`. All of
-them write epoch records in the shape of ddp_seq's ``metrics.jsonl``, so one summary fits all.
+than one rank), the hand-written :mod:`.reference` loop, the :mod:`.minimal` data-parallel loop, or
+the :mod:`.lightning_peer`. All of them write epoch records in the shape of ddp_seq's
+``metrics.jsonl``, so one summary fits all.
 Configurations run in alternation (A B C A B C ...) and each figure is the median over repeats:
 the machine is shared and noisy, so ratios measured in the same run are the headline.
 """
@@ -29,10 +30,10 @@ class Variant:
     """One configuration of a suite."""
 
     name: str
-    runner: str  # ddp_seq | reference | lightning
+    runner: str  # ddp_seq | reference | minimal | lightning
     world_size: int = 1  # processes; 0 = one per visible GPU (2 without GPUs)
     overrides: tuple[str, ...] = ()
-    setup: str = ""  # lightning: default | tuned
+    setup: str = ""  # lightning: default | tuned; minimal: its --sync, none | ddp
     needs: tuple[str, ...] = ()  # cuda | cpu | lightning
 
 
@@ -64,14 +65,32 @@ LONG = f"{DDP} bucket+padded, 4x epochs"
 #: The default network written as a user's own model (bench/user_model.py), through model.target.
 USER_MODEL = Variant(f"{DDP} bucket+padded, user model", "ddp_seq", 0,
                      (*PADDED_BUCKETS, "model.target=ddp_seq.bench.user_model:UserLSTM"))
+BF16 = "training.amp=bf16"
+#: ddp_seq's bucket + padded rows, 1 process and 2 ranks, in fp32 and under bf16 autocast.
+SINGLE_ROW = Variant("single bucket+padded", "ddp_seq", 1, PADDED_BUCKETS)
+DDP_ROW = Variant(f"{DDP} bucket+padded", "ddp_seq", 0, PADDED_BUCKETS)
+SINGLE_BF16 = Variant("single bucket+padded, bf16", "ddp_seq", 1, (*PADDED_BUCKETS, BF16))
+DDP_BF16 = Variant(f"{DDP} bucket+padded, bf16", "ddp_seq", 0, (*PADDED_BUCKETS, BF16))
+#: The minimal hand-written loop (bench/minimal.py) on ddp_seq's shares, as many ranks as the ddp
+#: rows: without any synchronisation (the computation alone) and wrapped in DDP (plus one gradient
+#: all-reduce per step).
+MINIMAL_NONE = Variant("minimal no sync", "minimal", 0, setup="none")
+MINIMAL_DDP = Variant(f"minimal {DDP}", "minimal", 0, setup="ddp")
+#: The default task's sizes (3,000 sequences x 5 epochs).
+CLASSIFY_BASE = ("data.num_train=3000", "training.epochs=5")
+#: Short sequences, as in word- or sentence-level tasks (issue 16): a step is so small that the
+#: collectives of 2 ranks cost as much as the computation they split.
+SHORT = Part(("data.num_train=28800", "data.length_median=8", "data.length_sigma=0.4", "data.max_length=30",
+              "model.hidden=256", "model.layers=1", "training.epochs=2"),
+             (REFERENCE, SINGLE_ROW, DDP_ROW, MINIMAL_NONE, MINIMAL_DDP, SINGLE_BF16, DDP_BF16), "reference")
 
 SUITES: dict[str, dict[str, Part]] = {
     # The issue's matrix on the default task, scaled to run 3 alternating repeats in ~45 min on
     # 2 cores: 3,000 sequences x 5 epochs (235 steps of 64) is where the default config reaches
     # ~0.99 val accuracy. The tag task is smaller: the reference, the default and the peers.
     "default": {
-        "classify": Part(("data.num_train=3000", "training.epochs=5"), (
-            REFERENCE, *cells("single", 1), *cells(DDP, 0),
+        "classify": Part(CLASSIFY_BASE, (
+            REFERENCE, *cells("single", 1), *cells(DDP, 0), SINGLE_BF16, DDP_BF16,
             Variant("single-1thread bucket+padded", "ddp_seq", 1, ("distributed.threads_per_rank=1", *PADDED_BUCKETS),
                     needs=("cpu",)),
             # The same job with IEEE denormals kept: how much of the speed the flush accounts for.
@@ -84,10 +103,14 @@ SUITES: dict[str, dict[str, Part]] = {
         "tag": Part(("data.task=tag", "data.num_train=1000", "training.epochs=3"), (
             REFERENCE, *[v for v in cells(DDP, 0) if v.name in (f"{DDP} random+packed", f"{DDP} bucket+padded")],
             LIGHTNING[0]), "reference"),
+        "short": SHORT,
     },
+    # The short workload alone (a few minutes).
+    "short": {"short": SHORT},
+    # bf16 autocast against fp32 on the default task, 1 process and 2 ranks.
+    "amp": {"classify": Part(CLASSIFY_BASE, (DDP_ROW, DDP_BF16, SINGLE_ROW, SINGLE_BF16), DDP_ROW.name)},
     # The library path against the built-in one: the default network as a user's own model.
-    "library": {"classify": Part(("data.num_train=3000", "training.epochs=5"), (
-        Variant(f"{DDP} bucket+padded", "ddp_seq", 0, PADDED_BUCKETS), USER_MODEL), f"{DDP} bucket+padded")},
+    "library": {"classify": Part(CLASSIFY_BASE, (DDP_ROW, USER_MODEL), DDP_ROW.name)},
     # Batching strategies and knobs on ddp_seq alone (2 ranks).
     "batching": {"classify": Part(("training.epochs=3", "data.num_train=10000"), (
         *[v for v in cells(DDP, 2) if v.name != f"{DDP} random+padded"],
@@ -129,6 +152,8 @@ def command(variant: Variant, args: list[str], metrics: Path) -> list[str]:
     launch = [*TORCHRUN, f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
     if variant.runner == "reference":
         return [*launch, "-m", "ddp_seq.bench.reference", "--out", str(metrics), *args]
+    if variant.runner == "minimal":
+        return [*launch, "-m", "ddp_seq.bench.minimal", "--sync", variant.setup, "--out", str(metrics), *args]
     if variant.runner == "lightning":
         return [*launch, "-m", "ddp_seq.bench.lightning_peer", "--setup", variant.setup, "--out", str(metrics),
                 *args]
@@ -149,8 +174,31 @@ def run_once(variant: Variant, overrides: list[str], root: Path, name: str, conf
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
+#: Where a step's time goes: the epoch record's key (one float per rank) -> the summary's figure.
+#: ddp_seq's trainer writes them; the reference, minimal and Lightning runners do not (None there).
+BREAKDOWN = {"step_ms": "step_ms", "step_ms_data": "data_ms", "step_ms_forward": "forward_ms",
+             "step_ms_backward": "backward_ms", "step_ms_sync": "sync_ms", "step_ms_optimizer": "optimizer_ms",
+             "step_ms_other": "other_ms"}
+
+
+def _rank_mean(value: Any) -> float:
+    """The mean over ranks of a per-rank figure (a single number stands for every rank)."""
+    return statistics.mean(value) if isinstance(value, (list, tuple)) else float(value)
+
+
+def breakdown(epochs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The mean over epochs of each breakdown figure's mean over ranks, and of ``sync_share``;
+    None for a figure no epoch record carries (over the epochs that carry it otherwise)."""
+    out: dict[str, float | None] = {}
+    for key, name in [*BREAKDOWN.items(), ("sync_share", "sync_share")]:
+        values = [_rank_mean(r[key]) for r in epochs if r.get(key) not in (None, [])]
+        out[name] = statistics.mean(values) if values else None
+    return out
+
+
 def summarise(records: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
-    """One run's figures: throughput over all epochs, balance, memory, the monitored metric per epoch."""
+    """One run's figures: throughput over all epochs, balance, memory, the monitored metric per epoch,
+    and where a step's time goes when the records say (None otherwise)."""
     epochs = [r for r in records if r["kind"] == "epoch"]
     seconds = sum(r["train_s"] for r in epochs)
     real_tokens = sum(r["tokens_per_s"] * r["train_s"] for r in epochs)
@@ -164,7 +212,7 @@ def summarise(records: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
             "sequences_per_epoch": statistics.mean(r["seq_per_s"] * r["train_s"] for r in epochs),
             "padding_efficiency": statistics.mean(r["padding_efficiency"] for r in epochs),
             "straggler_ratio": statistics.mean(r["straggler_ratio"] for r in epochs),
-            "final_metric": epochs[-1][monitor], "peak_rss_mb": rss, "curve": curve}
+            "final_metric": epochs[-1][monitor], "peak_rss_mb": rss, "curve": curve, **breakdown(epochs)}
 
 
 def metric_at(curve: list[tuple[float, float]], seconds: float) -> float | None:
@@ -174,8 +222,14 @@ def metric_at(curve: list[tuple[float, float]], seconds: float) -> float | None:
 
 
 def medians(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-figure medians over repeats; the curve of the run with the median throughput."""
-    row = {k: statistics.median(r[k] for r in results) for k in results[0] if k not in ("curve", "peak_rss_mb")}
+    """Per-figure medians over repeats (over the repeats that have the figure: None where none has,
+    e.g. a step-time breakdown the runner does not write); the curve of the run with the median
+    throughput."""
+    keys = dict.fromkeys(k for r in results for k in r if k not in ("curve", "peak_rss_mb"))
+    row: dict[str, Any] = {}
+    for k in keys:
+        values = [r[k] for r in results if r.get(k) is not None]
+        row[k] = statistics.median(values) if values else None
     row["peak_rss_mb"] = [statistics.median(ranks) for ranks in zip(*(r["peak_rss_mb"] for r in results))]
     by_speed = sorted(results, key=lambda r: r["tokens_per_s"])
     row["curve"] = by_speed[len(by_speed) // 2]["curve"]
