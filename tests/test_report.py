@@ -54,8 +54,9 @@ def test_report_reproduces_the_end_of_training_output(tiny_yaml: Path, tmp_path:
                   "training.epochs=2").check()
     printed = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(printed) if line.lstrip().startswith("epoch  train_loss"))
-    expected = printed[header:]  # the table, then the summary lines up to the end of the output
-    assert len(expected) >= 3 + 2 and expected[3].startswith("best val_accuracy "), proc.report()
+    expected = printed[header:]  # the table, the step breakdown, then the summary lines to the end
+    assert expected[3].startswith("where a step's time goes") and expected[4].startswith("epoch  step_ms  data_ms")
+    assert len(expected) >= 7 + 2 and expected[7].startswith("best val_accuracy "), proc.report()
     assert any(line.startswith("best checkpoint: ") for line in expected)
     assert any(line.startswith("last checkpoint: ") for line in expected)
 
