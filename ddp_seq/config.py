@@ -134,7 +134,9 @@ class TrainingConfig(Section):
         "ddp", "ddp: DistributedDataParallel, one process per rank (torchrun) or one process; dp: legacy "
         "nn.DataParallel over the visible GPUs, one process; single: one process, one device")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", ge=0)
-    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision (fp16 needs CUDA)")
+    amp: Literal["none", "bf16", "fp16", "auto"] = opt(
+        "none", "mixed precision (fp16 needs CUDA); auto: bf16 where the device computes in bf16 natively "
+        "(CUDA compute capability 8+, a CPU with AVX512-BF16 or AMX), none elsewhere")
     seed: int = opt(0, "seed of model init and batch order")
     monitor: Literal["val_loss", "val_accuracy", "val_mse", "val_mae"] = opt(
         "val_accuracy", "metric that picks the best checkpoint and early stopping")
