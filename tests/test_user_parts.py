@@ -32,14 +32,14 @@ def max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def api_runs(tmp_path_factory) -> dict[str, dict]:
-    """The worker's Trainer run on 1 rank and on 2 ranks, with the built-in objective and with a loss function."""
-    runs = {}
-    for name, world, objective in (("w1", 1, "classify"), ("w2", 2, "classify"), ("w2_loss_fn", 2, "loss_fn")):
-        out = tmp_path_factory.mktemp(name)
-        args = [WORKER, str(out), objective]
-        (python(*args) if world == 1 else torchrun(*args, nproc=world)).check()
-        runs[name] = torch.load(out / "result.pt", weights_only=True)
-    return runs
+    """The worker's Trainer run on 1 rank, and on 2 ranks with the built-in objective and with a loss
+    function: the two 2-rank runs share one torchrun launch (one after the other in one process group)."""
+    one, two = tmp_path_factory.mktemp("w1"), tmp_path_factory.mktemp("w2")
+    python(WORKER, one, "classify").check()
+    torchrun(WORKER, two, "classify", "loss_fn", nproc=2).check()
+    return {"w1": torch.load(one / "classify.pt", weights_only=True),
+            "w2": torch.load(two / "classify.pt", weights_only=True),
+            "w2_loss_fn": torch.load(two / "loss_fn.pt", weights_only=True)}
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 that is not SeqModel, a data function -- trained through ``ddp_seq.Trainer`` (``main``) or named by
 ``model.target`` / ``data.target`` in a config (tests/test_user_parts.py).
 
-``python tests/workers/user_parts.py OUT_DIR OBJECTIVE`` (or under torchrun): trains, and rank 0
-writes ``OUT_DIR/result.pt`` with the final weights and the epoch history. OBJECTIVE is
+``python tests/workers/user_parts.py OUT_DIR OBJECTIVE...`` (or under torchrun): trains once per
+OBJECTIVE, one after the other in the same process group (one launch for several runs), and rank 0
+writes ``OUT_DIR/OBJECTIVE.pt`` with each run's final weights and epoch history. OBJECTIVE is
 ``classify`` (the built-in) or ``loss_fn`` (the same cross-entropy as a user's loss function).
 """
 
@@ -78,18 +79,21 @@ def cross_entropy_sum(outputs: torch.Tensor, batch) -> tuple[torch.Tensor, torch
     return (per_sample * batch.weights).sum(), batch.weights.sum()
 
 
-def main(out_dir: str, objective: str) -> int:
-    cfg = load_config(overrides=OVERRIDES + (["training.monitor=val_loss"] if objective == "loss_fn" else []))
+def main(out_dir: str, *objectives: str) -> int:
+    dist_cfg = load_config(overrides=OVERRIDES).distributed
     train, val = make_datasets()
-    with distributed(cfg.distributed) as info:
-        torch.manual_seed(cfg.training.seed)  # what the config path does before building a model
-        model = MeanPoolGRU(num_inputs=3, num_outputs=3)
-        trainer = Trainer(model, train, val, cfg, cross_entropy_sum if objective == "loss_fn" else "classify",
-                          info=info)
-        trainer.fit()
-        if info.is_main:
-            torch.save({"model": trainer.module.state_dict(), "history": trainer.state.history},
-                       f"{out_dir}/result.pt")
+    with distributed(dist_cfg) as info:
+        for objective in objectives:
+            cfg = load_config(overrides=OVERRIDES + (["training.monitor=val_loss"] if objective == "loss_fn" else []))
+            assert cfg.distributed == dist_cfg
+            torch.manual_seed(cfg.training.seed)  # what the config path does before building a model
+            model = MeanPoolGRU(num_inputs=3, num_outputs=3)
+            trainer = Trainer(model, train, val, cfg, cross_entropy_sum if objective == "loss_fn" else "classify",
+                              info=info)
+            trainer.fit()
+            if info.is_main:
+                torch.save({"model": trainer.module.state_dict(), "history": trainer.state.history},
+                           f"{out_dir}/{objective}.pt")
     return 0
 
 
