@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, TINY_YAML, child_env, kill_job, torchrun
+from helpers import REPO, TINY_YAML, child_env, kill_job
 
 from ddp_seq.checkpoint import load_checkpoint
 
@@ -28,19 +28,29 @@ def config(tmp) -> str:
     return str(path)
 
 
-def test_torchrun_sh_runs_two_ranks_and_passes_overrides(tmp_path):
+@pytest.fixture(scope="module")
+def sh_run(tmp_path_factory):
+    """launch/torchrun.sh with NPROC=2: one agent with two ranks, 1 epoch. Its test checks the launcher;
+    the two-agent test compares its weights against this run (the one-agent reference)."""
+    tmp = tmp_path_factory.mktemp("sh")
     env = child_env(NPROC="2", PYTHON=sys.executable)
-    proc = subprocess.run([str(REPO / "launch" / "torchrun.sh"), "--config", config(tmp_path),
-                           f"logging.root={tmp_path}", "logging.name=sh", "training.epochs=1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([str(REPO / "launch" / "torchrun.sh"), "--config", config(tmp),
+                           f"logging.root={tmp}", "logging.name=sh", "training.epochs=1"],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
+    return proc, tmp / "sh"
+
+
+def test_torchrun_sh_runs_two_ranks_and_passes_overrides(sh_run):
+    proc, run = sh_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "world size 2" in proc.stdout and "epoch 1/1" in proc.stdout, proc.stdout
-    assert load_checkpoint(tmp_path / "sh" / "checkpoints" / "last.pt")["finished"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["finished"]
 
 
-def test_two_agents_with_c10d_rendezvous_train_like_one_agent_with_two_ranks(tmp_path):
+def test_two_agents_with_c10d_rendezvous_train_like_one_agent_with_two_ranks(sh_run, tmp_path):
     yaml_path, port = config(tmp_path), free_port()
-    common = ["--config", yaml_path, f"logging.root={tmp_path}"]
+    # The same config as sh_run (TINY_YAML, 1 epoch): that one-agent two-rank run is the reference.
+    common = ["--config", yaml_path, f"logging.root={tmp_path}", "training.epochs=1"]
     agents = []
     try:
         for node_rank in (0, 1):
@@ -57,9 +67,10 @@ def test_two_agents_with_c10d_rendezvous_train_like_one_agent_with_two_ranks(tmp
     for agent, out in zip(agents, outputs):
         assert agent.returncode == 0, out
     assert sum("world size 2" in out for out in outputs) == 1, outputs  # printed by global rank 0 only
-    torchrun("train.py", *common, "logging.name=one").check()
+    sh_proc, sh_dir = sh_run
+    assert sh_proc.returncode == 0, sh_proc.stdout + sh_proc.stderr
     two_nodes = load_checkpoint(tmp_path / "nodes" / "checkpoints" / "last.pt")
-    one_node = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    one_node = load_checkpoint(sh_dir / "checkpoints" / "last.pt")
     assert two_nodes["finished"] and two_nodes["step"] == one_node["step"]
     for name, tensor in one_node["model"].items():
         torch.testing.assert_close(two_nodes["model"][name], tensor, rtol=0, atol=1e-6)
