@@ -167,12 +167,27 @@ def train(root: Path, name: str, mode: str, *overrides: str):
     return proc, records(root / name), load_checkpoint(root / name / "checkpoints" / "last.pt")
 
 
+def task_overrides(task: str) -> list[str]:
+    return [f"data.task={task}", "model.execution=packed"] + (["training.monitor=val_loss"] if task == "tag" else [])
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tmp_path_factory) -> dict[str, tuple]:
+    """The uninterrupted dp run of each task (SMALL + task_overrides), trained once: the dp side of
+    test_dp_trains_like_ddp_on_two_ranks, and (classify) the reference of the dp/ddp resume test."""
+    root = tmp_path_factory.mktemp("dp")
+    runs = {}
+    for task in ("classify", "tag"):
+        _, recs, ckpt = train(root, f"dp-{task}", "dp", *task_overrides(task))
+        runs[task] = (root / f"dp-{task}", recs, ckpt)
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["classify", "tag"])
-def test_dp_trains_like_ddp_on_two_ranks(tmp_path, task):
-    extra = [f"data.task={task}", "model.execution=packed"] + (["training.monitor=val_loss"] if task == "tag" else [])
-    _, dp, ckpt_dp = train(tmp_path, "dp", "dp", *extra)
-    _, ddp, ckpt_ddp = train(tmp_path, "ddp", "ddp", *extra)
+def test_dp_trains_like_ddp_on_two_ranks(tmp_path, dp_runs, task):
+    _, dp, ckpt_dp = dp_runs[task]
+    _, ddp, ckpt_ddp = train(tmp_path, "ddp", "ddp", *task_overrides(task))
     steps = {name: [r["train_loss"] for r in recs if r["kind"] == "train"] for name, recs in (("dp", dp), ("ddp", ddp))}
     assert len(steps["dp"]) == len(steps["ddp"]) == 24
     assert steps["dp"] == pytest.approx(steps["ddp"], rel=1e-5, abs=1e-6)
@@ -183,16 +198,16 @@ def test_dp_trains_like_ddp_on_two_ranks(tmp_path, task):
 
 
 @pytest.mark.slow
-def test_dp_checkpoint_resumes_under_ddp_and_back(tmp_path):
+def test_dp_checkpoint_resumes_under_ddp_and_back(tmp_path, dp_runs):
     """dp to step 5, then ddp on 2 ranks from dp's checkpoint to step 15, then dp from ddp's checkpoint
-    to the end: the same run as dp throughout."""
-    _, reference, ckpt_ref = train(tmp_path, "reference", "dp")
-    ddp_proc, ddp, _ = train(tmp_path, "ddp", "ddp",
-                             f"checkpoint.resume={step_path(tmp_path / 'reference' / 'checkpoints', 5)}")
+    to the end: the same run as dp throughout. The dp run is dp_runs' classify run (kept every step)."""
+    reference_dir, reference, ckpt_ref = dp_runs["classify"]
+    ddp_proc, ddp, _ = train(tmp_path, "ddp", "ddp", *task_overrides("classify"),
+                             f"checkpoint.resume={step_path(reference_dir / 'checkpoints', 5)}")
     assert "config changed since: training.mode 'dp' -> 'ddp'" in ddp_proc.stdout
     assert "saved with world size 1" in ddp_proc.stdout
     from_ddp = step_path(tmp_path / "ddp" / "checkpoints", 15)
-    _, back, ckpt_back = train(tmp_path, "back", "dp", f"checkpoint.resume={from_ddp}")
+    _, back, ckpt_back = train(tmp_path, "back", "dp", *task_overrides("classify"), f"checkpoint.resume={from_ddp}")
     losses = {r["step"]: r["train_loss"] for r in reference if r["kind"] == "train"}
     resumed = {r["step"]: r["train_loss"] for r in ddp + back if r["kind"] == "train"}
     assert sorted(resumed)[0] == 6 and max(resumed) == max(losses) == 24
