@@ -70,10 +70,34 @@ def test_example_trains_on_two_ranks(name):
             assert "no GPU visible" in proc.stdout, proc.report()
 
 
+ONE_PROCESS = ["own_model", "own_loop", "dataparallel_vs_ddp"]
+
+#: Runs each example named on the command line as ``python examples/NAME.py --tiny`` would (the script
+#: as ``__main__``, its directory first on sys.path, argv ``[script, --tiny]``), one after the other in
+#: one interpreter: one start of Python and torch for the three. A line ``=== NAME`` opens each one's output.
+_RUN_SCRIPTS = """
+import runpy, sys
+for name in sys.argv[1:]:
+    print("=== " + name, flush=True)
+    script = {examples!r} + "/" + name + ".py"
+    sys.argv, sys.path[0] = [script, "--tiny"], {examples!r}
+    runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def one_process_runs() -> dict[str, Proc]:
+    """Every example in ONE_PROCESS run without torchrun, in a single process: name -> its part of the output."""
+    proc = python("-c", _RUN_SCRIPTS.format(examples=str(EXAMPLES)), *ONE_PROCESS).check()
+    parts = re.split(r"^=== (\w+)\n", proc.stdout, flags=re.M)
+    assert parts[0].strip() == "" and parts[1::2] == ONE_PROCESS, proc.report()
+    return {name: Proc(proc.args, proc.returncode, out, proc.stderr) for name, out in zip(parts[1::2], parts[2::2])}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["own_model", "own_loop", "dataparallel_vs_ddp"])
-def test_example_runs_as_one_process_without_torchrun(name):
-    last_line(python(EXAMPLES / f"{name}.py", "--tiny").check())
+@pytest.mark.parametrize("name", ONE_PROCESS)
+def test_example_runs_as_one_process_without_torchrun(one_process_runs, name):
+    last_line(one_process_runs[name])
 
 
 @pytest.mark.slow
