@@ -6,7 +6,8 @@ nothing but those: ddp_seq's sampler and collate (the same shares of the same gl
 the default network written on the public :class:`~ddp_seq.rnn.PackedLSTM`, Adam with the same
 warmup + cosine schedule and clipping, and -- by ``--sync`` -- either no gradient synchronisation
 at all (``none``: the computation alone; each rank's weights drift apart, so its metric means
-nothing) or PyTorch's ``DistributedDataParallel`` (``ddp``), optionally with its knobs
+nothing), PyTorch's ``DistributedDataParallel`` with every step under ``no_sync`` (``nosync``: what
+DDP costs besides the all-reduce), or plain DDP (``ddp``), optionally with its knobs
 (``--static-graph``, ``--bucket-view``, ``--bucket-cap-mb``). No logging, no SIGTERM checks, no
 token counters: one collective per step (DDP's), no more.
 
@@ -16,6 +17,7 @@ token counters: one collective per step (DDP's), no more.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -44,7 +46,8 @@ def train(cfg, out: Path, sync: str, ddp_kwargs: dict) -> None:
         gpu = info.device.type == "cuda"
         if gpu:
             ddp_kwargs = {**ddp_kwargs, "device_ids": [info.device]}
-        model = DDP(module, **ddp_kwargs) if sync == "ddp" and info.distributed else module
+        model = DDP(module, **ddp_kwargs) if sync in ("ddp", "nosync") and info.distributed else module
+        skip_sync = model.no_sync if sync == "nosync" and info.distributed else contextlib.nullcontext
         sampler = make_sampler(data.train, cfg, info, train=True)
         loader = make_loader(data.train, sampler, cfg)
         objective = TaskObjective(cfg.data.task)
@@ -66,9 +69,10 @@ def train(cfg, out: Path, sync: str, ddp_kwargs: dict) -> None:
                 padded += batch.padded_tokens
                 batch = batch.to(info.device)
                 # The global mean: this rank's loss sum times W / N; DDP averages over the W ranks.
-                loss_sum, _ = objective.loss(model(batch.inputs, batch.model_lengths), batch)
-                optimizer.zero_grad(set_to_none=True)
-                (loss_sum * (info.world_size / batch.global_count)).backward()
+                with skip_sync():
+                    loss_sum, _ = objective.loss(model(batch.inputs, batch.model_lengths), batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    (loss_sum * (info.world_size / batch.global_count)).backward()
                 nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
                 scheduler.step()
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_seq.bench.minimal", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="a ddp_seq YAML config (data, model size, recipe)")
     parser.add_argument("--out", required=True, help="metrics.jsonl to append epoch records to")
-    parser.add_argument("--sync", choices=("none", "ddp"), default="ddp")
+    parser.add_argument("--sync", choices=("none", "nosync", "ddp"), default="ddp")
     parser.add_argument("--static-graph", action="store_true", help="DDP(static_graph=True)")
     parser.add_argument("--bucket-view", action="store_true", help="DDP(gradient_as_bucket_view=True)")
     parser.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP(bucket_cap_mb=...)")
