@@ -173,7 +173,7 @@ def test_short_and_amp_suites_and_the_minimal_runner_command(tmp_path):
     cfg = load_config("configs/default.yaml", list(short.base))
     assert (cfg.data.num_train, cfg.data.length_median, cfg.data.length_sigma, cfg.data.max_length) == (
         28800, 8.0, 0.4, 30)
-    assert (cfg.model.hidden, cfg.model.layers, cfg.training.epochs) == (256, 1, 2)
+    assert (cfg.model.hidden, cfg.model.layers, cfg.training.epochs, cfg.data.noise) == (256, 1, 2, 0.5)
     quick = load_config("configs/default.yaml", [*short.base, *QUICK])
     assert (quick.data.num_train, quick.model.hidden, quick.data.length_median) == (128, 16, 8.0)
     classify = {v.name for v in SUITES["default"]["classify"].variants}
