@@ -234,7 +234,7 @@ DOCUMENTED_CHOICES = {
     "model.execution": ("auto", "packed", "padded"),
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.mode": ("ddp", "dp", "single"),
-    "training.amp": ("none", "bf16", "fp16"),
+    "training.amp": ("none", "bf16", "fp16", "auto"),
     "training.monitor": ("val_loss", "val_accuracy", "val_mse", "val_mae"),
     "logging.progress": ("auto", "bar", "lines", "none"),
     "wandb.mode": ("disabled", "offline", "online"),
