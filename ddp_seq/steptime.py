@@ -31,7 +31,7 @@ PHASES = ("data", "forward", "backward", "sync", "optimizer", "other")
 #: On CUDA, one step in this many is timed (each mark synchronises the device on it).
 CUDA_EVERY = 10
 #: Advice is given when a phase takes at least this share of the step on average over ranks.
-ADVICE_SHARE = 0.2
+ADVICE_SHARE = 0.15
 
 
 class StepTimer:
@@ -131,10 +131,10 @@ def advice(record: dict, world_size: int) -> str | None:
         sync = sum(record["step_ms_sync"]) / world_size
         fewer = max(1, world_size // 2)
         return (f"advice: synchronisation took {record['sync_share']:.0%} of each training step ({sync:.1f} of "
-                f"{step:.1f} ms, mean over {world_size} ranks): the steps are too small for {world_size} ranks "
-                f"to pay. Fewer ranks with more threads each (--nproc_per_node={fewer}), a larger global batch "
-                "(batching.batch_size or batching.max_tokens), or training.grad_accum=2 or more (one gradient "
-                "all-reduce per several batches) would spend less of it waiting")
+                f"{step:.1f} ms, mean over {world_size} ranks): the steps are small for {world_size} ranks, so "
+                f"much of each is spent waiting for the gradient all-reduce. Fewer ranks with more threads each "
+                f"(--nproc_per_node={fewer}), a larger global batch (batching.batch_size or batching.max_tokens), "
+                "or training.grad_accum=2 or more (one all-reduce per several batches) would wait less")
     if record["data_share"] >= ADVICE_SHARE:
         data = sum(record["step_ms_data"]) / len(record["step_ms_data"])
         return (f"advice: waiting for data took {record['data_share']:.0%} of each training step ({data:.1f} of "

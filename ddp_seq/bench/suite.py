@@ -264,6 +264,19 @@ def default_variant(part: Part) -> str | None:
     return name if any(v.name == name for v in part.variants) else None
 
 
+def quick_runs(part: Part, variant: Variant) -> bool:
+    """Whether ``--quick`` runs ``variant``: the baseline, the default row, and the first row of each
+    runner x launch (processes, setup) of the part. The other rows differ only in config overrides,
+    which ``--quick`` loads and checks without training; startup dominates a tiny run, so running
+    them too would test little and cost minutes."""
+    if variant.name in (part.baseline, default_variant(part)):
+        return True
+    first = {}
+    for v in part.variants:
+        first.setdefault((v.runner, v.world_size, v.setup), v.name)
+    return first[(variant.runner, variant.world_size, variant.setup)] == variant.name
+
+
 def run_suite(suite: str, repeats: int, quick: bool, config: str,
               on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every configuration of every part ``repeats`` times in alternation."""
@@ -272,12 +285,16 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
     from ..config import load_config
 
     has_cuda, has_lightning = torch.cuda.is_available(), lightning_installed()
-    parts, skipped, plan = SUITES[suite], {}, []
+    parts, skipped, plan, config_only = SUITES[suite], {}, [], {}
     for part_name, part in parts.items():
         for variant in part.variants:
             reason = missing(variant, has_cuda, has_lightning)
             if reason:
                 skipped[f"{part_name}: {variant.name}"] = reason
+            elif quick and not quick_runs(part, variant):
+                # --quick checks every row's config; it runs one row per runner and launch.
+                load_config(config, [*part.base, *QUICK, *variant.overrides])
+                config_only[f"{part_name}: {variant.name}"] = "--quick: config checked, not run"
             else:
                 plan.append((part_name, variant))
     runs: dict[str, dict[str, list]] = {name: {} for name in parts}
@@ -286,7 +303,7 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
     overrides = {name: [*part.base, *(QUICK if quick else ())] for name, part in parts.items()}
     monitors = {name: load_config(config, overrides[name]).training.monitor for name in parts}
     result: dict[str, Any] = {"suite": suite, "repeats": repeats, "quick": quick, "config": config,
-                              "skipped": skipped, "complete": False}
+                              "skipped": skipped, "config_only": config_only, "complete": False}
     with tempfile.TemporaryDirectory(prefix="ddp-seq-bench-") as tmp:
         for rep in range(repeats):
             for part_name, variant in plan:
