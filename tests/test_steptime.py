@@ -50,6 +50,9 @@ def test_backward_is_split_at_the_last_gradient_and_the_wait_after_it_is_sync():
     model = nn.Linear(64, 64)
     model(torch.randn(32, 64)).sum().backward()  # warm-up: the first backward starts the engine
     timer = StepTimer(model)
+    accumulated: list[float] = []  # when each gradient was accumulated, by hooks of the test's own
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda _p: accumulated.append(time.perf_counter()))
 
     def wait_after_gradients(_grad):
         torch.autograd.Variable._execution_engine.queue_callback(lambda: _sleep_ms(30))
@@ -58,15 +61,18 @@ def test_backward_is_split_at_the_last_gradient_and_the_wait_after_it_is_sync():
     timer.start()
     loss = model(torch.randn(32, 64)).square().sum()
     timer.mark("forward")
+    start = time.perf_counter()
     loss.backward()
+    returned = time.perf_counter()
     timer.backward_done()
     timer.end()
     ms = timer.ms_per_step()
-    # The 30 ms wait is sync (it could not be, had the split been before the callback ran) and only
-    # it: had the split fallen at the forward's end, the local backward would have been counted too.
-    assert 29.5 <= ms["sync"] < 30 + ms["backward"] and ms["backward"] > 0
+    # sync = from the last gradient to the return of backward(), which holds the 30 ms wait;
+    # backward = the rest (it would be ~0 and sync the whole call, had the split been misplaced).
+    assert ms["sync"] >= 29.5 and ms["sync"] == pytest.approx(1e3 * (returned - max(accumulated)), abs=1.0)
+    assert ms["backward"] == pytest.approx(1e3 * (max(accumulated) - start), abs=1.0)
     timer.close()
-    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())  # only the test's own
 
 
 def test_every_kth_step_is_timed_when_sampling():
