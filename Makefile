@@ -59,7 +59,7 @@ test-fast: $(STAMP)  ## the tests not marked slow (no torchrun launches)
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check ddp_seq tests train.py
 
-bench: $(STAMP)  ## reference vs ddp_seq vs Lightning, side by side; bench/results/<date>-<host>.json + BENCHMARKS.md (~50 min)
+bench: $(STAMP)  ## reference vs ddp_seq vs Lightning, side by side; bench/results/<date>-<host>.json + BENCHMARKS.md (~70 min)
 	$(BIN)/ddp-seq bench --suite default
 
 parity: $(STAMP)  ## single vs dp vs ddp (2 ranks): same loss and gradients on a fixed batch, or exit 1
