@@ -147,12 +147,13 @@ def evaluate(module: torch.nn.Module, data, cfg: Config, info: DistInfo, objecti
     """
     objective = objective or TaskObjective(cfg.data.task)
     loader = loader or make_loader(data, make_sampler(data, cfg, info, train=False), cfg)
+    amp = resolve_amp(cfg.training.amp, info.device)  # once, not per batch
     was_training = module.training
     module.eval()
     sums = None
     for batch in loader:
         batch = batch.to(info.device)
-        with autocast(info.device, cfg.training.amp):
+        with autocast(info.device, amp):
             outputs = module(batch.inputs, batch.model_lengths)
         part = objective.metric_sums(outputs, batch)  # stays on the device: no sync per batch
         sums = part if sums is None else sums + part

@@ -89,14 +89,15 @@ def _coverage(data: SequenceData, index: int, truncate: str) -> dict[str, Any]:
 def _predict_rows(model: torch.nn.Module, data: SequenceData, cfg: Config, encoding: Encoding,
                   info) -> list[tuple[int, dict[str, Any]]]:
     """``(input position, output row)`` of this rank's samples (its shares of the sorted global batches)."""
-    from .engine import autocast, make_loader, make_sampler
+    from .engine import autocast, make_loader, make_sampler, resolve_amp
 
     task, classes, truncate, rows = cfg.data.task, encoding.classes, cfg.data.truncate, []
+    amp = resolve_amp(cfg.training.amp, info.device)  # once, not per batch
     for batch in make_loader(data, make_sampler(data, cfg, info, train=False), cfg):
         if not bool(batch.weights[0] > 0):  # a filler sample of an empty share: another rank predicts it
             continue
         batch = batch.to(info.device)
-        with autocast(info.device, cfg.training.amp):
+        with autocast(info.device, amp):
             outputs = model(batch.inputs, batch.lengths).float()
         if task == "classify":
             probabilities = torch.softmax(outputs, dim=-1).cpu()

@@ -71,7 +71,7 @@ class EpochCounters:
     """
 
     def __init__(self, world_size: int, rank: int, device: torch.device) -> None:
-        self.world_size, self.rank = world_size, rank
+        self.rank = rank
         self.pending_loss = torch.zeros(1, dtype=torch.float64, device=device)
         self.pending = torch.zeros(2 + world_size, dtype=torch.float64)  # [real, padded of rank 0..W-1, stop]
         self.pending_count = 0.0  # the global count, the same on every rank: never reduced

@@ -34,6 +34,7 @@ from .engine import (
     make_loader,
     make_sampler,
     native_bf16,
+    resolve_amp,
 )
 from .errors import UserError
 from .objective import Objective, as_objective
@@ -128,6 +129,8 @@ class Trainer(CheckpointMixin):
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         self.total_steps = self._count_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        # training.amp=auto decided once for this device, not at every autocast of every step
+        self.amp = resolve_amp(cfg.training.amp, info.device)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.training.amp == "fp16")
         self.state = TrainState()
         self.last_grad_norm: torch.Tensor | None = None  # read when logging only
@@ -179,7 +182,7 @@ class Trainer(CheckpointMixin):
         cfg, timer = self.cfg, timer or StepTimer(enabled=False)
         self.optimizer.zero_grad(set_to_none=True)
         total, count = backward_global_mean(self.model, self.module, self.objective, batches, self.scaler,
-                                            self.info, cfg.training.amp, timer)
+                                            self.info, self.amp, timer)
         if cfg.training.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.training.grad_clip)
