@@ -19,17 +19,18 @@ help:  ## list the targets
 
 # torch goes in first, pinned, so installing the package never makes pip pick another build.
 # The [bench] extra (pytorch-lightning, matplotlib) is never a dependency of ddp_seq itself; it is
-# installed here so `make test` runs the Lightning peer of the benchmark on a tiny size. Installing
-# it leaves torch alone (checked on the last line).
+# installed here so `make test` runs the Lightning peer of the benchmark on a tiny size. [all] adds
+# the optional formats, tokenizers, TensorBoard and ONNX export, so the tests cover them. Installing
+# them leaves torch alone (checked on the last line).
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench,all]"
 	$(BIN)/python -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH_VERSION)', torch.__version__"
 	touch $@
 
-install: $(STAMP)  ## create .venv: torch (TORCH_VERSION) first, then this package with dev and bench tools
+install: $(STAMP)  ## create .venv: torch (TORCH_VERSION) first, then this package with dev, bench and every optional extra
 
 # The config is checked first (fast, no torch): a bad key fails with one line and exit code 2
 # instead of one error per rank under torchrun.

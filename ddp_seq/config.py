@@ -31,6 +31,7 @@ from .config_fields import (
     Section,
     check_section,
     check_target,
+    check_tokenizer,
     coerce,
     field_specs,
     name_sections,
@@ -45,9 +46,10 @@ from .errors import UserError as UserError  # re-exported: importers take it fro
 class DataConfig(Section):
     task: Literal["classify", "regress", "tag"] = opt(
         "classify", "classify: one label per sequence; regress: one value; tag: one label per step")
-    format: Literal["synthetic", "npz", "tsv", "jsonl", "ts"] = opt(
+    format: Literal["synthetic", "npz", "tsv", "jsonl", "ts", "parquet", "hf"] = opt(
         "synthetic", "synthetic: the embedded generated task; npz: ragged numeric arrays; tsv: label<TAB>text lines; "
-        "jsonl: one JSON object per line; ts: UEA/UCR time-series archive")
+        "jsonl: one JSON object per line; ts: UEA/UCR time-series archive; parquet: a Parquet file (pyarrow); "
+        "hf: a Hugging Face datasets folder (save_to_disk) or .arrow file")
     target: str = opt("", "your data: package.module:function or path/to/file.py:function returning (train_dataset, "
                       "val_dataset); called with the keyword arguments it accepts among task, seed and data.args; "
                       "empty = data.format (when set, data.format and data.train_path are ignored)",
@@ -58,8 +60,14 @@ class DataConfig(Section):
     val_path: str = opt("", "validation file; empty = hold out val_fraction of train_path")
     val_fraction: float = opt(0.1, "without val_path: fraction of train_path held out (fixed by data.seed)",
                               gt=0, le=0.5)
-    tokenizer: Literal["char", "whitespace"] = opt(
-        "char", "tsv: how text becomes tokens (char: every character; whitespace: words)")
+    input_column: str = opt("", "parquet/hf: the column of inputs (token lists, strings or per-step feature lists); "
+                            "empty = the first of tokens, text, features that the file has")
+    target_column: str = opt("", "parquet/hf: the column of targets; empty = label (classify), target (regress), "
+                             "tags (tag)")
+    tokenizer: str = opt(
+        "char", "tsv and string columns: how text becomes tokens: char (every character), whitespace (words), or a "
+        "local subword tokenizer file: tokenizer.json (Hugging Face tokenizers) or *.model (sentencepiece)",
+        check=check_tokenizer, allowed="char, whitespace, `path/tokenizer.json`, `path/file.model`")
     min_freq: int = opt(1, "tokens seen fewer times in the training split become <unk>", ge=1)
     max_length: int = opt(0, "longest sequence; 0 = no limit. Files: longer samples follow data.truncate; "
                           "synthetic: lengths are clipped to it", ge=0)
@@ -138,7 +146,7 @@ class TrainingConfig(Section):
         "none", "mixed precision (fp16 needs CUDA); auto: bf16 where the device computes in bf16 natively "
         "(CUDA compute capability 8+, a CPU with AVX512-BF16 or AMX), none elsewhere")
     seed: int = opt(0, "seed of model init and batch order")
-    monitor: Literal["val_loss", "val_accuracy", "val_mse", "val_mae"] = opt(
+    monitor: Literal["val_loss", "val_accuracy", "val_f1_macro", "val_mse", "val_mae"] = opt(
         "val_accuracy", "metric that picks the best checkpoint and early stopping")
     patience: int = opt(0, "stop after this many epochs without improvement; 0 = never", ge=0)
     log_every: int = opt(50, "print and record train metrics every this many steps", ge=1)
@@ -161,6 +169,8 @@ class LoggingConfig(Section):
     root: str = opt("runs", "directory that holds one sub-directory per run")
     name: str = opt("", "run name; empty = '<task>-<date>-<time>' chosen by rank 0")
     progress: Literal["auto", "bar", "lines", "none"] = opt("auto", "auto: a bar on a terminal, plain lines otherwise")
+    tensorboard: bool = opt(False, "also write TensorBoard event files into runs/<name>/tensorboard/ from rank 0 "
+                            "(the records of metrics.jsonl; needs the tensorboard package)")
 
 
 @dataclass
@@ -285,8 +295,9 @@ def validate(cfg: Config) -> Config:
                           "use jsonl (\"tags\") or npz (tags)")
     if not d.target and d.format == "synthetic" and d.task == "classify" and d.features < d.num_classes:
         raise ConfigError(f"data.features: classify needs >= data.num_classes ({d.num_classes}); got {d.features}")
-    if d.task == "regress" and cfg.training.monitor == "val_accuracy":
-        raise ConfigError("training.monitor: regress has no accuracy; use val_mse, val_mae or val_loss")
+    if d.task == "regress" and cfg.training.monitor in ("val_accuracy", "val_f1_macro"):
+        raise ConfigError(f"training.monitor: regress has no {cfg.training.monitor[4:]}; use val_mse, val_mae or "
+                          "val_loss")
     if d.task != "regress" and cfg.training.monitor in ("val_mse", "val_mae"):
         raise ConfigError(f"training.monitor: {cfg.training.monitor} is only for data.task=regress")
     if not d.target and d.format != "synthetic" and not d.train_path:

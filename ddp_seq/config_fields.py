@@ -57,6 +57,16 @@ def check_target(value: str) -> str | None:
     return None
 
 
+def check_tokenizer(value: str) -> str | None:
+    """The problem with a ``data.tokenizer`` value, or None: ``char``, ``whitespace``, or the path of a
+    Hugging Face ``tokenizers`` file (``.json``) or a sentencepiece model (``.model``). Syntax only: the
+    file is read (and its absence reported) by the data readers."""
+    if value in ("char", "whitespace") or value.endswith((".json", ".model")):
+        return None
+    return (f"must be char, whitespace, or the path of a tokenizer.json (Hugging Face tokenizers) or a .model "
+            f"(sentencepiece) file; got {value!r}")
+
+
 #: The reference table's ``allowed`` text for a field checked by :func:`check_target`.
 TARGET_ALLOWED = "empty, `module:Name`, `file.py:Name`"
 

@@ -223,8 +223,7 @@ def test_validate_checks_values_assigned_after_construction():
 #: The choices each choice field accepted before they became Literal annotations (the table lists them).
 DOCUMENTED_CHOICES = {
     "data.task": ("classify", "regress", "tag"),
-    "data.format": ("synthetic", "npz", "tsv", "jsonl", "ts"),
-    "data.tokenizer": ("char", "whitespace"),
+    "data.format": ("synthetic", "npz", "tsv", "jsonl", "ts", "parquet", "hf"),
     "data.truncate": ("error", "pre", "post"),
     "data.empty": ("error", "drop"),
     "data.missing": ("error", "zero", "ffill"),
@@ -235,7 +234,7 @@ DOCUMENTED_CHOICES = {
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.mode": ("ddp", "dp", "single"),
     "training.amp": ("none", "bf16", "fp16", "auto"),
-    "training.monitor": ("val_loss", "val_accuracy", "val_mse", "val_mae"),
+    "training.monitor": ("val_loss", "val_accuracy", "val_f1_macro", "val_mse", "val_mae"),
     "logging.progress": ("auto", "bar", "lines", "none"),
     "wandb.mode": ("disabled", "offline", "online"),
     "distributed.backend": ("auto", "nccl", "gloo"),

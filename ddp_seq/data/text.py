@@ -134,6 +134,23 @@ def targets_of(task: str, labelled: bool, labels: list, n: int, total: int) -> t
     return intern_all(labels)
 
 
+def tokenize_texts(path: str, texts: list[str], tokenizer: str) -> tuple[np.ndarray, list, list[int]]:
+    """``(ids, symbols, lengths)`` of ``texts`` cut into tokens by ``tokenizer`` (``data.tokenizer``).
+
+    ``ids`` (int64, all texts' tokens concatenated) index ``symbols`` (file-local, see
+    :func:`~ddp_seq.data.encoding.intern_all`); ``lengths[k]`` is the number of tokens of ``texts[k]``.
+    ``char``: every character; ``whitespace``: ``str.split()`` words. ``path`` names the file in errors.
+    """
+    if tokenizer == "char":
+        values, symbols = _char_ids(texts)
+        return values, symbols, [len(t) for t in texts]
+    if tokenizer == "whitespace":
+        words = [t.split() for t in texts]
+        values, symbols = intern_all(list(chain.from_iterable(words)))
+        return values, symbols, [len(w) for w in words]
+    raise UserError(f"{path}: unknown tokenizer {tokenizer!r} (expected char or whitespace)")
+
+
 def read_tsv(path: str, *, task: str, tokenizer: str, labelled: bool = True) -> Parsed:
     """Read ``label<TAB>text`` lines; text becomes characters (``char``) or words (``whitespace``).
 
@@ -141,8 +158,6 @@ def read_tsv(path: str, *, task: str, tokenizer: str, labelled: bool = True) -> 
     included. ``labelled=False``: the label column is optional and ignored.
     """
     check_task(path, task, "tsv")
-    if tokenizer not in ("char", "whitespace"):
-        raise UserError(f"{path}: unknown tokenizer {tokenizer!r} (expected char or whitespace)")
     texts: list[str] = []
     labels: list[Any] = []
     numbers: list[int] = []
@@ -169,13 +184,7 @@ def read_tsv(path: str, *, task: str, tokenizer: str, labelled: bool = True) -> 
                 labels.append(label)
         texts.append(text)
         numbers.append(number)
-    if tokenizer == "char":
-        lengths = [len(t) for t in texts]
-        values, symbols = _char_ids(texts)
-    else:
-        words = [t.split() for t in texts]
-        lengths = [len(w) for w in words]
-        values, symbols = intern_all(list(chain.from_iterable(words)))
+    values, symbols, lengths = tokenize_texts(path, texts, tokenizer)
     offsets = offsets_of(lengths)
     targets, label_symbols = targets_of(task, labelled, labels, len(texts), int(offsets[-1]))
     data = SequenceData(values, offsets, targets, False, lines=np.array(numbers, dtype=np.int64), source=path)
