@@ -76,6 +76,9 @@ def check_encoding(state: dict[str, Any], encoding: dict[str, Any], source: str)
     saved = state.get("encoding")
     if saved is None:  # written before encodings were stored (synthetic and npz data): check_shapes suffices
         return
+    if saved.get("tokenizer") != encoding.get("tokenizer"):  # a subword tokenizer's content, not its path
+        raise UserError(f"{source}: data.tokenizer differs from the tokenizer stored in the checkpoint (the file "
+                        "changed, or another tokenizer is named); resume with the tokenizer it was trained with")
     for name, what in (("vocab", "vocabulary"), ("classes", "set of classes")):
         old, new = saved.get(name), encoding.get(name)
         if old != new:

@@ -293,6 +293,9 @@ def validate(cfg: Config) -> Config:
     if not d.target and d.task == "tag" and d.format in ("tsv", "ts"):
         raise ConfigError(f"data.task: tag needs a label per step, which data.format={d.format} files do not hold; "
                           "use jsonl (\"tags\") or npz (tags)")
+    if not d.target and d.format in ("synthetic", "npz", "jsonl", "ts") and d.tokenizer.endswith((".json", ".model")):
+        raise ConfigError(f"data.tokenizer: {d.tokenizer} cuts text, which data.format={d.format} does not hold "
+                          "(tsv, parquet and hf text columns do); leave data.tokenizer at char")
     if not d.target and d.format == "synthetic" and d.task == "classify" and d.features < d.num_classes:
         raise ConfigError(f"data.features: classify needs >= data.num_classes ({d.num_classes}); got {d.features}")
     if d.task == "regress" and cfg.training.monitor in ("val_accuracy", "val_f1_macro"):

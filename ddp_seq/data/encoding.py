@@ -60,6 +60,10 @@ class Encoding:
     vocab: list | None = None  # token id -> token (vocab[0] = '<pad>', vocab[1] = '<unk>'); None: features
     classes: list | None = None  # class id -> label (name or index); None for regress
     num_features: int = 0  # width of a feature step; 0 for token inputs
+    # data.tokenizer's subword tokenizer (SubwordTokenizer.state_dict(): its kind and serialized
+    # content), so evaluate and predict cut text as training did without the file; None: char,
+    # whitespace or no text. Default None: checkpoints written before it existed still load.
+    tokenizer: dict | None = None
 
     @property
     def vocab_size(self) -> int:

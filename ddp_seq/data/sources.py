@@ -21,6 +21,11 @@ from .encoding import Encoding, Parsed, _is_index, build_encoding, encode
 from .files import read_npz
 from .sequences import SequenceData, span_steps
 from .synthetic import make_synthetic
+from .tokenizers import SubwordTokenizer, is_subword, text_tokenizer, trained_tokenizer
+
+#: The formats whose readers may cut text with data.tokenizer (config.validate refuses a tokenizer file
+#: for the others).
+TEXT_FORMATS = ("tsv", "parquet", "hf")
 
 
 @dataclass
@@ -33,15 +38,23 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # what the length policies did, for the log
 
 
-def read_raw(cfg: DataConfig, path: str, labelled: bool = True) -> Parsed:
-    """One file of ``data.format`` as :class:`Parsed` data, before the length policies."""
+def read_raw(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str | SubwordTokenizer | None = None
+             ) -> Parsed:
+    """One file of ``data.format`` as :class:`Parsed` data, before the length policies.
+
+    ``tokenizer`` cuts text (tsv, string columns): ``char``, ``whitespace`` or a
+    :class:`~ddp_seq.data.tokenizers.SubwordTokenizer`; None: ``data.tokenizer`` (a file is loaded once
+    per process). ``evaluate`` and ``predict`` pass the checkpoint's (:func:`trained_tokenizer`).
+    """
+    if tokenizer is None:
+        tokenizer = text_tokenizer(cfg.tokenizer) if cfg.format in TEXT_FORMATS else cfg.tokenizer
     # Imported here: each reader is needed only for its own format.
     if cfg.format == "npz":
         return read_npz(path, cfg.task, labelled)
     if cfg.format == "tsv":
         from .text import read_tsv
 
-        return read_tsv(path, task=cfg.task, tokenizer=cfg.tokenizer, labelled=labelled)
+        return read_tsv(path, task=cfg.task, tokenizer=tokenizer, labelled=labelled)
     if cfg.format == "jsonl":
         from .text import read_jsonl
 
@@ -89,9 +102,10 @@ def apply_length_policies(parsed: Parsed, cfg: DataConfig) -> tuple[Parsed, list
     return Parsed(data, parsed.token_symbols, parsed.label_symbols, parsed.labelled), notes
 
 
-def read_file(cfg: DataConfig, path: str, labelled: bool = True) -> tuple[Parsed, list[str]]:
+def read_file(cfg: DataConfig, path: str, labelled: bool = True,
+              tokenizer: str | SubwordTokenizer | None = None) -> tuple[Parsed, list[str]]:
     """:func:`read_raw` then :func:`apply_length_policies`."""
-    return apply_length_policies(read_raw(cfg, path, labelled), cfg)
+    return apply_length_policies(read_raw(cfg, path, labelled, tokenizer), cfg)
 
 
 def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,11 +152,12 @@ def _synthetic_encoding(cfg: DataConfig) -> Encoding:
     return Encoding(None, classes, cfg.features)
 
 
-def read_training(cfg: DataConfig) -> tuple[Parsed, list[str]]:
-    """The training file (or the synthetic training set), read once: k-fold jobs split it k times."""
+def read_training(cfg: DataConfig, tokenizer: str | SubwordTokenizer | None = None) -> tuple[Parsed, list[str]]:
+    """The training file (or the synthetic training set), read once: k-fold jobs split it k times.
+    ``tokenizer``: as for :func:`read_raw`."""
     if cfg.format == "synthetic":
         return Parsed(make_synthetic(cfg, "train"), None, _synthetic_encoding(cfg).classes), []
-    return read_file(cfg, cfg.train_path)
+    return read_file(cfg, cfg.train_path, tokenizer=tokenizer)
 
 
 def _source(cfg: DataConfig) -> str:
@@ -268,6 +283,10 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
         encoding = _synthetic_encoding(cfg)
     else:
         encoding = build_encoding(parsed, train_idx, cfg.task, cfg.min_freq)
+        if is_subword(cfg.tokenizer) and encoding.vocab is not None:  # travels with the checkpoint
+            subword = text_tokenizer(cfg.tokenizer)
+            encoding.tokenizer = subword.state_dict()
+            notes.append(f"data.tokenizer: {cfg.tokenizer}: {subword.describe()}, stored in the checkpoints")
     # The whole file is encoded once; train and val are views of it. Held-out labels must be classes
     # (train_folds checks every fold up front, with check_folds; this is the hold-out's check).
     if fold is not None:
@@ -284,18 +303,25 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
     return Splits(whole, val, encoding, notes + val_notes)
 
 
+def _trained_tokenizer(cfg: DataConfig, encoding: Encoding) -> str | SubwordTokenizer | None:
+    """The tokenizer a trained model's text is cut with (None where the format reads no text)."""
+    return trained_tokenizer(cfg.tokenizer, encoding.tokenizer) if cfg.format in TEXT_FORMATS else None
+
+
 def load_eval_data(cfg: DataConfig, encoding: Encoding, fold: int | None = None) -> tuple[SequenceData, list[str]]:
     """The validation data of a trained model's config, encoded with its ``encoding`` (never rebuilt).
 
     ``data.val_path`` if set; otherwise the split training used: synthetic val, the fold's part, or
-    the ``val_fraction`` hold-out of ``data.train_path``.
+    the ``val_fraction`` hold-out of ``data.train_path``. Text is cut by the encoding's stored tokenizer
+    (:func:`trained_tokenizer`), never by a file ``data.tokenizer`` names now.
     """
+    tokenizer = _trained_tokenizer(cfg, encoding)
     if cfg.val_path:
-        parsed, notes = read_file(cfg, cfg.val_path)
+        parsed, notes = read_file(cfg, cfg.val_path, tokenizer=tokenizer)
         return encode(parsed, encoding, cfg.task, check=np.arange(len(parsed.data))), notes
     if cfg.format == "synthetic" and fold is None:
         return make_synthetic(cfg, "val"), []
-    parsed, notes = read_training(cfg)
+    parsed, notes = read_training(cfg, tokenizer)
     val_idx = _split(cfg, parsed, fold)[1]
     return encode(parsed, encoding, cfg.task, check=val_idx).select(val_idx), notes
 
@@ -305,8 +331,9 @@ def load_inputs(cfg: DataConfig, encoding: Encoding, path: str) -> tuple[Sequenc
     data, the number of samples in the file (dropped empty ones included) and notes.
 
     The data's ``input_lengths`` are the samples' lengths in the file, so that ``predict`` can say
-    which steps of a sample ``data.max_length`` cut (its positions index the file's samples)."""
-    raw = read_raw(cfg, path, labelled=False)
+    which steps of a sample ``data.max_length`` cut (its positions index the file's samples). Text is
+    cut by the encoding's stored tokenizer, as in :func:`load_eval_data`."""
+    raw = read_raw(cfg, path, labelled=False, tokenizer=_trained_tokenizer(cfg, encoding))
     parsed, notes = apply_length_policies(raw, cfg)
     data = encode(parsed, encoding, cfg.task)
     data.input_lengths = raw.data.lengths[data.positions]

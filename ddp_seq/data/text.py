@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import UserError, first_line
 from .encoding import Parsed, intern_all
 from .sequences import SequenceData
+from .tokenizers import SubwordTokenizer, is_subword, load_tokenizer
 
 TASKS = ("classify", "regress", "tag")
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -134,13 +135,23 @@ def targets_of(task: str, labelled: bool, labels: list, n: int, total: int) -> t
     return intern_all(labels)
 
 
-def tokenize_texts(path: str, texts: list[str], tokenizer: str) -> tuple[np.ndarray, list, list[int]]:
+def tokenize_texts(path: str, texts: list[str],
+                   tokenizer: str | SubwordTokenizer) -> tuple[np.ndarray, list, list[int]]:
     """``(ids, symbols, lengths)`` of ``texts`` cut into tokens by ``tokenizer`` (``data.tokenizer``).
 
     ``ids`` (int64, all texts' tokens concatenated) index ``symbols`` (file-local, see
     :func:`~ddp_seq.data.encoding.intern_all`); ``lengths[k]`` is the number of tokens of ``texts[k]``.
-    ``char``: every character; ``whitespace``: ``str.split()`` words. ``path`` names the file in errors.
+    ``char``: every character; ``whitespace``: ``str.split()`` words; a
+    :class:`~ddp_seq.data.tokenizers.SubwordTokenizer` (or the path of a ``.json`` / ``.model`` file,
+    loaded once per process): its own token ids, ascending, are the symbols (no special tokens added).
+    ``path`` names the file in errors.
     """
+    if isinstance(tokenizer, str) and is_subword(tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    if isinstance(tokenizer, SubwordTokenizer):
+        codes, lengths = tokenizer.encode_batch(texts)
+        values, distinct = int_ids(codes)
+        return values, distinct.tolist(), lengths.tolist()
     if tokenizer == "char":
         values, symbols = _char_ids(texts)
         return values, symbols, [len(t) for t in texts]
@@ -148,11 +159,12 @@ def tokenize_texts(path: str, texts: list[str], tokenizer: str) -> tuple[np.ndar
         words = [t.split() for t in texts]
         values, symbols = intern_all(list(chain.from_iterable(words)))
         return values, symbols, [len(w) for w in words]
-    raise UserError(f"{path}: unknown tokenizer {tokenizer!r} (expected char or whitespace)")
+    raise UserError(f"{path}: unknown tokenizer {tokenizer!r} (expected char, whitespace or a tokenizer file)")
 
 
-def read_tsv(path: str, *, task: str, tokenizer: str, labelled: bool = True) -> Parsed:
-    """Read ``label<TAB>text`` lines; text becomes characters (``char``) or words (``whitespace``).
+def read_tsv(path: str, *, task: str, tokenizer: str | SubwordTokenizer, labelled: bool = True) -> Parsed:
+    """Read ``label<TAB>text`` lines; text becomes characters (``char``), words (``whitespace``) or
+    subword ids (:func:`tokenize_texts`).
 
     The label is everything before the first tab (stripped); the text is the rest, further tabs
     included. ``labelled=False``: the label column is optional and ignored.
