@@ -296,6 +296,10 @@ def validate(cfg: Config) -> Config:
     if not d.target and d.format in ("synthetic", "npz", "jsonl", "ts") and d.tokenizer.endswith((".json", ".model")):
         raise ConfigError(f"data.tokenizer: {d.tokenizer} cuts text, which data.format={d.format} does not hold "
                           "(tsv, parquet and hf text columns do); leave data.tokenizer at char")
+    for key in ("input_column", "target_column"):
+        if getattr(d, key) and (d.target or d.format not in ("parquet", "hf")):
+            used = f"data.target={d.target} is set" if d.target else f"data.format is {d.format}"
+            raise ConfigError(f"data.{key}: only read from parquet and hf tables, but {used}; remove data.{key}")
     if not d.target and d.format == "synthetic" and d.task == "classify" and d.features < d.num_classes:
         raise ConfigError(f"data.features: classify needs >= data.num_classes ({d.num_classes}); got {d.features}")
     if d.task == "regress" and cfg.training.monitor in ("val_accuracy", "val_f1_macro"):

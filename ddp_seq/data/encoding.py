@@ -161,7 +161,7 @@ def encode(parsed: Parsed, encoding: Encoding, task: str, check: np.ndarray | No
         if check is not None:
             _check_known(data, check, targets, parsed.label_symbols, encoding.classes, task, lacking, advice)
     return SequenceData(values, data.offsets, targets, data.per_step, data.starts, data.lengths, data.positions,
-                        data.lines, data.source)
+                        data.lines, data.source, unit=data.unit)
 
 
 def _class_lookup(symbols: list, classes: list) -> np.ndarray:

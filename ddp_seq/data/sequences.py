@@ -36,7 +36,8 @@ class SequenceData:
     then None). ``targets`` is per sequence (classify: int64 class, regress: float32 value) or, for
     ``per_step`` tasks (tag), per time step and indexed like ``values``. ``positions`` is each
     sample's index in its source (the input order ``predict`` writes back); ``lines`` its 1-based
-    line in a text file, or None; ``source`` the file (or ``synthetic``), for messages.
+    line in a text file (or row in a table, ``unit`` ``"row"``), or None; ``source`` the file (or
+    ``synthetic``), for messages.
     ``input_lengths`` is each sample's length in its input before ``data.max_length`` cut it (set
     for ``predict`` input, which reports the steps a prediction covers), or None.
     """
@@ -51,6 +52,7 @@ class SequenceData:
     lines: np.ndarray | None = None  # [n] int64, or None (not a text file)
     source: str = ""
     input_lengths: np.ndarray | None = None  # [n] int64, or None (not recorded)
+    unit: str = "line"  # what ``lines`` counts, for messages: "line" (text files) or "row" (Parquet, Arrow)
 
     def __post_init__(self) -> None:
         if self.starts is None:
@@ -70,16 +72,16 @@ class SequenceData:
         return int(self.lengths.sum())
 
     def where(self, i: int) -> str:
-        """Where sample ``i`` comes from, for messages: ``path line 7`` or ``path: sample 3``."""
+        """Where sample ``i`` comes from, for messages: ``path line 7`` (``path row 7``) or ``path: sample 3``."""
         if self.lines is not None:
-            return f"{self.source} line {int(self.lines[i])}"
+            return f"{self.source} {self.unit} {int(self.lines[i])}"
         return f"{self.source}: sample {int(self.positions[i])}"
 
     def with_spans(self, starts: np.ndarray, lengths: np.ndarray) -> SequenceData:
         """The same samples with new spans over the same storage (e.g. truncated sequences)."""
         return SequenceData(self.values, None, self.targets, self.per_step, np.asarray(starts, dtype=np.int64),
                             np.asarray(lengths, dtype=np.int64), self.positions, self.lines, self.source,
-                            self.input_lengths)
+                            self.input_lengths, self.unit)
 
     def select(self, indices: np.ndarray) -> SequenceData:
         """A view of the samples ``indices`` (in that order); steps are shared, not copied."""
@@ -87,7 +89,7 @@ class SequenceData:
         targets = self.targets if self.per_step else self.targets[indices]
         return SequenceData(self.values, None, targets, self.per_step, self.starts[indices], self.lengths[indices],
                             self.positions[indices], None if self.lines is None else self.lines[indices], self.source,
-                            None if self.input_lengths is None else self.input_lengths[indices])
+                            None if self.input_lengths is None else self.input_lengths[indices], self.unit)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | int | float]:
         """``(steps, target)`` of sample ``i``: a view of its steps (``[T, F]`` or ``[T]``) and its

@@ -1,6 +1,6 @@
 """Where the train and val sequences come from, and how they become model inputs.
 
-A file is read into :class:`Parsed` data (``data.format``: npz, tsv, jsonl, ts), the length
+A file is read into :class:`Parsed` data (``data.format``: npz, tsv, jsonl, ts, parquet, hf), the length
 policies are applied (``data.empty``, ``data.max_length`` with ``data.truncate``), the samples are
 split (``val_path``, a ``val_fraction`` hold-out or a cross-validation fold), the
 :class:`Encoding` is built from the training samples only, and the whole file is encoded once;
@@ -59,6 +59,11 @@ def read_raw(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str |
         from .text import read_jsonl
 
         return read_jsonl(path, task=cfg.task, labelled=labelled)
+    if cfg.format in ("parquet", "hf"):
+        from .columnar import read_columnar
+
+        return read_columnar(cfg.format, path, task=cfg.task, input_column=cfg.input_column,
+                             target_column=cfg.target_column, tokenizer=tokenizer, labelled=labelled)
     if cfg.format == "ts":
         from .uea import read_ts
 
@@ -216,7 +221,7 @@ def check_folds(cfg: DataConfig, parsed: Parsed, world_size: int = 1) -> None:
 def _places(data: SequenceData, samples: np.ndarray, limit: int = 3) -> str:
     """``line 12`` / ``lines 4, 9`` / ``samples 3, 7, 8, ... (5 in all)`` for messages."""
     numbers = data.lines if data.lines is not None else data.positions
-    word = "line" if data.lines is not None else "sample"
+    word = data.unit if data.lines is not None else "sample"
     shown = ", ".join(str(int(numbers[i])) for i in samples[:limit])
     more = f", ... ({len(samples)} in all)" if len(samples) > limit else ""
     return f"{word}{'s' if len(samples) > 1 else ''} {shown}{more}"
