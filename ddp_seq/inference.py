@@ -136,7 +136,7 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
                         "data.target= and data.format=FORMAT to read a file")
     if cfg.data.format == "synthetic":
         raise UserError("data.format: the checkpoint was trained on synthetic data; give the input's format "
-                        "(data.format=npz, tsv, jsonl or ts)")
+                        "(data.format=npz, tsv, jsonl, ts, parquet or hf)")
     with distributed(cfg.distributed) as info:
         model = restore_model(state, cfg, checkpoint, info.device).eval()
         data, count, notes = load_inputs(cfg.data, encoding, input_path)
