@@ -97,14 +97,15 @@ def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes
 
 
 def _start_tracking(cfg: Config, run_dir: Path, info):
-    """This rank's wandb run (or None). A failure on any rank (online without a server, say) is
-    every rank's error: the others would otherwise wait for it at the first collective."""
+    """This rank's trackers: TensorBoard on rank 0, the wandb run (or None). A failure on any rank
+    (online without a server, the tensorboard package missing on rank 0) is every rank's error: the
+    others would otherwise wait for it at the first collective."""
     from .process_group import first_error
-    from .tracking import start_wandb
+    from .tracking import start_tracking
 
     tracker, error = None, ""
     try:
-        tracker = start_wandb(cfg, run_dir, info.rank, info.is_main)
+        tracker = start_tracking(cfg, run_dir, info.rank, info.is_main)
     except UserError as e:
         error = str(e)
     except Exception as e:  # noqa: BLE001 -- reported on every rank below rather than leaving peers waiting

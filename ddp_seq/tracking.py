@@ -1,7 +1,9 @@
-"""Weights & Biases, decided once when the job starts: a run on rank 0 (or one per rank, grouped),
-or nothing. The trainer never asks; it hands every record to its logger, which forwards it here.
+"""Trackers, decided once when the job starts: Weights & Biases (a run on rank 0, or one per rank,
+grouped) and TensorBoard event files (rank 0 only, :mod:`ddp_seq.tensorboard_log`), or nothing. The
+trainer never asks; it hands every record to its logger, which forwards it here.
 
-The records are the ones written to ``metrics.jsonl`` (same keys), so wandb and the files agree.
+The records are the ones written to ``metrics.jsonl``, named by one function (:func:`record_scalars`),
+so wandb, TensorBoard and the files agree.
 """
 
 from __future__ import annotations
@@ -26,6 +28,27 @@ def wandb_mode(cfg: Config) -> str:
     return mode
 
 
+def record_scalars(record: dict[str, Any]) -> dict[str, int | float]:
+    """The numbers of one ``metrics.jsonl`` record, named as wandb and TensorBoard show them.
+
+    ``<kind>/<key>`` for ``train`` and ``epoch`` records, ``<key>`` for the others (the summary).
+    A list (one value per rank, e.g. ``padded_tokens_per_rank``) gives ``<name>/rank<i>`` for each
+    element that is a number. Everything else -- ``kind`` and ``step`` themselves, None, strings,
+    dicts, the lists inside a nested list (a confusion matrix) -- is left out: trackers chart scalars.
+    """
+    kind = record.get("kind")
+    values: dict[str, int | float] = {}
+    for key, value in record.items():
+        if key in ("kind", "step") or value is None:
+            continue
+        name = f"{kind}/{key}" if kind in ("train", "epoch") else key
+        if isinstance(value, list):  # numbers only: not the confusion matrix (lists) nor class names
+            values.update({f"{name}/rank{i}": v for i, v in enumerate(value) if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            values[name] = value
+    return values
+
+
 class WandbRun:
     """One wandb run: ``log`` per record, ``finish`` with the summary. Built by :func:`start_wandb`."""
 
@@ -47,18 +70,8 @@ class WandbRun:
         self.records += 1
 
     def _log(self, record: dict[str, Any]) -> None:
-        kind = record.get("kind")
-        step = record.get("step")
-        # Lists (padded tokens per rank) become one scalar per rank, which wandb can chart.
-        values: dict[str, Any] = {}
-        for key, value in record.items():
-            if key in ("kind", "step") or value is None:
-                continue
-            name = f"{kind}/{key}" if kind in ("train", "epoch") else key
-            if isinstance(value, list):
-                values.update({f"{name}/rank{i}": v for i, v in enumerate(value)})
-            elif isinstance(value, (int, float)):
-                values[name] = value
+        kind, step = record.get("kind"), record.get("step")
+        values = record_scalars(record)
         if kind == "summary":
             self.run.summary.update(values)
         elif values:
@@ -101,3 +114,52 @@ def start_wandb(cfg: Config, run_dir: Path, rank: int, is_main: bool) -> WandbRu
         raise UserError(f"wandb.mode={mode}: wandb.init failed ({first_line(e)}){hint}") from None
     id_file.write_text(run_id + "\n", encoding="utf-8")
     return WandbRun(run, time.perf_counter() - start)
+
+
+class Trackers:
+    """Several trackers as one (wandb and TensorBoard): each record goes to each, in order."""
+
+    def __init__(self, trackers: list) -> None:
+        self.trackers = trackers
+
+    def cost(self) -> str:
+        return "; ".join(t.cost() for t in self.trackers)
+
+    def log(self, record: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Finish every tracker, even when one of them fails (its error is raised afterwards)."""
+        error: BaseException | None = None
+        for tracker in self.trackers:
+            try:
+                tracker.finish(exit_code)
+            except BaseException as e:  # noqa: BLE001 -- the others still close; re-raised below
+                error = error or e
+        if error is not None:
+            raise error
+
+
+def start_tracking(cfg: Config, run_dir: Path, rank: int, is_main: bool) -> Any:
+    """This process's trackers, decided once: TensorBoard on rank 0 (``logging.tensorboard``) and
+    the wandb run (:func:`start_wandb`); one object with ``log``/``finish``/``cost``, or None.
+
+    TensorBoard is checked first: a missing package fails before wandb starts a run for nothing.
+
+    Raises:
+        UserError: the tensorboard package is missing, or wandb cannot start (nothing is left open).
+    """
+    from .tensorboard_log import start_tensorboard
+
+    started: list = []
+    try:
+        for start in (lambda: start_tensorboard(cfg.logging.tensorboard, run_dir, is_main),
+                      lambda: start_wandb(cfg, run_dir, rank, is_main)):
+            tracker = start()
+            if tracker is not None:
+                started.append(tracker)
+    except BaseException:
+        Trackers(started).finish(1)
+        raise
+    return None if not started else started[0] if len(started) == 1 else Trackers(started)

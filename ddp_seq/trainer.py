@@ -45,6 +45,7 @@ from .resume import StopFlag, stop_reason
 from .runlog import NullLogger, RunLogger, format_table
 from .state import EpochCounters, EpochProgress, TrainState
 from .steptime import PHASES, StepTimer, advice, breakdown_record
+from .tensorboard_log import start_tensorboard
 from .trainer_checkpoint import CheckpointMixin
 
 __all__ = ["Trainer", "evaluate"]
@@ -74,7 +75,9 @@ class Trainer(CheckpointMixin):
         info: this process's place in the job; default the current process group (or one process).
         logger: what rank 0 prints and records (``runlog.make_logger``); default: rank 0 prints the
             progress and epoch lines (``logging.progress``) and, with ``run_dir``, writes
-            ``train.log`` and ``metrics.jsonl`` there; the other ranks stay silent.
+            ``train.log`` and ``metrics.jsonl`` there (and ``tensorboard/`` event files with
+            ``logging.tensorboard``); the other ranks stay silent. A logger of your own gets wandb
+            and TensorBoard from ``make_logger(..., tracker=tracking.start_tracking(...))``.
         run_dir: where checkpoints (``checkpoints/``) and the default logger's files go, created if
             missing; None = no checkpoints, no files.
         resume_from: a checkpoint of this trainer's kind to continue from.
@@ -144,12 +147,15 @@ class Trainer(CheckpointMixin):
             self.load_state_dict(state, resume_from)
 
     def _default_logger(self) -> NullLogger:
-        """Rank 0 prints (and writes train.log and metrics.jsonl into run_dir); the others are silent."""
+        """Rank 0 prints (and writes train.log, metrics.jsonl and, with ``logging.tensorboard``,
+        TensorBoard event files into run_dir); the others are silent."""
+        # Every rank checks the setting (a missing run_dir fails everywhere, not on rank 0 alone).
+        tensorboard = start_tensorboard(self.cfg.logging.tensorboard, self.run_dir, self.info.is_main)
         if not self.info.is_main:
             return NullLogger()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        return RunLogger(self.run_dir, self.cfg.logging.progress)
+        return RunLogger(self.run_dir, self.cfg.logging.progress, tracker=tensorboard)
 
     def _count_steps(self) -> int:
         """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
