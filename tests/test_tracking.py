@@ -1,75 +1,62 @@
-"""wandb for real: an offline run from a 2-rank training read back from its own files, one run per
-rank with ``per_rank``, and online mode failing fast against a server that refuses connections.
+"""wandb (and TensorBoard) for real: an offline run from a 2-rank training read back from its own
+files, one run per rank with ``per_rank``, and online mode failing fast against a server that
+refuses connections.
 
-wandb 0.31 writes an offline run as ``run-<id>.wandb``: a header (":W&B", magic, version) and then
-leveldb-log records (32 KiB blocks; each chunk: crc32, length, type) holding wandb's protobuf
-``Record`` messages. The reader below decodes them with wandb's own protobuf classes.
+The offline run (``run-<id>.wandb``, wandb's binary transaction log of protobuf ``Record``
+messages) is read with wandb's own reader: ``wandb leet inspect --json FILE`` (wandb 0.31), where
+wandb-core decodes the log and prints one JSON object per record (``{"num", "type", "<type>":
+{...}}``, history items and summary updates as ``{name: value}``). The Python reader older wandb
+had (``wandb.sdk.internal.datastore.DataStore``) is gone from 0.31, and its public API reads runs
+from a server only.
+
+The first launch also sets ``logging.tensorboard=true``: one launch checks both trackers against
+``metrics.jsonl``, the TensorBoard side with TensorBoard's own ``EventAccumulator``.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import TINY_YAML, python, torchrun
 
 pytestmark = pytest.mark.slow
 
-BLOCK = 32 * 1024
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
-
-def wandb_records(path: Path):
-    """The protobuf records of a ``.wandb`` file, in order."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
-    pos, pending = 7, b""
-    while pos + 7 <= len(data):
-        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a chunk header is padding
-            pos += BLOCK - pos % BLOCK
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == FULL:
-            raw = chunk
-        elif kind == FIRST:
-            pending = chunk
-            continue
-        elif kind == MIDDLE:
-            pending += chunk
-            continue
-        elif kind == LAST:
-            raw, pending = pending + chunk, b""
-        else:
-            continue
-        record = pb.Record()
-        record.ParseFromString(raw)
-        yield record
-
-
-def key(item) -> str:
-    """A history/summary item's name: ``key``, or ``nested_key`` joined (names with a slash)."""
-    return item.key or "/".join(item.nested_key)
+def wandb_records(path: Path) -> list[dict]:
+    """The records of a ``.wandb`` file, in order, as wandb decodes them (``wandb leet inspect --json``)."""
+    # WANDB_MODE=offline: the command then sends no telemetry of its own anywhere.
+    proc = python("-m", "wandb", "leet", "inspect", "--json", path, timeout=60, WANDB_MODE="offline").check()
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert records and records[0]["type"] == "header", proc.report()  # the log's header, then the run's records
+    return records
 
 
 def read_run(path: Path) -> dict:
     """History rows, summary, config and run attributes of one offline run file."""
     history, summary, config, run = [], {}, {}, None
     for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
+        kind = record["type"]
         if kind == "history":
-            history.append({key(item): json.loads(item.value_json) for item in record.history.item})
+            history.append(record["history"]["item"])
         elif kind == "summary":
-            summary.update({key(item): json.loads(item.value_json) for item in record.summary.update})
+            summary.update(record["summary"]["update"])
         elif kind == "run":
-            run = record.run
-            config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+            run = record["run"]
+            config = run["config"]["update"]
     return {"history": history, "summary": summary, "config": config, "run": run}
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of TensorBoard event files, read by TensorBoard itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def run_files(run_dir: Path) -> list[Path]:
@@ -87,7 +74,8 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def test_offline_run_of_a_two_rank_training_holds_the_logged_metrics(tmp_path):
-    torchrun(*train_args(tmp_path, "wb", "wandb.project=tests", "wandb.tags=a,b"), WANDB_MODE="offline").check()
+    torchrun(*train_args(tmp_path, "wb", "wandb.project=tests", "wandb.tags=a,b", "logging.tensorboard=true"),
+             WANDB_MODE="offline").check()
     run_dir = tmp_path / "wb"
     files = run_files(run_dir)
     assert len(files) == 1, files  # one run, from rank 0
@@ -109,16 +97,30 @@ def test_offline_run_of_a_two_rank_training_holds_the_logged_metrics(tmp_path):
     assert run["summary"]["best_val_accuracy"] == summary["best_val_accuracy"]
     assert [r["_step"] for r in train_rows] == [r["step"] for r in metrics if r["kind"] == "train"]
     assert 0 < train_rows[-1]["train/padding_efficiency"] <= 1 and train_rows[-1]["train/tokens_per_s"] > 0
-    assert run["config"]["training"]["lr"] == 0.01 and list(run["run"].tags) == ["a", "b"]
-    assert run["run"].display_name == "wb" and run["run"].project == "tests"
+    assert run["config"]["training"]["lr"] == 0.01 and run["run"]["tags"] == ["a", "b"]
+    assert run["run"]["display_name"] == "wb" and run["run"]["project"] == "tests"
+    # TensorBoard: rank 0 alone writes (one event file in the whole run directory), the records of
+    # metrics.jsonl at their steps (event files hold float32)
+    assert [p.parent.name for p in run_dir.rglob("events.out.tfevents.*")] == ["tensorboard"]
+    board = scalars(run_dir / "tensorboard")
+    epochs, trains = [r for r in metrics if r["kind"] == "epoch"], [r for r in metrics if r["kind"] == "train"]
+    numbers = [k for k, v in epochs[-1].items() if k.startswith(("val_", "train_")) and isinstance(v, float)]
+    assert "val_accuracy" in numbers and "train_loss" in numbers
+    for key in numbers:
+        assert board[f"epoch/{key}"] == [(r["step"], float(np.float32(r[key]))) for r in epochs], key
+    for key in ("train_loss", "lr", "tokens_per_s"):
+        assert board[f"train/{key}"] == [(r["step"], float(np.float32(r[key]))) for r in trains], key
+    for rank in (0, 1):
+        assert board[f"epoch/padded_tokens_per_rank/rank{rank}"] == \
+            [(r["step"], r["padded_tokens_per_rank"][rank]) for r in epochs]
 
 
 def test_per_rank_makes_one_run_per_rank_in_one_group(tmp_path):
     torchrun(*train_args(tmp_path, "pr", "wandb.mode=offline", "wandb.per_rank=true", "training.epochs=1"),
              WANDB_MODE="").check()
     runs = [read_run(f) for f in run_files(tmp_path / "pr")]
-    assert sorted(r["run"].display_name for r in runs) == ["pr-rank0", "pr-rank1"]
-    assert {r["run"].run_group for r in runs} == {"pr"}
+    assert sorted(r["run"]["display_name"] for r in runs) == ["pr-rank0", "pr-rank1"]
+    assert {r["run"]["run_group"] for r in runs} == {"pr"}
     assert all(any("epoch/val_accuracy" in row for row in r["history"]) for r in runs)
 
 
