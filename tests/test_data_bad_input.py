@@ -130,6 +130,35 @@ def resume_changed_file(env: Env) -> Setup:
                  [str(env.checkpoint), "vocabulary", "differs from the checkpoint's"], [path], run_dir_allowed=True)
 
 
+def parquet(env: Env, table: dict, names: list[str], *overrides: str) -> Setup:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = env.tmp / "d.parquet"
+    pq.write_table(pa.table(table), path)
+    return Setup(env.train("data.format=parquet", f"data.train_path={path}", *overrides), [str(path), *names],
+                 [path])
+
+
+def hf_dataset_dict(env: Env) -> Setup:
+    import datasets
+
+    rows = {"tokens": [["a", "b"], ["c"]], "label": ["x", "y"]}
+    folder = env.tmp / "imdb"
+    datasets.disable_progress_bars()  # save_to_disk's bar goes to stderr, which must hold the error line alone
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(folder))
+    return Setup(env.train("data.format=hf", f"data.train_path={folder}"),
+                 [str(folder), "a DatasetDict folder", "train", f"{folder}/train"], [folder / "dataset_dict.json"])
+
+
+def tokenizer_file(env: Env, name: str, content: str, names: list[str]) -> Setup:
+    data = env.write("d.tsv", "pos\tgood day\nneg\tbad day\n" * 3)
+    path = env.write(name, content) if content else env.tmp / name
+    return Setup(env.train("data.format=tsv", f"data.train_path={data}", f"data.tokenizer={path}"),
+                 ["data.tokenizer", str(path), *names], [data, *([path] if content else [])])
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -169,6 +198,24 @@ CASES = [
          lambda e: ts(e, TS_HEAD + "1,2:3,4:a\n1,?:3,4:b\n", names=["line 8", "missing", "data.missing=zero"])),
     Case("ts-infinite-value", "data.format=ts data.train_path=d.ts data.missing=zero (inf on line 7)",
          lambda e: ts(e, TS_HEAD + "1,inf:3,4:a\n", "data.missing=zero", names=["line 7", "'inf'"])),
+    Case("parquet-missing-target-column", "data.format=parquet data.train_path=d.parquet (columns tokens, y)",
+         lambda e: parquet(e, {"tokens": [["a", "b"], ["c"]], "y": ["x", "z"]},
+                           ["no column 'label'", "data.target_column", "tokens, y"])),
+    Case("parquet-null-label", "data.format=parquet data.train_path=d.parquet (row 2: label null)",
+         lambda e: parquet(e, {"tokens": [["a", "b"], ["c"]], "label": ["x", None]},
+                           ["row 2 column 'label'", "null"])),
+    Case("parquet-tags-do-not-match-steps", "data.format=parquet data.task=tag (row 2: 1 tag for 2 tokens)",
+         lambda e: parquet(e, {"tokens": [["a"], ["b", "c"]], "tags": [["X"], ["Y"]]},
+                           ["row 2 column 'tags'", "1 tags", "2 steps"], "data.task=tag")),
+    Case("hf-dataset-dict-folder", "data.format=hf data.train_path=imdb (a DatasetDict: train, test)",
+         hf_dataset_dict),
+    Case("tokenizer-file-missing", "data.tokenizer=tokenizer.json (no such file)",
+         lambda e: tokenizer_file(e, "tokenizer.json", "", ["no such file"])),
+    Case("tokenizer-file-does-not-load", "data.tokenizer=broken.json (not a tokenizers file)",
+         lambda e: tokenizer_file(e, "broken.json", '{"version": "1.0", "trun',
+                                  ["not a Hugging Face tokenizers file"])),
+    Case("tokenizer-not-sentencepiece", "data.tokenizer=sp.model (not a sentencepiece model)",
+         lambda e: tokenizer_file(e, "sp.model", "not a model", ["not a sentencepiece model"])),
     Case("more-folds-than-samples", "data.folds=5 (3 samples)",
          lambda e: tsv(e, "d.tsv", "pos\tab\nneg\tcd\npos\tef\n", "data.folds=5",
                        names=["data.folds", "5 folds need at least 5 samples", "has 3"])),
