@@ -135,8 +135,12 @@ def make_loader(data, sampler: BucketBatchSampler, cfg: Config) -> DataLoader:
 
 @torch.no_grad()
 def evaluate(module: torch.nn.Module, data, cfg: Config, info: DistInfo, objective: Objective | None = None,
-             loader: DataLoader | None = None) -> dict[str, float]:
+             loader: DataLoader | None = None) -> dict[str, float | list]:
     """Metrics over every sample of ``data`` exactly once, whatever the world size.
+
+    ``{metric: float}`` for the objective's metrics; the built-in classify and tag objectives add
+    per-class lists (``objective.PER_CLASS``: precision, recall, f1, support by class id, and the
+    confusion matrix), all from one all-reduce.
 
     Each rank evaluates its shares of length-sorted global batches (filler samples weigh 0);
     the sums and counts are all-reduced and divided once. Under DDP, pass the unwrapped module:

@@ -39,8 +39,11 @@ def summarize(summaries: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
 
     The std is the population one (``ddof=0``), as ``scikit-learn``'s ``cross_val_score(...).std()`` reads.
     """
-    rows = [{"fold": i + 1, "best_epoch": s["best_epoch"], **s["best_metrics"]} for i, s in enumerate(summaries)]
-    metrics = list(summaries[0]["best_metrics"])
+    # scalars only: per-class lists (val_f1, val_confusion, ...) stay in each fold's metrics.jsonl
+    rows = [{"fold": i + 1, "best_epoch": s["best_epoch"],
+             **{k: v for k, v in s["best_metrics"].items() if isinstance(v, (int, float))}}
+            for i, s in enumerate(summaries)]
+    metrics = list(rows[0])[2:]
     values = {m: np.array([r[m] for r in rows], dtype=np.float64) for m in metrics}
     return {"folds": rows, "monitor": monitor, "mean": {m: float(v.mean()) for m, v in values.items()},
             "std": {m: float(v.std()) for m, v in values.items()}}

@@ -44,8 +44,13 @@ def _trained_at(state: dict[str, Any]) -> str:
 
 
 def evaluate_command(checkpoint: str, overrides: list[str], output: str | None = None,
-                     trust_target: bool = False) -> dict[str, float]:
-    """Metrics of ``checkpoint`` on its validation data (or ``data.val_path``); rank 0 prints them."""
+                     trust_target: bool = False) -> dict[str, Any]:
+    """Metrics of ``checkpoint`` on its validation data (or ``data.val_path``); rank 0 prints them.
+
+    Classify and tag also print a per-class table (precision, recall, F1, support) and the confusion
+    matrix (up to ``report.MAX_PRINTED_CONFUSION`` classes); the JSON line of ``output`` has the
+    per-class lists, the matrix and ``classes`` (the names by class id) whatever their number.
+    """
     from .data.sources import load_eval_data
     from .engine import evaluate
     from .process_group import distributed
@@ -62,11 +67,18 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
         metrics = evaluate(model, data, cfg, info)
         source = getattr(data, "source", cfg.data.target)
         result = {"checkpoint": checkpoint, "data": source, "samples": len(data), **metrics}
+        if "f1" in metrics and encoding.classes is not None:
+            result["classes"] = list(encoding.classes)  # the names of the per-class lists' entries
         if info.is_main:
+            from .report import class_report
+
             for note in notes:
                 print(note)
             print(f"evaluated {checkpoint} ({_trained_at(state)}) on {len(data):,} samples of {source}")
-            print("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()), flush=True)
+            print("  ".join(f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float)))
+            for line in class_report(metrics, encoding.classes):  # none for regress
+                print(line)
+            print(end="", flush=True)
             if output:
                 _write_lines(output, [json.dumps(result)])
     return result

@@ -2,20 +2,37 @@
 
 The global normalisation lives in the trainer: every rank knows the size of the whole global
 batch (see ``data.batching``), so sums can be divided by the global count without asking.
+
+For classify and tag the built-in objective also counts the confusion matrix (true class x
+predicted class, float64: exact below 2**53) in the same vector as the other sums, so one
+all-reduce per evaluation gives exact macro-F1 and per-class precision / recall / F1 whatever
+the world size (see :func:`class_metrics` for the definitions).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data.collate import IGNORE_INDEX, Batch
 
-#: Metric names per task, in print order. ``loss`` is the training loss per sample (per token for tag).
-METRICS = {"classify": ("loss", "accuracy"), "tag": ("loss", "accuracy"), "regress": ("loss", "mse", "mae")}
+#: Scalar metric names per task, in print order. ``loss`` is the training loss per sample (per
+#: token for tag); ``f1_macro`` is derived from the confusion counts, the others are sums / count.
+METRICS = {"classify": ("loss", "accuracy", "f1_macro"), "tag": ("loss", "accuracy", "f1_macro"),
+           "regress": ("loss", "mse", "mae")}
+
+#: The metrics :func:`metric_sums` sums (each divided by the count in :func:`finalize`).
+SUMMED = {"classify": ("loss", "accuracy"), "tag": ("loss", "accuracy"), "regress": ("loss", "mse", "mae")}
+
+#: Per-class results of classify and tag besides :data:`METRICS`: lists indexed by class id, and
+#: ``confusion`` (rows = true class, columns = predicted class, as scikit-learn's ``confusion_matrix``).
+PER_CLASS = ("precision", "recall", "f1", "support", "confusion")
 
 #: Whether a larger value of the metric is better.
-HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "mse": False, "mae": False}
+HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "f1_macro": True, "mse": False, "mae": False}
 
 
 def loss_sum(task: str, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -56,9 +73,68 @@ def metric_sums(task: str, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.stack([loss, (err.square() * w).sum(), (err.abs() * w).sum(), w.sum()])
 
 
-def finalize(task: str, sums: torch.Tensor) -> dict[str, float]:
-    """Divide all-reduced sums by the all-reduced count: ``{metric: value}``."""
-    return finalize_sums(METRICS[task], sums)
+@torch.no_grad()
+def confusion_counts(task: str, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The confusion matrix of this rank's real samples (real tokens for tag), flattened row-major:
+    ``[C * C]`` float64 on the outputs' device, entry ``C * true + predicted``; C = ``outputs.shape[-1]``.
+
+    Filler samples (``batch.weights == 0``) and padded steps (tag) count 0. No host sync: the
+    counts stay on the device until the evaluation's single all-reduce.
+    """
+    num_classes = outputs.shape[-1]
+    predicted = outputs.argmax(-1)
+    if task == "classify":
+        valid = batch.weights > 0
+    elif task == "tag":
+        valid = batch.mask & (batch.weights[:, None] > 0)
+    else:
+        raise ValueError(f"confusion counts are for classify and tag, not {task!r}")
+    # padded tag steps hold IGNORE_INDEX: point them at cell 0 with weight 0
+    cells = torch.where(valid, batch.targets * num_classes + predicted, 0).reshape(-1)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=outputs.device)
+    # index_put_ with accumulate, not bincount: bincount with weights has no deterministic CUDA
+    # kernel (it raises under torch.use_deterministic_algorithms); sums of integers are exact anyway.
+    return counts.index_put_((cells,), valid.reshape(-1).double(), accumulate=True)
+
+
+def class_metrics(confusion) -> dict[str, float | list]:
+    """Macro-F1 and per-class figures from a ``[C, C]`` confusion matrix of counts (rows = true class).
+
+    Returns ``f1_macro`` (float) and ``precision``, ``recall``, ``f1`` (lists of C floats),
+    ``support`` (C ints: true samples, or tokens for tag, per class) and ``confusion`` (C lists of C
+    ints). As scikit-learn's ``precision_recall_fscore_support`` with ``labels=range(C)`` and the
+    default ``zero_division``: a class never predicted has precision 0.0, a class absent from the
+    truth recall 0.0, and F1 = 2 tp / (2 tp + fp + fn) is 0.0 when that is 0 / 0. Macro-F1 is the
+    unweighted mean over *all* C classes of the encoding, including classes absent from both the
+    truth and the predictions (they count as 0.0), as ``f1_score(average="macro", labels=range(C))``.
+    """
+    conf = np.asarray(confusion, dtype=np.float64)
+    tp, predicted, true = np.diag(conf), conf.sum(0), conf.sum(1)
+
+    def divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    f1 = divide(2 * tp, true + predicted)  # the same operations as scikit-learn: bit-identical results
+    return {"f1_macro": float(np.mean(f1)) if len(f1) else 0.0, "precision": divide(tp, predicted).tolist(),
+            "recall": divide(tp, true).tolist(), "f1": f1.tolist(), "support": [int(n) for n in true],
+            "confusion": [[int(n) for n in row] for row in conf]}
+
+
+def finalize(task: str, sums: torch.Tensor) -> dict[str, float | list]:
+    """Divide all-reduced sums by the all-reduced count: ``{metric: value}``.
+
+    ``sums``: :func:`metric_sums` (``[sum_1..sum_k, count]``), for classify and tag optionally
+    followed by :func:`confusion_counts` (then f1_macro and the :data:`PER_CLASS` entries are added).
+    """
+    summed = len(SUMMED[task]) + 1
+    result: dict[str, float | list] = finalize_sums(SUMMED[task], sums[:summed])
+    if task != "regress" and len(sums) > summed:
+        counts = sums[summed:].double().cpu().numpy()
+        num_classes = math.isqrt(len(counts))
+        if num_classes * num_classes != len(counts):
+            raise ValueError(f"{len(counts)} confusion counts do not make a square matrix")
+        result.update(class_metrics(counts.reshape(num_classes, num_classes)))
+    return result
 
 
 def finalize_sums(names: tuple[str, ...], sums: torch.Tensor) -> dict[str, float]:
@@ -118,7 +194,15 @@ class TaskObjective(Objective):
         return float(global_count(self.task, batch))
 
     def metric_sums(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return metric_sums(self.task, outputs, batch)
+        """:func:`metric_sums`, then (classify, tag) the ``C * C`` :func:`confusion_counts`."""
+        sums = metric_sums(self.task, outputs, batch)
+        if self.task == "regress":
+            return sums
+        return torch.cat([sums, confusion_counts(self.task, outputs, batch)])
+
+    def finalize(self, sums: torch.Tensor) -> dict[str, float | list]:
+        """:data:`METRICS` of the task (floats) and, for classify and tag, the :data:`PER_CLASS` lists."""
+        return finalize(self.task, sums)
 
 
 class LossFunction(Objective):

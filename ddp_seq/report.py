@@ -134,6 +134,35 @@ def breakdown_table(epochs: list[dict[str, Any]]) -> str | None:
             + format_table(rows, ["epoch", "step_ms", *(f"{k}_ms" for k in PHASES), "sync_share"]))
 
 
+#: ``ddp-seq evaluate`` prints the confusion matrix up to this many classes (its JSON output always has it).
+MAX_PRINTED_CONFUSION = 20
+
+
+def class_report(metrics: dict[str, Any], classes: list | None = None) -> list[str]:
+    """Lines for the per-class results of ``metrics`` (``engine.evaluate``'s, classify or tag): a table
+    of class, precision, recall, F1 and support, then the confusion matrix (rows = true class,
+    columns = predicted) when there are at most :data:`MAX_PRINTED_CONFUSION` classes. ``classes``:
+    the names by class id (the encoding's); None or a list of another length = the ids. No lines
+    when ``metrics`` has no per-class results (regress, a user objective)."""
+    if not isinstance(metrics.get("f1"), list):
+        return []
+    count = len(metrics["f1"])
+    names = [str(c) for c in classes] if classes is not None and len(classes) == count else \
+        [str(i) for i in range(count)]
+    rows = [{"class": name, **{k: metrics[k][i] for k in ("precision", "recall", "f1", "support")}}
+            for i, name in enumerate(names)]
+    lines = format_table(rows, ["class", "precision", "recall", "f1", "support"]).splitlines()
+    if count > MAX_PRINTED_CONFUSION:
+        lines.append(f"confusion matrix not printed ({count} classes, more than {MAX_PRINTED_CONFUSION}); "
+                     "--output writes it")
+    else:
+        corner = "true \\ predicted"
+        matrix = [{corner: name, **dict(zip(names, row))} for name, row in zip(names, metrics["confusion"])]
+        lines += ["confusion matrix (rows = true class, columns = predicted):",
+                  *format_table(matrix, [corner, *names]).splitlines()]
+    return lines
+
+
 def _infer_val_columns(epochs: list[dict[str, Any]]) -> list[str]:
     """``val_*`` keys of the epoch records, in the order they first appear (the task's METRICS order)."""
     seen: dict[str, None] = {}
@@ -220,4 +249,4 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-__all__ = ["breakdown_table", "main", "report", "summary_lines", "table_columns"]
+__all__ = ["breakdown_table", "class_report", "main", "report", "summary_lines", "table_columns"]

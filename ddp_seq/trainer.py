@@ -295,24 +295,34 @@ class Trainer(CheckpointMixin):
                 "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s,
                 "peak_rss_mb": [r[0] for r in ranks], **breakdown}
 
-    def validate(self) -> dict[str, float]:
-        """``{"val_<metric>": value}`` over every validation sample exactly once."""
+    def validate(self) -> dict[str, Any]:
+        """``{"val_<metric>": value}`` over every validation sample exactly once.
+
+        Scalars (the objective's metrics) are floats; the built-in classify and tag objectives add
+        per-class lists indexed by class id (``val_precision``, ``val_recall``, ``val_f1``,
+        ``val_support``, ``val_confusion``) and, when the data's encoding is known (the config
+        path), ``val_classes``: the class names in that order.
+        """
         # ddp: the unwrapped module (no gradients to synchronise); dp: the DataParallel wrapper,
         # so evaluation is split over the GPUs like training.
         module = self.model if self.mode == "dp" else self.module
-        val = evaluate(module, self.val_data, self.cfg, self.info, self.objective, self.val_loader)
-        return {f"val_{k}": v for k, v in val.items()}
+        val = {f"val_{k}": v for k, v in
+               evaluate(module, self.val_data, self.cfg, self.info, self.objective, self.val_loader).items()}
+        classes = (self.extra.get("encoding") or {}).get("classes")
+        if "val_f1" in val and classes is not None and len(classes) == len(val["val_f1"]):
+            val["val_classes"] = list(classes)
+        return val
 
     # -- the job --------------------------------------------------------------------------------
 
-    def _end_epoch(self, row: dict[str, Any], metrics: dict[str, float]) -> bool:
+    def _end_epoch(self, row: dict[str, Any], metrics: dict[str, Any]) -> bool:
         """Record the finished epoch, decide best and early stopping; returns whether it is the best so far."""
         cfg, log, monitor, st = self.cfg, self.log, self.cfg.training.monitor, self.state
         row.update(metrics)
         st.history.append(row)
         log.record({"kind": "epoch", "step": st.step, **row})
         log.info(f"epoch {row['epoch']}/{cfg.training.epochs}  train_loss {row['train_loss']:.4f}  "
-                 + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                 + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                  + f"  {row['tokens_per_s']:,.0f} tok/s  padding eff {row['padding_efficiency']:.3f}"
                  f"  straggler {row['straggler_ratio']:.3f}  {row['train_s']:.1f}s")
         value = metrics[monitor]

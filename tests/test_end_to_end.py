@@ -12,6 +12,7 @@ from helpers import TINY_YAML, Proc, python, torchrun
 
 from ddp_seq.checkpoint import load_checkpoint, model_from_checkpoint
 from ddp_seq.config import from_dict, load_config
+from ddp_seq.data.batching import global_batches
 from ddp_seq.data.synthetic import make_synthetic, num_outputs
 from ddp_seq.model import build_model
 from ddp_seq.objective import METRICS
@@ -48,7 +49,10 @@ def start(tmp: Path, launcher, name: str, extra: list[str] = ()) -> Run:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Run:
-    return start(tmp_path_factory.mktemp("e2e"), torchrun, "e2e")
+    # best.pt by macro-F1 (counted over both ranks' shares), not the default accuracy; 51 validation
+    # samples in eval batches of 10: the last (1 sample) leaves one rank a filler sample
+    return start(tmp_path_factory.mktemp("e2e"), torchrun, "e2e",
+                 ["training.monitor=val_f1_macro", "batching.eval_batch_size=10"])
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +111,9 @@ def check_checkpoints_reproduce_logged_metrics(run: Run) -> None:
         got = {f"val_{k}": v for k, v in evaluate(model, val, cfg, SINGLE).items()}
         logged = epochs[epoch]
         for key, value in got.items():
+            if isinstance(value, list):  # per-class counts and what derives from them: exact
+                assert value == logged[key] == state["metrics"][key], (name, key, value, logged[key])
+                continue
             assert abs(value - logged[key]) <= 1e-6, (name, key, value, logged[key])
             assert abs(value - state["metrics"][key]) <= 1e-6, (name, key, value, state["metrics"][key])
 
@@ -115,7 +122,7 @@ def check_checkpoints_reproduce_logged_metrics(run: Run) -> None:
         again = {f"val_{k}": v for k, v in evaluate(rebuilt, val, cfg2, SINGLE).items()}
         assert again.keys() == got.keys()
         for key in got:
-            assert abs(again[key] - got[key]) <= 1e-6
+            assert again[key] == got[key] if isinstance(got[key], list) else abs(again[key] - got[key]) <= 1e-6
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
@@ -130,6 +137,29 @@ def test_torchrun_two_ranks_writes_the_run(ddp_run):
 def test_torchrun_checkpoints_reproduce_logged_val_metrics(ddp_run):
     ddp_run.proc.check(0)
     check_checkpoints_reproduce_logged_metrics(ddp_run)
+
+
+def test_torchrun_monitor_f1_macro_picks_best_pt_and_equals_scikit_learn(ddp_run):
+    """val_f1_macro in metrics.jsonl (2 ranks, the last eval batch leaves a filler) is scikit-learn's
+    f1_score of the checkpoint's own predictions, and best.pt is the epoch with the highest one."""
+    f1_score = pytest.importorskip("sklearn.metrics").f1_score
+    ddp_run.proc.check(0)
+    epochs = ddp_run.epochs()
+    summary = next(r for r in ddp_run.records() if r["kind"] == "summary")
+    f1 = {e: r["val_f1_macro"] for e, r in epochs.items()}
+    best = min(e for e in f1 if f1[e] == max(f1.values()))  # the first of the highest
+    assert summary["best_epoch"] == best and summary["best_val_f1_macro"] == f1[best]
+    for name, epoch in (("best", best), ("last", max(epochs))):
+        model, cfg, _ = model_from_checkpoint(ddp_run.dir / "checkpoints" / f"{name}.pt")
+        val = make_synthetic(cfg.data, "val")
+        plan = global_batches(val.lengths, batch_size=cfg.batching.eval_batch_size, shuffle=False)
+        assert min(len(b) for b in plan) < 2, "precondition: one rank's share of an eval batch is a filler"
+        with torch.no_grad():  # each sample alone: no batching, no ranks
+            predicted = [int(model.eval()(torch.from_numpy(val.values[val.offsets[i]:val.offsets[i + 1]])[None],
+                                          torch.tensor([int(val.lengths[i])])).argmax()) for i in range(len(val))]
+        want = f1_score(val.targets, predicted, average="macro", labels=list(range(num_outputs(cfg.data))))
+        assert epochs[epoch]["val_f1_macro"] == pytest.approx(want, abs=1e-12), (name, epoch)
+        assert sum(map(sum, epochs[epoch]["val_confusion"])) == len(val)
 
 
 def test_single_process_run(single_run):

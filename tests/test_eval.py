@@ -3,7 +3,9 @@
 Note on tolerances: a float32 RNN's output for one sequence changes in the last bits with the
 other sequences of its batch (observed ~3e-8), and world size 2 batches the validation samples
 differently from world size 1; so loss-like metrics are compared with a relative tolerance of 1e-6
-(a single sample counted twice or lost moves the loss of 101 samples by ~1e-2) and accuracy exactly.
+(a single sample counted twice or lost moves the loss of 101 samples by ~1e-2) and accuracy exactly,
+as the counts (classify, tag: the confusion matrix and what derives from it, f1_macro and the
+per-class lists) are.
 """
 
 from __future__ import annotations
@@ -20,20 +22,30 @@ from ddp_seq.config import load_config
 from ddp_seq.data.batching import global_batches
 from ddp_seq.data.synthetic import make_synthetic, num_outputs
 from ddp_seq.model import build_model
-from ddp_seq.objective import METRICS
+from ddp_seq.objective import METRICS, PER_CLASS, class_metrics
 from ddp_seq.process_group import DistInfo
 from ddp_seq.trainer import evaluate
 
 REL = 1e-6
+#: Metrics compared with a relative tolerance; every other one (counts and what derives from them) exactly.
+LOSS_LIKE = ("loss", "mse", "mae")
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
 
 
+def result_keys(task: str) -> set[str]:
+    """What evaluate() returns for ``task``: the scalar metrics and, for classify and tag, the per-class ones."""
+    return set(METRICS[task]) | (set() if task == "regress" else set(PER_CLASS))
+
+
 @torch.no_grad()
-def naive_metrics(model, data, task: str) -> dict[str, float]:
-    """Each validation sample alone through the model; sums in float64, divided once."""
+def naive_metrics(model, data, task: str) -> dict:
+    """Each validation sample alone through the model; sums in float64, divided once; the
+    confusion matrix counted sample by sample (token by token)."""
     model.eval()
     loss = correct = sq = ab = 0.0
     count = 0
+    classes = model.head.out_features if task != "regress" else 0
+    confusion = np.zeros((classes, classes), dtype=np.int64)
     for i in range(len(data)):
         s, e = int(data.offsets[i]), int(data.offsets[i + 1])
         out = model(torch.from_numpy(data.values[s:e])[None], torch.tensor([e - s]))[0].double()
@@ -41,11 +53,13 @@ def naive_metrics(model, data, task: str) -> dict[str, float]:
             y = int(data.targets[i])
             loss += float(-F.log_softmax(out, -1)[y])
             correct += float(out.argmax() == y)
+            confusion[y, int(out.argmax())] += 1
             count += 1
         elif task == "tag":
             y = torch.from_numpy(data.targets[s:e])
             loss += float(F.cross_entropy(out[:e - s], y, reduction="sum"))
             correct += float((out[:e - s].argmax(-1) == y).sum())
+            np.add.at(confusion, (y.numpy(), out[:e - s].argmax(-1).numpy()), 1)
             count += e - s
         else:
             err = float(out) - float(data.targets[i])
@@ -55,16 +69,16 @@ def naive_metrics(model, data, task: str) -> dict[str, float]:
             count += 1
     if task == "regress":
         return {"loss": loss / count, "mse": sq / count, "mae": ab / count}
-    return {"loss": loss / count, "accuracy": correct / count}
+    return {"loss": loss / count, "accuracy": correct / count, **class_metrics(confusion)}
 
 
 def assert_metrics_equal(got: dict, want: dict, rel: float = REL) -> None:
     assert set(got) == set(want), (got, want)
     for k in want:
-        if k == "accuracy":
-            assert got[k] == want[k], (k, got, want)
-        else:
+        if k in LOSS_LIKE:
             assert math.isclose(got[k], want[k], rel_tol=rel, abs_tol=0.0), (k, got, want)
+        else:
+            assert got[k] == want[k], (k, got, want)
 
 
 @pytest.mark.parametrize("execution", ["packed", "padded"])
@@ -80,7 +94,7 @@ def test_evaluate_equals_naive_per_sample_loop(task, execution):
     model.train()
     got = evaluate(model, data, cfg, SINGLE)
     assert model.training, "evaluate() must restore the module's training mode"
-    assert set(got) == set(METRICS[task])
+    assert set(got) == result_keys(task)
     assert_metrics_equal(got, naive_metrics(model, data, task))
 
 
@@ -95,7 +109,7 @@ def test_two_ranks_evaluate_exactly_like_one(ddp_runs, name, when):
     plan = global_batches(data.lengths, batch_size=cfg.batching.eval_batch_size, shuffle=False)
     assert min(len(b) for b in plan) < 2, "precondition: one eval batch leaves a rank with a filler sample"
     one, two = ddp_runs.metrics(name, 1)[when], ddp_runs.metrics(name, 2)[when]
-    assert set(one) == set(METRICS[cfg.data.task])
+    assert set(one) == result_keys(cfg.data.task)
     assert_metrics_equal(two, one)
 
 
@@ -124,12 +138,14 @@ def test_filler_and_uneven_eval_split_in_process():
     torch.manual_seed(0)
     model = build_model("tag", data.num_features, 2, cfg.model).eval()
     total = None
+    tag = objective.TaskObjective("tag")
     with torch.no_grad():
         for rank in range(3):
             sampler = BucketBatchSampler(data.lengths, rank=rank, num_replicas=3, batch_size=4, shuffle=False)
             for step in sampler:
                 batch = collate(fetch(data, step))
-                part = objective.metric_sums("tag", model(batch.inputs, batch.lengths), batch)
+                part = tag.metric_sums(model(batch.inputs, batch.lengths), batch)
                 total = part if total is None else total + part
-    assert int(total[-1]) == int(np.sum(data.lengths))  # every valid token once, fillers weigh 0
-    assert_metrics_equal(objective.finalize("tag", total), evaluate(model, data, cfg, SINGLE))
+    assert int(total[2]) == int(np.sum(data.lengths))  # every valid token once, fillers weigh 0
+    assert int(total[3:].sum()) == int(np.sum(data.lengths))  # and counted once in the confusion matrix
+    assert_metrics_equal(tag.finalize(total), evaluate(model, data, cfg, SINGLE))

@@ -61,7 +61,7 @@ def read_rows(path: Path) -> list[dict]:
 def test_evaluate_reproduces_training_and_is_exact_under_two_ranks(text_run, capsys):
     out1, out2 = text_run.root / "eval1.json", text_run.root / "eval2.json"
     assert main(["evaluate", "--checkpoint", str(text_run.best), "--output", str(out1)]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
     torchrun("train.py", "evaluate", "--checkpoint", text_run.best, "--output", out2).check()
     one, two = json.loads(out1.read_text()), json.loads(out2.read_text())
     best = max(text_run.epochs(), key=lambda r: r["val_accuracy"])
@@ -69,6 +69,33 @@ def test_evaluate_reproduces_training_and_is_exact_under_two_ranks(text_run, cap
     for metric in ("loss", "accuracy"):
         assert one[metric] == pytest.approx(best[f"val_{metric}"], abs=1e-7)
         assert two[metric] == pytest.approx(one[metric], abs=1e-6)
+    # macro-F1, per class and the confusion matrix: counts, hence exact across world sizes and
+    # equal to what training logged (with the class names of the encoding)
+    assert one["classes"] == two["classes"] == best["val_classes"] == ["neg", "pos"]
+    for key in ("f1_macro", "precision", "recall", "f1", "support", "confusion"):
+        assert one[key] == two[key] == best[f"val_{key}"], key
+    assert sum(one["support"]) == 150
+    # what it printed: the scalars, then one row per class, then the matrix
+    f1_line = next(line for line in printed if line.startswith("loss "))
+    assert f"f1_macro {one['f1_macro']:.4f}" in f1_line
+    header = printed.index(next(line for line in printed if line.split()[:2] == ["class", "precision"]))
+    for i, name in enumerate(one["classes"]):
+        assert printed[header + 1 + i].split() == [name, *(f"{one[k][i]:.4f}" for k in ("precision", "recall", "f1")),
+                                                   str(one["support"][i])]
+    assert printed[header + 3].startswith("confusion matrix (rows = true class")
+    assert [line.split()[1:] for line in printed[header + 5:header + 7]] == \
+        [[str(n) for n in row] for row in one["confusion"]]
+    # scikit-learn on the model's own predictions (predict) of the same file
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    val = text_run.samples / "reviews-val.tsv"
+    rows = text_run.root / "val-predictions.jsonl"
+    assert main(["predict", "--checkpoint", str(text_run.best), "--input", str(val), "--output", str(rows)]) == 0
+    truth = [line.split("\t", 1)[0] for line in val.read_text(encoding="utf-8").splitlines()]
+    predicted = [r["prediction"] for r in read_rows(rows)]
+    labels = one["classes"]
+    assert one["f1_macro"] == pytest.approx(
+        sklearn_metrics.f1_score(truth, predicted, average="macro", labels=labels), abs=1e-12)
+    assert one["confusion"] == sklearn_metrics.confusion_matrix(truth, predicted, labels=labels).tolist()
 
 
 def test_predict_keeps_input_order_under_two_ranks_without_the_training_files(text_run):

@@ -120,7 +120,7 @@ def test_metrics_unchanged_by_padding_to_a_multiple(task, cell, bidirectional, p
     plain, padded = results[1], results[16]
     assert set(plain) == set(padded)
     for key in plain:
-        if key == "accuracy":
+        if key not in ("loss", "mse", "mae"):  # counts and what derives from them (f1, confusion): exact
             assert padded[key] == plain[key]
         else:  # equal here but for one case: packed + mean pooling sums over a longer T (float32, last bit)
             assert padded[key] == pytest.approx(plain[key], rel=1e-6, abs=0), (key, plain, padded)
