@@ -194,18 +194,38 @@ def test_monitor_f1_macro_picks_the_best_checkpoint(tmp_path):
     from ddp_seq import Trainer, load_config
     from ddp_seq.checkpoint import load_checkpoint
 
-    train, val = make_datasets(num_train=48, num_val=20)
-    cfg = load_config(overrides=["training.epochs=4", "batching.batch_size=8", "training.lr=0.05",
+    train, val = make_datasets(num_train=32, num_val=16)
+    cfg = load_config(overrides=["training.epochs=3", "batching.batch_size=16", "training.lr=0.05",
                                  "training.monitor=val_f1_macro", "logging.progress=none"])
     summary = Trainer(MeanPoolGRU(3, 3), train, val, cfg, run_dir=tmp_path / "run").fit()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert len(epochs) == 4
+    assert len(epochs) == 3
     f1 = [r["val_f1_macro"] for r in epochs]
     assert len(set(f1)) > 1, "precondition: the epochs differ"
-    best = max(range(4), key=lambda i: (f1[i], -i))  # the first of the highest
+    best = max(range(3), key=lambda i: (f1[i], -i))  # the first of the highest
     assert summary["best_epoch"] == best + 1 and summary["best_val_f1_macro"] == f1[best]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert state["epoch"] == best + 1 and state["metrics"]["val_f1_macro"] == f1[best]
     assert "val_classes" not in epochs[0]  # a user's datasets: no encoding, no names
     assert class_metrics(epochs[best]["val_confusion"])["f1_macro"] == f1[best]
+
+
+def test_monitor_f1_macro_not_accuracy_decides_best_and_patience():
+    """Epochs whose accuracy and macro-F1 disagree: the best epoch and early stopping follow F1."""
+    from workers.user_parts import MeanPoolGRU, make_datasets
+
+    from ddp_seq import Trainer, load_config
+
+    train, val = make_datasets(num_train=8, num_val=4)
+    cfg = load_config(overrides=["training.monitor=val_f1_macro", "training.patience=2", "training.epochs=9",
+                                 "checkpoint.save=false", "logging.progress=none"])
+    trainer = Trainer(MeanPoolGRU(3, 3), train, val, cfg)
+    row = {"train_loss": 1.0, "tokens_per_s": 1.0, "padding_efficiency": 1.0, "straggler_ratio": 1.0, "train_s": 1.0}
+    # accuracy peaks at epoch 1 and 4, macro-F1 at epoch 2 (a majority-class model scores accuracy, not F1)
+    scores = [(0.9, 0.3), (0.7, 0.6), (0.8, 0.5), (0.95, 0.4)]
+    improved = [trainer._end_epoch({**row, "epoch": e + 1}, {"val_loss": 1.0, "val_accuracy": acc, "val_f1_macro": f1})
+                for e, (acc, f1) in enumerate(scores)]
+    assert improved == [True, True, False, False]
+    assert trainer.state.best["epoch"] == 2 and trainer.state.best["value"] == 0.6
+    assert trainer.state.finished  # patience 2 ran out at epoch 4, although accuracy improved there
