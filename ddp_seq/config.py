@@ -147,7 +147,8 @@ class TrainingConfig(Section):
         "(CUDA compute capability 8+, a CPU with AVX512-BF16 or AMX), none elsewhere")
     seed: int = opt(0, "seed of model init and batch order")
     monitor: Literal["val_loss", "val_accuracy", "val_f1_macro", "val_mse", "val_mae"] = opt(
-        "val_accuracy", "metric that picks the best checkpoint and early stopping")
+        "val_accuracy", "metric that picks the best checkpoint and early stopping; val_f1_macro (classify, tag): "
+        "the unweighted mean F1 over all classes")
     patience: int = opt(0, "stop after this many epochs without improvement; 0 = never", ge=0)
     log_every: int = opt(50, "print and record train metrics every this many steps", ge=1)
 
