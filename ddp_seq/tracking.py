@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import Config, to_dict
 from .errors import UserError, first_line
+from .objective import PER_CLASS
 
 
 def wandb_mode(cfg: Config) -> str:
@@ -32,7 +33,9 @@ def record_scalars(record: dict[str, Any]) -> dict[str, int | float]:
     """The numbers of one ``metrics.jsonl`` record, named as wandb and TensorBoard show them.
 
     ``<kind>/<key>`` for ``train`` and ``epoch`` records, ``<key>`` for the others (the summary).
-    A list (one value per rank, e.g. ``padded_tokens_per_rank``) gives ``<name>/rank<i>`` for each
+    A per-class list (``val_precision``, ``val_recall``, ``val_f1``, ``val_support``) gives
+    ``<name>/<class>`` for each class, named from ``val_classes`` when the record has it; any other
+    list (one value per rank, e.g. ``padded_tokens_per_rank``) gives ``<name>/rank<i>`` for each
     element that is a number. Everything else -- ``kind`` and ``step`` themselves, None, strings,
     dicts, the lists inside a nested list (a confusion matrix) -- is left out: trackers chart scalars.
     """
@@ -43,7 +46,13 @@ def record_scalars(record: dict[str, Any]) -> dict[str, int | float]:
             continue
         name = f"{kind}/{key}" if kind in ("train", "epoch") else key
         if isinstance(value, list):  # numbers only: not the confusion matrix (lists) nor class names
-            values.update({f"{name}/rank{i}": v for i, v in enumerate(value) if isinstance(v, (int, float))})
+            prefix, _, metric = key.partition("_")
+            if metric in PER_CLASS:
+                classes = record.get(f"{prefix}_classes") or []
+                labels = [str(classes[i]) if i < len(classes) else f"class{i}" for i in range(len(value))]
+            else:
+                labels = [f"rank{i}" for i in range(len(value))]
+            values.update({f"{name}/{label}": v for label, v in zip(labels, value) if isinstance(v, (int, float))})
         elif isinstance(value, (int, float)):
             values[name] = value
     return values

@@ -152,8 +152,9 @@ def test_class_report_prints_the_table_and_caps_the_matrix():
 
 
 def test_wandb_skips_the_matrix_and_the_names():
-    """The records go to wandb as they are: lists of numbers become per-index scalars; the confusion
-    matrix (a list of lists) and the class names are skipped, not handed to wandb."""
+    """The records go to wandb as they are: per-class lists become one scalar per class, named from
+    ``val_classes`` (``class<i>`` without it); the confusion matrix (a list of lists) and the class
+    names themselves are skipped, not handed to wandb."""
     from ddp_seq.tracking import WandbRun
 
     class Recorder:  # what WandbRun calls on a wandb run
@@ -166,8 +167,11 @@ def test_wandb_skips_the_matrix_and_the_names():
     run = WandbRun(Recorder())
     run.log({"kind": "epoch", "step": 7, "val_f1_macro": 0.5, "val_f1": [0.25, 0.75], "val_classes": ["a", "b"],
              "val_confusion": [[1, 2], [3, 4]]})
-    (values, step), = run.run.logged
-    assert step == 7 and values == {"epoch/val_f1_macro": 0.5, "epoch/val_f1/rank0": 0.25, "epoch/val_f1/rank1": 0.75}
+    run.log({"kind": "epoch", "step": 8, "val_recall": [1.0, 0.5], "padded_tokens_per_rank": [3, 4]})
+    (values, step), (unnamed, _) = run.run.logged
+    assert step == 7 and values == {"epoch/val_f1_macro": 0.5, "epoch/val_f1/a": 0.25, "epoch/val_f1/b": 0.75}
+    assert unnamed == {"epoch/val_recall/class0": 1.0, "epoch/val_recall/class1": 0.5,
+                       "epoch/padded_tokens_per_rank/rank0": 3, "epoch/padded_tokens_per_rank/rank1": 4}
 
 
 def test_monitor_f1_macro_with_an_objective_without_it_is_one_clear_error():
