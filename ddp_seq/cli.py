@@ -1,4 +1,4 @@
-"""Command line: ``ddp-seq train|evaluate|predict|check-config|config-reference|make-data|bench|parity|report``.
+"""Command line: ``ddp-seq train|evaluate|predict|export|check-config|config-reference|make-data|bench|parity|report``.
 
 ``train.py`` calls ``train``.
 
@@ -21,7 +21,7 @@ EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
 PEER_ERROR_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on a user error
 COMMANDS = ("train", "check-config", "config-reference", "bench", "parity", "report", "evaluate", "predict",
-            "make-data")
+            "export", "make-data")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="where to write the predictions (JSON lines)")
     pr.add_argument("--trust-target", action="store_true", help=trust)
     pr.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
+    text = "write a trained checkpoint as an ONNX model (dynamic batch and time; checked with onnxruntime)"
+    ex = sub.add_parser("export", help=text, description=text)
+    ex.add_argument("--checkpoint", required=True, help="a checkpoint written by training (e.g. best.pt)")
+    ex.add_argument("--format", default="onnx", help="onnx (the only format)")
+    ex.add_argument("--output", required=True, help="the model file to write (e.g. model.onnx)")
+    ex.add_argument("--trust-target", action="store_true", help=trust)
+    ex.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
     ref = sub.add_parser("config-reference", help="print every config key as a Markdown table")
     ref.add_argument("--update", metavar="FILE", help="rewrite the table between the config-reference "
                      "markers of this Markdown file instead of printing it")
@@ -169,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                                  args.trust_target))
             return _run_and_exit(lambda: inference.predict_command(args.checkpoint, args.input, args.output,
                                                                    args.overrides, args.trust_target))
+        if args.command == "export":
+            from .export import export_command
+
+            export_command(args.checkpoint, args.output, args.format, args.overrides, args.trust_target)
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-config":
             print(dump_yaml(cfg), end="")

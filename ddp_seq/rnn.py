@@ -37,6 +37,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 #: The two execution paths; ``auto`` (accepted by the modules) resolves to one of them per call.
 EXECUTIONS = ("packed", "padded")
+# torch.compiler.is_exporting is missing from older torch (setup.cfg allows torch >= 2.1): never exporting there.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def resolve_execution(execution: str, device: torch.device) -> str:
@@ -129,7 +131,8 @@ class _PackedMixin:
         if lengths.shape != padded.shape[:1]:
             raise ValueError(f"lengths must be [B] = [{padded.shape[0]}], got shape {tuple(lengths.shape)}")
         total_length = padded.shape[1]
-        if lengths.device.type == "cpu" and lengths.numel():
+        # Not while exporting (ddp-seq export): a check on the lengths' values cannot be traced.
+        if lengths.device.type == "cpu" and lengths.numel() and not _is_exporting():
             low, high = int(lengths.min()), int(lengths.max())
             if low < 1 or high > total_length:
                 raise ValueError(f"lengths must lie in [1, {total_length}], got min {low}, max {high}")
