@@ -35,6 +35,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -234,7 +235,9 @@ def export_command(checkpoint: str, output: str, fmt: str = "onnx", overrides: l
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: unknown; the formats are {', '.join(FORMATS)}")
-    _check_output(output)
+    if Path(output).is_dir():
+        raise UserError(f"--output {output}: is a directory; give a file name such as model.onnx")
+    _check_output(output)  # as predict: the directory must exist; an existing file is replaced whole
     require_onnx()
     state, cfg, encoding = _read(checkpoint, list(overrides), trust_target)
     model = restore_model(state, cfg, checkpoint, torch.device("cpu")).eval()

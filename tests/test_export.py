@@ -221,7 +221,8 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
          "--format tflite: unknown; the formats are onnx"),
         (["--checkpoint", str(ckpt), "--output", str(tmp_path / "no" / "m.onnx")],
          f"--output {tmp_path / 'no' / 'm.onnx'}: directory {tmp_path / 'no'} does not exist"),
-        (["--checkpoint", str(ckpt), "--output", str(tmp_path)], f"--output {tmp_path}: is a directory"),
+        (["--checkpoint", str(ckpt), "--output", str(tmp_path)],
+         f"--output {tmp_path}: is a directory; give a file name such as model.onnx"),
     ]
     broken = tmp_path / "broken.pt"
     broken.write_bytes(ckpt.read_bytes()[:200])
