@@ -159,7 +159,7 @@ def test_own_model_config_trains_on_two_ranks_and_evaluates_only_when_trusted(tm
 
     result = tmp_path / "eval.json"
     ok = python("-m", "ddp_seq", "evaluate", "--checkpoint", best, "--trust-target", "--output", result).check()
-    assert re.search(r"accuracy [0-9.]+$", ok.stdout.strip()), ok.report()
+    assert re.search(r"^loss [0-9.]+  accuracy [0-9.]+  f1_macro [0-9.]+$", ok.stdout, re.M), ok.report()
     metrics = json.loads(result.read_text())
     assert metrics["samples"] == 128
     # The same weights on the same validation set (make_datasets with data.seed and data.args from the

@@ -264,17 +264,20 @@ def default_variant(part: Part) -> str | None:
     return name if any(v.name == name for v in part.variants) else None
 
 
-def quick_runs(part: Part, variant: Variant) -> bool:
-    """Whether ``--quick`` runs ``variant``: the baseline, the default row, and the first row of each
-    runner x launch (processes, setup) of the part. The other rows differ only in config overrides,
-    which ``--quick`` loads and checks without training; startup dominates a tiny run, so running
-    them too would test little and cost minutes."""
-    if variant.name in (part.baseline, default_variant(part)):
-        return True
-    first = {}
-    for v in part.variants:
-        first.setdefault((v.runner, v.world_size, v.setup), v.name)
-    return first[(variant.runner, variant.world_size, variant.setup)] == variant.name
+def quick_plan(parts: dict[str, Part]) -> set[tuple[str, str]]:
+    """``(part, row)`` pairs that ``--quick`` runs: each part's baseline and default row, then, across
+    the whole suite, the first row of each runner x launch (runner, processes, setup) not run yet.
+    The other rows differ only in config overrides, which ``--quick`` loads and checks without
+    training; startup dominates a tiny run, so running them too would test little and cost minutes."""
+    plan = {(name, row) for name, part in parts.items() for row in (part.baseline, default_variant(part))}
+    launches = {(v.runner, v.world_size, v.setup) for name, part in parts.items() for v in part.variants
+                if (name, v.name) in plan}
+    for name, part in parts.items():
+        for v in part.variants:
+            if (v.runner, v.world_size, v.setup) not in launches:
+                launches.add((v.runner, v.world_size, v.setup))
+                plan.add((name, v.name))
+    return plan
 
 
 def run_suite(suite: str, repeats: int, quick: bool, config: str,
@@ -286,12 +289,13 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
 
     has_cuda, has_lightning = torch.cuda.is_available(), lightning_installed()
     parts, skipped, plan, config_only = SUITES[suite], {}, [], {}
+    quick_rows = quick_plan(parts)
     for part_name, part in parts.items():
         for variant in part.variants:
             reason = missing(variant, has_cuda, has_lightning)
             if reason:
                 skipped[f"{part_name}: {variant.name}"] = reason
-            elif quick and not quick_runs(part, variant):
+            elif quick and (part_name, variant.name) not in quick_rows:
                 # --quick checks every row's config; it runs one row per runner and launch.
                 load_config(config, [*part.base, *QUICK, *variant.overrides])
                 config_only[f"{part_name}: {variant.name}"] = "--quick: config checked, not run"
