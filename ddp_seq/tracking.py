@@ -42,7 +42,8 @@ def record_scalars(record: dict[str, Any]) -> dict[str, int | float]:
     kind = record.get("kind")
     values: dict[str, int | float] = {}
     for key, value in record.items():
-        if key in ("kind", "step") or value is None:
+        # *_classes holds class names, which are integers when the labels were class indices: not metrics.
+        if key in ("kind", "step") or value is None or key.endswith("_classes"):
             continue
         name = f"{kind}/{key}" if kind in ("train", "epoch") else key
         if isinstance(value, list):  # numbers only: not the confusion matrix (lists) nor class names

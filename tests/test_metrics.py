@@ -167,10 +167,13 @@ def test_wandb_skips_the_matrix_and_the_names():
     run = WandbRun(Recorder())
     run.log({"kind": "epoch", "step": 7, "val_f1_macro": 0.5, "val_f1": [0.25, 0.75], "val_classes": ["a", "b"],
              "val_confusion": [[1, 2], [3, 4]]})
-    run.log({"kind": "epoch", "step": 8, "val_recall": [1.0, 0.5], "padded_tokens_per_rank": [3, 4]})
-    (values, step), (unnamed, _) = run.run.logged
+    run.log({"kind": "epoch", "step": 8, "val_recall": [1.0, 0.5], "padded_tokens_per_rank": [3, 4],
+             "val_classes": [0, 1]})  # integer class names (class-index labels) are names, not metrics
+    run.log({"kind": "epoch", "step": 9, "val_f1": [0.5, 0.25]})  # a user's Trainer records have no names
+    (values, step), (unnamed, _), (nameless, _) = run.run.logged
+    assert nameless == {"epoch/val_f1/class0": 0.5, "epoch/val_f1/class1": 0.25}
     assert step == 7 and values == {"epoch/val_f1_macro": 0.5, "epoch/val_f1/a": 0.25, "epoch/val_f1/b": 0.75}
-    assert unnamed == {"epoch/val_recall/class0": 1.0, "epoch/val_recall/class1": 0.5,
+    assert unnamed == {"epoch/val_recall/0": 1.0, "epoch/val_recall/1": 0.5,
                        "epoch/padded_tokens_per_rank/rank0": 3, "epoch/padded_tokens_per_rank/rank1": 4}
 
 
