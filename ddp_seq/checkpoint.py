@@ -44,6 +44,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    # torch.save writes a zip archive (a pickle before torch 1.6); anything else (a log, a YAML file)
+    # would be reported by torch.load as a refused pickle, which is not what is wrong.
+    if magic[:4] not in (b"PK\x03\x04",) and magic[:1] != b"\x80":
+        raise UserError(f"{path}: not a checkpoint (torch.save writes a zip archive; this file is not one)")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unreadable file gets a one-line answer
         raise UserError(f"{path}: {_why_unloadable(e)}") from None

@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="the model file to write (e.g. model.onnx)")
     ex.add_argument("--trust-target", action="store_true", help=trust)
     ex.add_argument("overrides", nargs="*", metavar="section.key=value", help="over the checkpoint's config")
+    # Dispatched by main() before this parser runs (each parses its own arguments); listed for --help.
+    for name, text in (("report", "the end-of-run tables of a run directory again, from its metrics.jsonl"),
+                       ("make-data", "write the sample files (samples) or the stdlib corpus (stdlib)"),
+                       ("bench", "the benchmark suite: reference vs ddp_seq vs Lightning, side by side"),
+                       ("parity", "single vs dp vs ddp on a fixed batch: same loss and gradients (under torchrun)")):
+        sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     ref = sub.add_parser("config-reference", help="print every config key as a Markdown table")
     ref.add_argument("--update", metavar="FILE", help="rewrite the table between the config-reference "
                      "markers of this Markdown file instead of printing it")

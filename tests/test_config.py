@@ -431,6 +431,15 @@ def test_train_py_help_runs():
     assert "usage" in proc.stdout and "train" in proc.stdout
 
 
+def test_help_lists_every_command_main_dispatches():
+    from ddp_seq.cli import _parser
+
+    text = _parser().format_help()
+    for command in ("train", "check-config", "evaluate", "predict", "export", "report", "make-data", "bench",
+                    "parity", "config-reference"):
+        assert f"    {command} " in text, command
+
+
 @pytest.mark.parametrize("value", ["007", "2024_01", "2024-01-05", "yes", "0x1f", "1e3"])
 def test_string_override_is_taken_literally(value):
     """``logging.name=007`` on the command line names the run '007': a string key must not go through
