@@ -278,6 +278,79 @@ def test_dataset_dict_folder_is_refused_with_its_splits(tmp_path):
                               f"{tmp_path / 'dd' / 'train'}")
 
 
+def classlabel_dataset(datasets, tags: bool = False, label=(2, 0, 1, 0)):
+    """Four rows with ClassLabel labels (or Sequence(ClassLabel) tags, one per token)."""
+    names = ["pos", "neg", "neutral"]
+    tokens = [["a", "b"], ["c"], ["b", "c", "a"], ["a"]]
+    if tags:
+        features = {"tokens": datasets.Sequence(datasets.Value("string")),
+                    "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER"]))}
+        rows = {"tokens": tokens, "ner_tags": [[1, 2], [0], [0, 1, -1 if label is None else 0], [2]]}
+    else:
+        features = {"tokens": datasets.Sequence(datasets.Value("string")), "label": datasets.ClassLabel(names=names)}
+        rows = {"tokens": tokens, "label": list(label)}
+    return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+
+
+def test_classlabel_labels_are_read_as_their_names_and_classes_are_the_sorted_names(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    classlabel_dataset(datasets).save_to_disk(str(tmp_path / "train"))
+    classlabel_dataset(datasets, label=(1, 2, 1, 1)).save_to_disk(str(tmp_path / "val"))
+    parsed = read(str(tmp_path / "train"), fmt="hf")
+    assert labels(parsed) == ["neutral", "pos", "neg", "pos"]  # ids 2, 0, 1, 0 of ["pos", "neg", "neutral"]
+    assert all(type(s) is str for s in parsed.label_symbols)
+    cfg = load_config(None, ["data.format=hf", f"data.train_path={tmp_path / 'train'}",
+                             f"data.val_path={tmp_path / 'val'}"]).data
+    splits = load_splits(cfg)
+    assert splits.encoding.classes == ["neg", "neutral", "pos"]  # sorted names, not ClassLabel's id order
+    assert splits.train.targets.tolist() == [1, 2, 0, 2]
+    assert splits.val.targets.tolist() == [0, 1, 0, 0]  # val's ids 1, 2 are 'neg', 'neutral' there too
+
+
+def test_sequence_of_classlabel_tags_are_read_as_their_names(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    classlabel_dataset(datasets, tags=True).save_to_disk(str(tmp_path / "conll"))
+    parsed = read(str(tmp_path / "conll"), "tag", "hf", target_column="ner_tags")
+    assert labels(parsed) == [["B-PER", "I-PER"], ["O"], ["O", "B-PER", "O"], ["I-PER"]]
+    assert parsed.data.per_step and all(type(s) is str for s in parsed.label_symbols)
+    assert samples(parsed) == [["a", "b"], ["c"], ["b", "c", "a"], ["a"]]
+
+
+def test_arrow_and_parquet_files_with_huggingface_metadata_give_the_names(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = classlabel_dataset(datasets)
+    names = ["neutral", "pos", "neg", "pos"]
+    path = arrow(tmp_path, ds.data.table)  # the schema carries datasets' 'huggingface' metadata
+    assert b"huggingface" in ds.data.table.schema.metadata and labels(read(path, fmt="hf")) == names
+    ds.save_to_disk(str(tmp_path / "folder"))
+    (shard,) = (tmp_path / "folder").glob("*.arrow")  # the folder's own file, in the stream format
+    assert labels(read(str(shard), fmt="hf")) == names
+    ds.to_parquet(str(tmp_path / "data.parquet"))
+    assert labels(read(str(tmp_path / "data.parquet"))) == names
+    bare = arrow(tmp_path, ds.data.table.replace_schema_metadata(None), "bare.arrow")
+    assert labels(read(bare, fmt="hf")) == [2, 0, 1, 0]  # without the metadata: class indices, as before
+    assert labels(read(str(tmp_path / "folder"), fmt="hf", labelled=False)) == [0, 0, 0, 0]  # predict: not read
+
+
+def test_a_classlabel_id_outside_its_names_is_one_line(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    classlabel_dataset(datasets, label=(2, 0, -1, 0)).save_to_disk(str(tmp_path / "cls"))
+    with pytest.raises(UserError) as err:
+        read(str(tmp_path / "cls"), fmt="hf")
+    assert str(err.value) == (f"{tmp_path / 'cls'} row 3 column 'label': -1, not an id of the column's ClassLabel "
+                              "(0..2: 'pos', 'neg', 'neutral'); Hugging Face uses -1 for 'no label', but every label "
+                              "needs a class")
+    classlabel_dataset(datasets, tags=True, label=None).save_to_disk(str(tmp_path / "tags"))
+    with pytest.raises(UserError) as err:
+        read(str(tmp_path / "tags"), "tag", "hf", target_column="ner_tags")
+    assert str(err.value).startswith(f"{tmp_path / 'tags'} row 3 column 'ner_tags': step 2 is -1, not an id of "
+                                     "the column's ClassLabel (0..2: 'O', 'B-PER', 'I-PER');")
+    table = classlabel_dataset(datasets).data.table
+    too_big = table.set_column(1, "label", pa.array([0, 3, 1, 0], pa.int64()))  # keeps the schema's metadata
+    with pytest.raises(UserError, match=r"row 2 column 'label': 3, not an id of the column's ClassLabel \(0\.\.2"):
+        read(arrow(tmp_path, too_big), fmt="hf")
+
+
 # --- through the data pipeline ---------------------------------------------------------------------------------
 
 def test_length_policies_name_the_row(tmp_path):

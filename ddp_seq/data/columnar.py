@@ -10,7 +10,9 @@ sample, ``lines`` holds its 1-based row number (``SequenceData.unit`` is ``"row"
   vector per step, one width throughout);
 * the target (``data.target_column``; empty = ``label`` / ``target`` / ``tags`` by task): integers
   (class indices) or strings (class names) for classify, numbers for regress, a list per row with one
-  tag per step for tag. ``labelled=False`` (``predict`` input): optional and not read.
+  tag per step for tag. ``labelled=False`` (``predict`` input): optional and not read. A Hugging Face
+  ``ClassLabel`` column (or a list of ``ClassLabel``, e.g. CoNLL ``ner_tags``) is read as its *names*
+  (:mod:`~ddp_seq.data.classlabel`), so the classes are the sorted names, not ``ClassLabel``'s ids.
 
 Lists are flattened with Arrow (offsets and child arrays), never row by row in Python. Feature values
 of an Arrow file (``hf``) stay views of its memory map when the column is float32 and either one
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError, first_line
-from .encoding import Parsed
+from .classlabel import class_names, schema_class_names
+from .encoding import Parsed, _shown
 from .sequences import SequenceData
 from .text import _F32_MAX, TASKS, int_ids, offsets_of, tokenize_texts
 
@@ -104,16 +107,16 @@ def read_parquet(path: str, *, task: str, input_column: str = "", target_column:
     if not p.is_file():
         raise UserError(f"{path}: a folder, not a Parquet file; give one .parquet file")
     try:
-        names = pa.parquet.read_schema(path, memory_map=True).names
+        schema = pa.parquet.read_schema(path, memory_map=True)
     except Exception as e:  # noqa: BLE001 -- ArrowInvalid (not Parquet, truncated), OSError, ...
         raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
-    source, target = _columns(path, names, task, input_column, target_column, labelled)
+    source, target = _columns(path, schema.names, task, input_column, target_column, labelled)
     try:
         table = pa.parquet.read_table(path, columns=[c for c in (source, target) if c], memory_map=True)
     except Exception as e:  # noqa: BLE001 -- a corrupt page or column chunk
         raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     return parse_table(table, path, task=task, input_column=source, target_column=target or "",
-                       tokenizer=tokenizer, labelled=labelled)
+                       tokenizer=tokenizer, labelled=labelled, label_names=schema_class_names(schema, target or ""))
 
 
 def _arrow_file(pa: Any, path: str) -> Any:
@@ -129,8 +132,9 @@ def _arrow_file(pa: Any, path: str) -> Any:
         raise UserError(f"{path}: not a readable Arrow file ({first_line(e)})") from None
 
 
-def _dataset_folder(path: str, p: Path) -> Any:
-    """The table of a ``Dataset.save_to_disk`` folder (``datasets.load_from_disk`` maps its Arrow files)."""
+def _dataset_folder(path: str, p: Path) -> tuple[Any, Any]:
+    """The table and features of a ``Dataset.save_to_disk`` folder (``datasets.load_from_disk`` maps its
+    Arrow files)."""
     splits_file = p / "dataset_dict.json"
     if splits_file.is_file():
         try:
@@ -148,7 +152,8 @@ def _dataset_folder(path: str, p: Path) -> Any:
     if not isinstance(loaded, datasets.Dataset):
         raise UserError(f"{path}: a DatasetDict folder (splits: {', '.join(loaded)}); point at one split's folder")
     # save_to_disk writes flattened rows, so no indices mapping is left; select() results would have one.
-    return loaded.data.table if getattr(loaded, "_indices", None) is None else loaded.with_format("arrow")[:]
+    table = loaded.data.table if getattr(loaded, "_indices", None) is None else loaded.with_format("arrow")[:]
+    return table, loaded.features
 
 
 def read_hf(path: str, *, task: str, input_column: str = "", target_column: str = "",
@@ -156,13 +161,21 @@ def read_hf(path: str, *, task: str, input_column: str = "", target_column: str 
     """Read a ``datasets.Dataset.save_to_disk`` folder or a single ``.arrow`` file (IPC file or stream).
 
     Both are memory-mapped; float32 feature values stay views of the map where the layout allows (see
-    the module). A ``DatasetDict`` folder is refused with the names of its splits.
+    the module). A ``DatasetDict`` folder is refused with the names of its splits. A ``ClassLabel``
+    target (the folder's features, or the ``.arrow`` file's ``huggingface`` schema metadata) is read as
+    its names.
     """
     pa = _import("hf", "pyarrow")
     p = _exists(path)
-    table = _dataset_folder(path, p) if p.is_dir() else _arrow_file(pa, path)
+    target = (target_column or TARGETS.get(task, "")) if labelled else ""
+    if p.is_dir():
+        table, features = _dataset_folder(path, p)
+        names = class_names(features.get(target)) if target else None
+    else:
+        table = _arrow_file(pa, path)
+        names = schema_class_names(table.schema, target)
     return parse_table(table, path, task=task, input_column=input_column, target_column=target_column,
-                       tokenizer=tokenizer, labelled=labelled)
+                       tokenizer=tokenizer, labelled=labelled, label_names=names)
 
 
 def read_columnar(fmt: str, path: str, *, task: str, input_column: str = "", target_column: str = "",
@@ -219,12 +232,15 @@ class _Table:
         return lengths, flat
 
 
-    def symbols(self, flat: Any, name: str, lengths: np.ndarray, what: str) -> tuple[np.ndarray, list]:
+    def symbols(self, flat: Any, name: str, lengths: np.ndarray, what: str,
+                names: list[str] | None = None) -> tuple[np.ndarray, list]:
         """File-local ``(ids, symbols)`` of flat strings or integers (tokens, tags, labels).
 
         Strings: Arrow's ``dictionary_encode`` (ids in order of first occurrence, as ``intern_all``);
         integers: :func:`~ddp_seq.data.text.int_ids` (ascending). Negative integer labels and tags are
         refused (they are class indices); ``lengths`` locates the row of a value (None: one per row).
+        ``names``: a ``ClassLabel``'s names; integers are then its ids, the symbols are the names, and an
+        id outside ``0..len(names)-1`` (Hugging Face's -1 = no label) is refused.
         """
         t = flat.type
         if self.is_string(t):
@@ -238,12 +254,19 @@ class _Table:
         if codes.dtype == np.uint64 and len(codes) and codes.max() > np.iinfo(np.int64).max:
             raise UserError(f"{self.path} column {name!r}: a value is beyond the 64-bit integer range")
         codes = codes.astype(np.int64, copy=False)
-        if what != "tokens" and len(codes) and codes.min() < 0:
-            at = int(np.argmax(codes < 0))  # the first
+        bad = None if what == "tokens" or not len(codes) else \
+            (codes < 0) if names is None else (codes < 0) | (codes >= len(names))
+        if bad is not None and bad.any():
+            at = int(np.argmax(bad))  # the first
             row, step = _locate(offsets_of(lengths), at) if lengths is not None else (at, None)
             where = f"{self.at(row, name)}: {'' if step is None else f'step {step} is '}{codes[at]}"
-            raise UserError(f"{where}; integer {what} are class indices (>= 0)")
+            if names is None:
+                raise UserError(f"{where}; integer {what} are class indices (>= 0)")
+            raise UserError(f"{where}, not an id of the column's ClassLabel (0..{len(names) - 1}: {_shown(names)}); "
+                            f"Hugging Face uses -1 for 'no label', but every {what[:-1]} needs a class")
         ids, distinct = int_ids(codes)
+        if names is not None:  # the names of the ids present, through an array: no loop over rows
+            return ids, np.asarray(names, dtype=object)[distinct].tolist()
         return ids, distinct.tolist()
 
 
@@ -254,11 +277,12 @@ def _locate(offsets: np.ndarray, step: int) -> tuple[int, int]:
 
 
 def parse_table(table: Any, path: str, *, task: str, input_column: str = "", target_column: str = "",
-                tokenizer: Any = "char", labelled: bool = True) -> Parsed:
+                tokenizer: Any = "char", labelled: bool = True, label_names: list[str] | None = None) -> Parsed:
     """A ``pyarrow.Table`` (one sample per row) as :class:`Parsed` data; ``path`` names it in messages.
 
     ``values``: int64 file-local token ids ``[total_steps]`` or float32 features ``[steps, width]``;
     ``targets``: int64 label ids (classify: per row; tag: per step) or float32 values (regress).
+    ``label_names``: the target column's ``ClassLabel`` names (see :meth:`_Table.symbols`), or None.
     """
     import pyarrow as pa
     import pyarrow.compute  # noqa: F401 -- pa.compute
@@ -293,7 +317,8 @@ def parse_table(table: Any, path: str, *, task: str, input_column: str = "", tar
     if not labelled:
         targets = np.zeros(total if task == "tag" else n, dtype=np.float32 if task == "regress" else np.int64)
     else:
-        targets, label_symbols = _targets(t, t.plain(table.column(target)), target, task, lengths, source)
+        targets, label_symbols = _targets(t, t.plain(table.column(target)), target, task, lengths, source,
+                                          label_names)
     lines = np.arange(1, n + 1, dtype=np.int64)
     if feature_view is not None:  # the features are rows of a mapped region, at these starts
         values, starts = feature_view
@@ -304,9 +329,9 @@ def parse_table(table: Any, path: str, *, task: str, input_column: str = "", tar
     return Parsed(data, token_symbols, label_symbols, labelled)
 
 
-def _targets(t: _Table, column: Any, name: str, task: str, lengths: np.ndarray,
-             source: str) -> tuple[np.ndarray, list | None]:
-    """``(targets, label_symbols)`` of the target column (see :func:`parse_table`)."""
+def _targets(t: _Table, column: Any, name: str, task: str, lengths: np.ndarray, source: str,
+             names: list[str] | None = None) -> tuple[np.ndarray, list | None]:
+    """``(targets, label_symbols)`` of the target column (see :func:`parse_table`; ``names``: its ClassLabel's)."""
     t.no_null_rows(column, name, "a target")
     kind = column.type
     if task == "regress":
@@ -322,7 +347,7 @@ def _targets(t: _Table, column: Any, name: str, task: str, lengths: np.ndarray,
         if t.is_list(kind) or not (t.is_string(kind) or t.pa.types.is_integer(kind)):
             raise UserError(f"{t.path} column {name!r}: holds {kind}; task classify needs a label per row: "
                             "an integer (class index) or a string (class name)")
-        return t.symbols(column, name, None, "labels")
+        return t.symbols(column, name, None, "labels", names)
     if not t.is_list(kind):
         raise UserError(f"{t.path} column {name!r}: holds {kind}; task tag needs a list per row, one tag per step")
     counts, flat = t.lists(column, name)
@@ -330,7 +355,7 @@ def _targets(t: _Table, column: Any, name: str, task: str, lengths: np.ndarray,
         row = int(np.argmax(counts != lengths))
         raise UserError(f"{t.at(row, name)}: {counts[row]} tags, but column {source!r} has {lengths[row]} steps; "
                         "give one tag per step")
-    return t.symbols(flat, name, counts, "tags")
+    return t.symbols(flat, name, counts, "tags", names)
 
 
 def _features(t: _Table, column: Any, name: str, shared: bool
