@@ -238,6 +238,9 @@ CASES = [
     Case("predict-bad-input-line", "predict --input in.tsv --output out.jsonl (bad UTF-8 on line 2)", predict_bad_line),
     Case("predict-input-of-another-kind", "predict --input in.jsonl data.format=jsonl (features for a token model)",
          predict_wrong_kind),
+    Case("predict-input-of-another-format", "predict --input in.jsonl (a tsv model; data.format not given)",
+         lambda e: predict_setup(e, e.write("in.jsonl", '{"tokens": ["nice", "day"]}\n'),
+                                 ["in.jsonl", "data.format is tsv", "set data.format=jsonl"])),
     Case("predict-output-directory-missing", "predict --output absent/out.jsonl", predict_no_output_dir),
 ]
 

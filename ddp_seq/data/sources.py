@@ -11,6 +11,7 @@ builds the same splits and the same vocabulary on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +39,19 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # what the length policies did, for the log
 
 
+#: File name endings that say which data.format a file is in (others, e.g. .txt or a folder, say nothing).
+SUFFIX_FORMATS = {".tsv": "tsv", ".jsonl": "jsonl", ".npz": "npz", ".ts": "ts", ".parquet": "parquet", ".arrow": "hf"}
+
+
+def _check_suffix(fmt: str, path: str) -> None:
+    """Refuse a file whose ending names another format than ``data.format`` (say, a .tsv given to a
+    checkpoint trained on hf data): its reader would fail with a message about the wrong format."""
+    named = SUFFIX_FORMATS.get(Path(path).suffix.lower())
+    if named is not None and named != fmt:
+        raise UserError(f"{path}: a .{Path(path).suffix[1:]} file, but data.format is {fmt}; set data.format={named} "
+                        "to read it as such")
+
+
 def read_raw(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str | SubwordTokenizer | None = None
              ) -> Parsed:
     """One file of ``data.format`` as :class:`Parsed` data, before the length policies.
@@ -46,6 +60,7 @@ def read_raw(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str |
     :class:`~ddp_seq.data.tokenizers.SubwordTokenizer`; None: ``data.tokenizer`` (a file is loaded once
     per process). ``evaluate`` and ``predict`` pass the checkpoint's (:func:`trained_tokenizer`).
     """
+    _check_suffix(cfg.format, path)
     if tokenizer is None:
         tokenizer = text_tokenizer(cfg.tokenizer) if cfg.format in TEXT_FORMATS else cfg.tokenizer
     # Imported here: each reader is needed only for its own format.
