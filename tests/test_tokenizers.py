@@ -257,6 +257,14 @@ def test_a_tokenizer_file_for_a_model_trained_on_words_is_refused(files):
     assert trained_tokenizer("whitespace", None) == "whitespace"
 
 
+def test_a_char_or_whitespace_override_of_a_subword_model_is_refused_not_ignored(files):
+    stored = SubwordTokenizer.from_file(str(files["bpe"])).state_dict()
+    assert isinstance(trained_tokenizer(str(files["bpe"]), stored), SubwordTokenizer)
+    for name in ("char", "whitespace"):
+        with pytest.raises(UserError, match=rf"^data.tokenizer={name}: the model was trained with a subword"):
+            trained_tokenizer(name, stored)
+
+
 # -- bad input: one line, exit 2 ----------------------------------------------------------------------
 
 def bad(tmp_path: Path, name: str, content: bytes) -> Path:

@@ -190,11 +190,15 @@ def trained_tokenizer(name: str, stored: dict[str, Any] | None) -> str | Subword
 
     ``stored``: the model's ``Encoding.tokenizer`` (from its checkpoint). When set, it is the
     tokenizer and ``name``'s file is not read, so new text is cut as training cut it even if the
-    file is gone or changed. When None the model was trained on ``char`` or ``whitespace`` tokens:
+    file is gone or changed (``name`` ``char`` or ``whitespace``, an override, is refused). When None
+    the model was trained on ``char`` or ``whitespace`` tokens:
     ``name`` is used as before, and a tokenizer file is refused (the vocabulary holds characters or
     words, so every subword id would be ``<unk>``).
     """
     if stored is not None:
+        if not is_subword(name):  # an override to char/whitespace would be ignored: say so rather than guess
+            raise UserError(f"{KEY}={name}: the model was trained with a subword tokenizer, stored in its checkpoint "
+                            "and always used by evaluate and predict; remove the data.tokenizer override")
         return SubwordTokenizer.from_state_dict(stored, "the checkpoint's stored tokenizer")
     if is_subword(name):
         raise UserError(f"{KEY}: {name}: the model was trained without a subword tokenizer (its vocabulary holds "
