@@ -152,6 +152,19 @@ def hf_dataset_dict(env: Env) -> Setup:
                  [str(folder), "a DatasetDict folder", "train", f"{folder}/train"], [folder / "dataset_dict.json"])
 
 
+def hf_no_label(env: Env) -> Setup:
+    import datasets
+
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "label": datasets.ClassLabel(names=["pos", "neg", "neutral"])})
+    rows = {"tokens": [["a", "b"], ["c"], ["d", "e"]], "label": [0, 1, -1]}
+    folder = env.tmp / "train"
+    datasets.disable_progress_bars()  # save_to_disk's bar goes to stderr, which must hold the error line alone
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+    return Setup(env.train("data.format=hf", f"data.train_path={folder}"),
+                 [f"{folder} row 3 column 'label'", "-1", "ClassLabel"], [folder / "dataset_info.json"])
+
+
 def tokenizer_file(env: Env, name: str, content: str, names: list[str]) -> Setup:
     data = env.write("d.tsv", "pos\tgood day\nneg\tbad day\n" * 3)
     path = env.write(name, content) if content else env.tmp / name
@@ -209,6 +222,8 @@ CASES = [
                            ["row 2 column 'tags'", "1 tags", "2 steps"], "data.task=tag")),
     Case("hf-dataset-dict-folder", "data.format=hf data.train_path=imdb (a DatasetDict: train, test)",
          hf_dataset_dict),
+    Case("hf-classlabel-without-a-label", "data.format=hf data.train_path=train (row 3: ClassLabel -1, no label)",
+         hf_no_label),
     Case("tokenizer-file-missing", "data.tokenizer=tokenizer.json (no such file)",
          lambda e: tokenizer_file(e, "tokenizer.json", "", ["no such file"])),
     Case("tokenizer-file-does-not-load", "data.tokenizer=broken.json (not a tokenizers file)",
