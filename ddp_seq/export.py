@@ -16,8 +16,9 @@ a ``PackedSequence`` whose shape depends on the lengths' values, which the expor
 The two paths compute the same outputs, and every export is checked against the model as trained.
 
 The encoding travels in the model's ``metadata_props`` (JSON text): the vocabulary (token id ->
-token), the classes (class id -> label) and the subword tokenizer (``tokenizer.json`` text, or a
-sentencepiece model in base64), so a user without ddp_seq can turn text into ids and logits into labels.
+token), the classes (class id -> label) and, for a model trained on text, the tokenizer that cut it
+(its name; a ``tokenizer.json`` text or a sentencepiece model in base64), so a user without ddp_seq can
+turn text into ids and logits into labels (:func:`tokenizer_metadata`).
 
 Before anything is written the ONNX model runs in ``onnxruntime`` on a random batch of another size
 and another time length than the export's example, lengths from 1 to the longest, and must match the
@@ -198,26 +199,65 @@ def check_onnx(onnx_bytes: bytes, model: nn.Module, task: str, vocab_size: int, 
     return worst
 
 
-def metadata_of(state: dict[str, Any], cfg, encoding) -> dict[str, str]:
-    """The ``metadata_props`` of an exported checkpoint: task, inputs, vocabulary, classes, tokenizer
-    (values are JSON text, or plain strings where noted in the README)."""
-    vocab_size = state.get("vocab_size", encoding.vocab_size)
-    props = {
-        "ddp_seq.task": cfg.data.task,
-        "ddp_seq.inputs": "tokens" if vocab_size > 0 else "features",
-        "ddp_seq.num_features": json.dumps(0 if vocab_size > 0 else state.get("num_inputs", encoding.num_features)),
-        "ddp_seq.vocab": json.dumps(encoding.vocab, ensure_ascii=False),
-        "ddp_seq.classes": json.dumps(encoding.classes, ensure_ascii=False),
-        "ddp_seq.tokenizer": cfg.data.tokenizer,
-        "ddp_seq.trained": json.dumps({"epoch": state.get("epoch"), "step": state.get("step"),
-                                       "metrics": state.get("metrics", {})}),
-    }
+#: The formats whose reader cuts text with ``data.tokenizer``: tsv always; parquet and hf only a column of
+#: strings (a column of token lists is used as it is, and the checkpoint does not record which it was).
+TEXT_ALWAYS, TEXT_IF_STRINGS = ("tsv",), ("parquet", "hf")
+
+
+def _symbols_fit(tokenizer: str, vocab: list) -> bool:
+    """Whether ``vocab``'s tokens (past ``<pad>``, ``<unk>``) can be what ``tokenizer`` cuts: subword ids are
+    integers, ``char`` single characters, ``whitespace`` strings without whitespace. False proves the input
+    was token lists (e.g. a Parquet column of integer ids), never cut from text."""
+    from .data.tokenizers import is_subword
+
+    tokens = vocab[2:]
+    if is_subword(tokenizer):
+        return all(isinstance(t, int) for t in tokens)
+    if tokenizer == "char":
+        return all(isinstance(t, str) and len(t) == 1 for t in tokens)
+    return all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in tokens)
+
+
+def tokenizer_metadata(cfg, encoding) -> dict[str, str]:
+    """The tokenizer keys of the metadata, only for a model whose input was text that ``data.tokenizer`` cut.
+
+    None for features, ``data.target`` data, and formats that never read text (jsonl, npz, ts, synthetic:
+    their tokens were given as lists), so that no user splits text with a tokenizer the model never saw.
+    tsv: ``ddp_seq.tokenizer`` (and ``tokenizer_kind`` / ``tokenizer_data`` for a subword tokenizer).
+    parquet / hf: the same plus ``ddp_seq.tokenizer_applies_to = "string input columns"`` -- the reader cut
+    a column of strings but took a column of token lists as it was, and the checkpoint does not say which
+    it read -- unless the vocabulary's tokens show they were not cut by that tokenizer (:func:`_symbols_fit`).
+    """
+    fmt, name = cfg.data.format, cfg.data.tokenizer
+    if (cfg.data.target or encoding.vocab is None or fmt not in TEXT_ALWAYS + TEXT_IF_STRINGS
+            or not _symbols_fit(name, encoding.vocab)):
+        return {}
+    props = {"ddp_seq.tokenizer": name}
+    if fmt in TEXT_IF_STRINGS:
+        props["ddp_seq.tokenizer_applies_to"] = "string input columns"
     tokenizer = getattr(encoding, "tokenizer", None)
     if isinstance(tokenizer, dict) and tokenizer.get("data"):
         data = tokenizer["data"]
         props["ddp_seq.tokenizer_kind"] = str(tokenizer.get("kind"))
         props["ddp_seq.tokenizer_data"] = data if isinstance(data, str) else base64.b64encode(bytes(data)).decode()
     return props
+
+
+def metadata_of(state: dict[str, Any], cfg, encoding) -> dict[str, str]:
+    """The ``metadata_props`` of an exported checkpoint: task, inputs, vocabulary, classes, the tokenizer where
+    one cut the training text (:func:`tokenizer_metadata`); values are JSON text, or plain strings where
+    docs/export.md says so."""
+    vocab_size = state.get("vocab_size", encoding.vocab_size)
+    return {
+        "ddp_seq.task": cfg.data.task,
+        "ddp_seq.inputs": "tokens" if vocab_size > 0 else "features",
+        "ddp_seq.num_features": json.dumps(0 if vocab_size > 0 else state.get("num_inputs", encoding.num_features)),
+        "ddp_seq.vocab": json.dumps(encoding.vocab, ensure_ascii=False),
+        "ddp_seq.classes": json.dumps(encoding.classes, ensure_ascii=False),
+        **tokenizer_metadata(cfg, encoding),
+        "ddp_seq.trained": json.dumps({"epoch": state.get("epoch"), "step": state.get("step"),
+                                       "metrics": state.get("metrics", {})}),
+    }
 
 
 def export_command(checkpoint: str, output: str, fmt: str = "onnx", overrides: list[str] | tuple[str, ...] = (),

@@ -38,13 +38,20 @@ CLASSES = ["B-x", "I-x", "O"]
 
 
 def make_checkpoint(path: Path, task: str, cell: str, bidirectional: bool, tokens: bool, pooling: str = "last",
-                    layers: int = 1, execution: str = "padded", seed: int = 0) -> Path:
-    """A checkpoint as the trainer writes one: config, weights and ``checkpoint_extra`` (encoding included)."""
+                    layers: int = 1, execution: str = "padded", seed: int = 0, encoding: Encoding | None = None,
+                    **data: str) -> Path:
+    """A checkpoint as the trainer writes one: config, weights and ``checkpoint_extra`` (encoding included).
+
+    ``encoding``: default VOCAB (tokens) or 4 features, and CLASSES; ``data``: ``cfg.data`` keys (format, ...).
+    """
     cfg = Config()
     cfg.data.task, cfg.training.monitor = task, "val_loss"
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
     cfg.model.cell, cfg.model.bidirectional, cfg.model.pooling = cell, bidirectional, pooling
     cfg.model.hidden, cfg.model.embedding_dim, cfg.model.layers, cfg.model.execution = 8, 8, layers, execution
-    encoding = Encoding(VOCAB if tokens else None, None if task == "regress" else CLASSES, 0 if tokens else 4)
+    if encoding is None:
+        encoding = Encoding(VOCAB if tokens else None, None if task == "regress" else CLASSES, 0 if tokens else 4)
     parts = DataParts(None, None, encoding.num_features, encoding.num_outputs(task), encoding.vocab_size,
                       encoding.state_dict())
     torch.manual_seed(seed)
@@ -138,6 +145,7 @@ def test_export_bidirectional_lstm_tagger_trained_packed_on_tokens(tmp_path):
     assert json.loads(meta["ddp_seq.vocab"]) == VOCAB and json.loads(meta["ddp_seq.classes"]) == CLASSES
     assert meta["ddp_seq.task"] == "tag" and meta["ddp_seq.inputs"] == "tokens"
     assert json.loads(meta["ddp_seq.trained"])["step"] == 4
+    assert not any(key.startswith("ddp_seq.tokenizer") for key in meta)  # synthetic data: no text was ever cut
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "model.onnx"]  # no temporary file left
 
 
@@ -146,6 +154,7 @@ def test_export_gru_classifier_on_features(tmp_path):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["ddp_seq.vocab"]) is None and meta["ddp_seq.inputs"] == "features"
     assert json.loads(meta["ddp_seq.num_features"]) == 4
+    assert not any(key.startswith("ddp_seq.tokenizer") for key in meta)
 
 
 # Every task with every cell and direction (but the two cases above); token and feature inputs alternate
@@ -176,8 +185,31 @@ def test_the_check_refuses_a_graph_that_computes_something_else(tmp_path):
         check_onnx(graph, b, "regress", len(VOCAB), 0)
 
 
-def test_the_metadata_carries_a_subword_tokenizer_for_users_without_ddp_seq():
-    """A tokenizer.json travels as its own text and a sentencepiece model as base64 (no export needed)."""
+def doc_recipe(onnx_path: str, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """docs/export.md's subword example, as it is there (onnxruntime and tokenizers only): labels and logits."""
+    import onnxruntime as ort
+    import tokenizers
+
+    session = ort.InferenceSession(onnx_path)
+    meta = session.get_modelmeta().custom_metadata_map
+    vocab, classes = json.loads(meta["ddp_seq.vocab"]), json.loads(meta["ddp_seq.classes"])
+    model_id = {token: i for i, token in enumerate(vocab)}  # the tokenizer's own id -> the model's id
+
+    tokenizer = tokenizers.Tokenizer.from_str(meta["ddp_seq.tokenizer_data"])  # ddp_seq.tokenizer_kind: tokenizers
+    ids = [[model_id.get(i, 1) for i in tokenizer.encode(text, add_special_tokens=False).ids]  # 1 = <unk>
+           for text in texts]
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)  # each >= 1
+    inputs = np.zeros((len(ids), lengths.max()), dtype=np.int64)  # 0 = <pad>
+    for row, seq in enumerate(ids):
+        inputs[row, :len(seq)] = seq
+    logits = session.run(["outputs"], {"inputs": inputs, "lengths": lengths})[0]
+    assert (inputs == 1).any() and len(set(lengths.tolist())) > 1  # the test's texts: unknown ids, mixed lengths
+    return [classes[k] for k in logits.argmax(-1)], logits
+
+
+def test_the_docs_subword_recipe_gives_what_predict_gives(tmp_path, capsys):
+    """A tsv model cut by a tokenizer.json trained here: the tokenizer travels in the metadata, and
+    docs/export.md's recipe (onnxruntime + tokenizers, no ddp_seq) gives predict's labels and probabilities."""
     import base64
 
     tokenizers = pytest.importorskip("tokenizers")
@@ -186,21 +218,80 @@ def test_the_metadata_carries_a_subword_tokenizer_for_users_without_ddp_seq():
 
     trained = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
     trained.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    trained.train_from_iterator(["low lower lowest", "new newer newest"] * 20,
+    trained.train_from_iterator(["low lower lowest", "new newer newest", "wide wider widest"] * 20,
                                 tokenizers.trainers.BpeTrainer(vocab_size=40, special_tokens=["[UNK]"]))
     subword = SubwordTokenizer("tokenizers", trained.to_str())
+    # the model's vocabulary: the ids of the training text only, so the ids of "wide..." are <unk>
+    seen = sorted({i for text in ("low lower lowest", "new newer newest") for i in trained.encode(text).ids})
+    encoding = Encoding(["<pad>", "<unk>", *seen], ["neg", "pos"], 0, tokenizer=subword.state_dict())
+    (tmp_path / "train.tsv").write_text("neg\tlow lower lowest\npos\tnew newer newest\n")
+    ckpt = make_checkpoint(tmp_path / "best.pt", "classify", "gru", False, True, encoding=encoding, format="tsv",
+                           train_path=str(tmp_path / "train.tsv"),
+                           tokenizer=str(tmp_path / "gone.json"))  # predict and export use the stored one
+    out = tmp_path / "model.onnx"
+    export_command(str(ckpt), str(out))
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["ddp_seq.tokenizer"] == str(tmp_path / "gone.json") and meta["ddp_seq.tokenizer_kind"] == "tokenizers"
+    assert "ddp_seq.tokenizer_applies_to" not in meta  # tsv: always text
+
+    texts = ["lowest newer", "low", "widest wider new", "newest lower low new"]
+    (tmp_path / "new.tsv").write_text("".join(f"\t{text}\n" for text in texts))
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "new.tsv"),
+                 "--output", str(tmp_path / "pred.jsonl")]) == 0
+    capsys.readouterr()
+    predicted = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    labels, logits = doc_recipe(str(out), texts)
+    assert labels == [p["prediction"] for p in predicted]
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    expected = np.array([[p["probabilities"][c] for c in ("neg", "pos")] for p in predicted])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)  # predict rounds to 6 decimals
+
+    # a sentencepiece model travels as base64 of its bytes (no export needed to see the key)
     cfg = Config()
-    cfg.data.tokenizer = "tokenizer.json"
-    vocab = ["<pad>", "<unk>", 7, 3, 12]  # model id -> the tokenizer's own id
-    meta = metadata_of({"vocab_size": 5}, cfg, Encoding(vocab, CLASSES, 0, tokenizer=subword.state_dict()))
-    assert meta["ddp_seq.tokenizer"] == "tokenizer.json" and meta["ddp_seq.tokenizer_kind"] == "tokenizers"
-    assert json.loads(meta["ddp_seq.vocab"]) == vocab
-    back = tokenizers.Tokenizer.from_str(meta["ddp_seq.tokenizer_data"])
-    assert back.encode("lowest newer").ids == trained.encode("lowest newer").ids
+    cfg.data.format, cfg.data.tokenizer = "tsv", "spm.model"
     proto = bytes(range(256))
-    meta = metadata_of({"vocab_size": 5}, cfg, Encoding(vocab, CLASSES, 0, tokenizer={"kind": "sentencepiece",
-                                                                                     "data": proto}))
+    meta = metadata_of({"vocab_size": 5}, cfg, Encoding(["<pad>", "<unk>", 7, 3, 12], CLASSES, 0,
+                                                        tokenizer={"kind": "sentencepiece", "data": proto}))
+    assert meta["ddp_seq.tokenizer_kind"] == "sentencepiece"
     assert base64.b64decode(meta["ddp_seq.tokenizer_data"]) == proto
+
+
+@pytest.mark.parametrize("fmt,tokenizer,vocab,written", [
+    ("tsv", "char", VOCAB, {"ddp_seq.tokenizer": "char"}),
+    ("tsv", "whitespace", ["<pad>", "<unk>", "good", "film"], {"ddp_seq.tokenizer": "whitespace"}),
+    # parquet / hf: a string column is cut, a column of token lists is not, and the checkpoint does not say which
+    ("parquet", "char", VOCAB, {"ddp_seq.tokenizer": "char", "ddp_seq.tokenizer_applies_to": "string input columns"}),
+    ("hf", "whitespace", ["<pad>", "<unk>", "good"],
+     {"ddp_seq.tokenizer": "whitespace", "ddp_seq.tokenizer_applies_to": "string input columns"}),
+    # ... unless the vocabulary shows it: integer token ids, or tokens char would never cut
+    ("parquet", "char", ["<pad>", "<unk>", 101, 7], {}),
+    ("hf", "char", ["<pad>", "<unk>", "good", "film"], {}),
+    ("parquet", "whitespace", ["<pad>", "<unk>", "New York"], {}),
+    # formats that never read text: their tokens came as lists
+    ("jsonl", "char", VOCAB, {}),
+    ("jsonl", "char", ["<pad>", "<unk>", 5, 9], {}),
+    ("npz", "char", ["<pad>", "<unk>", 5, 9], {}),
+    ("synthetic", "char", VOCAB, {}),
+    ("ts", "char", None, {}),
+    ("tsv", "char", None, {}),  # features: no vocabulary, nothing to cut
+])
+def test_the_tokenizer_is_named_only_where_it_cut_the_training_text(fmt, tokenizer, vocab, written):
+    from ddp_seq.export import metadata_of
+
+    cfg = Config()
+    cfg.data.format, cfg.data.tokenizer = fmt, tokenizer
+    encoding = Encoding(vocab, CLASSES, 0 if vocab else 4)
+    meta = metadata_of({}, cfg, encoding)
+    assert {k: v for k, v in meta.items() if k.startswith("ddp_seq.tokenizer")} == written
+    assert meta["ddp_seq.vocab"] == json.dumps(vocab)
+
+
+def test_data_target_models_name_no_tokenizer():
+    from ddp_seq.export import metadata_of
+
+    cfg = Config()
+    cfg.data.format, cfg.data.target = "tsv", "my_data.py:load"  # data.format is ignored when data.target is set
+    assert not any(k.startswith("ddp_seq.tokenizer") for k in metadata_of({}, cfg, Encoding(VOCAB, CLASSES, 0)))
 
 
 def one_error_line(capsys) -> str:
