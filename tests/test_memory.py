@@ -128,28 +128,39 @@ def test_metrics_unchanged_by_padding_to_a_multiple(task, cell, bidirectional, p
 
 # -- the default: a bounded oneDNN primitive cache --------------------------------------------------
 
+#: Runs setup() once per case, in one process (a process start costs seconds; setup reads the
+#: environment at each call): argv[1] is a JSON list of [capacity, environment] pairs.
 _PROBE = """
 import json, os, sys
 from ddp_seq.config import DistributedConfig
 from ddp_seq.process_group import setup
-setup(DistributedConfig(onednn_cache_capacity=int(sys.argv[1])))
-print(json.dumps({k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")}))
+NAMES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+for capacity, env in json.loads(sys.argv[1]):
+    for name in NAMES:
+        os.environ[name] = env.get(name, "")
+    setup(DistributedConfig(onednn_cache_capacity=capacity))
+    print(json.dumps({k: os.environ.get(k) for k in NAMES}))
 """
 
+CACHE_CASES = {  # name: (distributed.onednn_cache_capacity, environment before setup, the value oneDNN then reads)
+    "default": (8, {}, "8"),  # unset: the configured default
+    "empty": (8, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ""}, "8"),  # empty counts as unset
+    "configured": (32, {}, "32"),
+    "off": (0, {}, ""),  # 0: left alone (oneDNN's own default)
+    "user-onednn": (8, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, "1024"),  # the user's setting wins
+    "user-dnnl": (8, {"DNNL_PRIMITIVE_CACHE_CAPACITY": "1024"}, ""),  # so does the legacy name (oneDNN reads both)
+}
 
-@pytest.mark.parametrize(("capacity", "env", "want"), [
-    (8, {}, "8"),  # unset: the configured default
-    (8, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ""}, "8"),  # empty counts as unset
-    (32, {}, "32"),
-    (0, {}, ""),  # 0: left alone (oneDNN's own default)
-    (8, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, "1024"),  # the user's setting wins
-    (8, {"DNNL_PRIMITIVE_CACHE_CAPACITY": "1024"}, ""),  # so does the legacy name (oneDNN reads both)
-], ids=["default", "empty", "configured", "off", "user-onednn", "user-dnnl"])
-def test_setup_sets_the_cache_capacity_unless_the_user_did(capacity, env, want):
-    env = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "", "DNNL_PRIMITIVE_CACHE_CAPACITY": "", **env}
-    got = json.loads(python("-c", _PROBE, str(capacity), **env).check().stdout.splitlines()[-1])
-    assert got["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == want
-    assert got["DNNL_PRIMITIVE_CACHE_CAPACITY"] == env["DNNL_PRIMITIVE_CACHE_CAPACITY"]
+
+def test_setup_sets_the_cache_capacity_unless_the_user_did():
+    cases = [(capacity, env) for capacity, env, _ in CACHE_CASES.values()]
+    out = python("-c", _PROBE, json.dumps(cases), ONEDNN_PRIMITIVE_CACHE_CAPACITY="",
+                 DNNL_PRIMITIVE_CACHE_CAPACITY="").check().stdout.splitlines()
+    results = [json.loads(line) for line in out if line.startswith("{")]
+    assert len(results) == len(CACHE_CASES)
+    for (name, (_, env, want)), got in zip(CACHE_CASES.items(), results):
+        assert got["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == want, name
+        assert got["DNNL_PRIMITIVE_CACHE_CAPACITY"] == env.get("DNNL_PRIMITIVE_CACHE_CAPACITY", ""), name
 
 
 def test_cache_capacity_default_and_bounds():
