@@ -1,4 +1,5 @@
-"""Atomic file writes: readers see the old file or the whole new one, never a part (no torch here)."""
+"""Reading a user's file with one-line errors, and atomic writes: readers see the old file or the whole
+new one, never a part (no torch here)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import UserError
+from .errors import UserError, first_line
+
+
+def read_bytes(path: str | Path, where: str | None = None) -> bytes:
+    """The bytes of the regular file ``path``; a missing, non-regular or unreadable one is a one-line
+    :class:`UserError` starting with ``where`` (default: the path)."""
+    where, p = where or str(path), Path(path)
+    if not p.is_file():
+        raise UserError(f"{where}: no such file" if not p.exists() else f"{where}: not a regular file")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{where}: cannot read ({e.strerror or first_line(e)})") from None
 
 
 def fsync_dir(directory: Path) -> None:

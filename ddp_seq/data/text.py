@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 from itertools import chain
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError, first_line
+from ..fileio import read_bytes
 from .encoding import Parsed, intern_all
 from .sequences import SequenceData
 from .tokenizers import SubwordTokenizer, is_subword, load_tokenizer
@@ -58,13 +58,7 @@ def read_lines(path: str) -> list[str]:
 
     Line ``k`` (1-based) of the file is element ``k - 1``; blank lines are kept so numbering holds.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
+    raw = read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError, first_line
+from ..fileio import read_bytes
 
 KEY = "data.tokenizer"
 INSTALL = "pip install 'ddp-seq[tokenizers]'"
@@ -115,13 +116,7 @@ class SubwordTokenizer:
         kind = next((k for k, ending in KINDS.items() if str(path).endswith(ending)), None)
         if kind is None:
             raise UserError(f"{where}: expected a .json (Hugging Face tokenizers) or .model (sentencepiece) file")
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{where}: no such file" if not p.exists() else f"{where}: not a regular file")
-        try:
-            raw = p.read_bytes()
-        except OSError as e:
-            raise UserError(f"{where}: cannot read ({e.strerror or first_line(e)})") from None
+        raw = read_bytes(path, where)
         if kind == "tokenizers":
             try:
                 return cls(kind, raw.decode("utf-8"), where)
