@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     # torch.save writes a zip archive (a pickle before torch 1.6); anything else (a log, a YAML file)
     # would be reported by torch.load as a refused pickle, which is not what is wrong.
-    if magic[:4] not in (b"PK\x03\x04",) and magic[:1] != b"\x80":
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):
         raise UserError(f"{path}: not a checkpoint (torch.save writes a zip archive; this file is not one)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

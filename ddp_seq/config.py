@@ -26,6 +26,8 @@ import yaml
 from .config_fields import (
     NOT_PLAIN,
     TARGET_ALLOWED,
+    TEXT_FORMATS,
+    TOKENIZER_FILE_ENDINGS,
     ConfigError,
     FieldSpec,
     Section,
@@ -294,7 +296,7 @@ def validate(cfg: Config) -> Config:
     if not d.target and d.task == "tag" and d.format in ("tsv", "ts"):
         raise ConfigError(f"data.task: tag needs a label per step, which data.format={d.format} files do not hold; "
                           "use jsonl (\"tags\") or npz (tags)")
-    if not d.target and d.format in ("synthetic", "npz", "jsonl", "ts") and d.tokenizer.endswith((".json", ".model")):
+    if not d.target and d.format not in TEXT_FORMATS and d.tokenizer.endswith(TOKENIZER_FILE_ENDINGS):
         raise ConfigError(f"data.tokenizer: {d.tokenizer} cuts text, which data.format={d.format} does not hold "
                           "(tsv, parquet and hf text columns do); leave data.tokenizer at char")
     for key in ("input_column", "target_column"):

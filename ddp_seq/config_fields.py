@@ -57,11 +57,17 @@ def check_target(value: str) -> str | None:
     return None
 
 
+#: The data formats whose readers cut text with ``data.tokenizer`` (tsv lines, string columns of tables).
+TEXT_FORMATS = ("tsv", "parquet", "hf")
+#: ``data.tokenizer`` values ending so name a tokenizer file: Hugging Face tokenizers, sentencepiece.
+TOKENIZER_FILE_ENDINGS = (".json", ".model")
+
+
 def check_tokenizer(value: str) -> str | None:
     """The problem with a ``data.tokenizer`` value, or None: ``char``, ``whitespace``, or the path of a
     Hugging Face ``tokenizers`` file (``.json``) or a sentencepiece model (``.model``). Syntax only: the
     file is read (and its absence reported) by the data readers."""
-    if value in ("char", "whitespace") or value.endswith((".json", ".model")):
+    if value in ("char", "whitespace") or value.endswith(TOKENIZER_FILE_ENDINGS):
         return None
     return (f"must be char, whitespace, or the path of a tokenizer.json (Hugging Face tokenizers) or a .model "
             f"(sentencepiece) file; got {value!r}")

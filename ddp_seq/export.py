@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config_fields import TEXT_FORMATS
 from .errors import UserError, first_line
 
 FORMATS = ("onnx",)
@@ -199,9 +200,9 @@ def check_onnx(onnx_bytes: bytes, model: nn.Module, task: str, vocab_size: int, 
     return worst
 
 
-#: The formats whose reader cuts text with ``data.tokenizer``: tsv always; parquet and hf only a column of
-#: strings (a column of token lists is used as it is, and the checkpoint does not record which it was).
-TEXT_ALWAYS, TEXT_IF_STRINGS = ("tsv",), ("parquet", "hf")
+#: Of the text formats (``config_fields.TEXT_FORMATS``), those that cut text only from a column of strings
+#: (a column of token lists is used as it is, and the checkpoint does not record which it was).
+TEXT_IF_STRINGS = ("parquet", "hf")
 
 
 def _symbols_fit(tokenizer: str, vocab: list) -> bool:
@@ -229,7 +230,7 @@ def tokenizer_metadata(cfg, encoding) -> dict[str, str]:
     it read -- unless the vocabulary's tokens show they were not cut by that tokenizer (:func:`_symbols_fit`).
     """
     fmt, name = cfg.data.format, cfg.data.tokenizer
-    if (cfg.data.target or encoding.vocab is None or fmt not in TEXT_ALWAYS + TEXT_IF_STRINGS
+    if (cfg.data.target or encoding.vocab is None or fmt not in TEXT_FORMATS
             or not _symbols_fit(name, encoding.vocab)):
         return {}
     props = {"ddp_seq.tokenizer": name}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
+from ..config_fields import TEXT_FORMATS
 from ..errors import UserError
 from . import synthetic
 from .encoding import Encoding, Parsed, _is_index, build_encoding, encode
@@ -23,10 +24,6 @@ from .files import read_npz
 from .sequences import SequenceData, span_steps
 from .synthetic import make_synthetic
 from .tokenizers import SubwordTokenizer, is_subword, text_tokenizer, trained_tokenizer
-
-#: The formats whose readers may cut text with data.tokenizer (config.validate refuses a tokenizer file
-#: for the others).
-TEXT_FORMATS = ("tsv", "parquet", "hf")
 
 
 @dataclass

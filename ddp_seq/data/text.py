@@ -25,7 +25,7 @@ from ..errors import UserError, first_line
 from ..fileio import read_bytes
 from .encoding import Parsed, intern_all
 from .sequences import SequenceData
-from .tokenizers import SubwordTokenizer, is_subword, load_tokenizer
+from .tokenizers import SubwordTokenizer, text_tokenizer
 
 TASKS = ("classify", "regress", "tag")
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -140,8 +140,8 @@ def tokenize_texts(path: str, texts: list[str],
     loaded once per process): its own token ids, ascending, are the symbols (no special tokens added).
     ``path`` names the file in errors.
     """
-    if isinstance(tokenizer, str) and is_subword(tokenizer):
-        tokenizer = load_tokenizer(tokenizer)
+    if isinstance(tokenizer, str):
+        tokenizer = text_tokenizer(tokenizer)  # a tokenizer file's name: the loaded file
     if isinstance(tokenizer, SubwordTokenizer):
         codes, lengths = tokenizer.encode_batch(texts)
         values, distinct = int_ids(codes)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config_fields import TOKENIZER_FILE_ENDINGS
 from ..errors import UserError, first_line
 from ..fileio import read_bytes
 
@@ -38,7 +39,7 @@ _CHUNK = 8192  # texts per library call: bounds the per-text objects alive at on
 
 def is_subword(name: str) -> bool:
     """Whether a ``data.tokenizer`` value names a tokenizer file (rather than ``char`` or ``whitespace``)."""
-    return name.endswith(tuple(KINDS.values()))
+    return name.endswith(TOKENIZER_FILE_ENDINGS)
 
 
 def _import(kind: str, where: str) -> Any:
