@@ -170,11 +170,18 @@ def test_cache_capacity_default_and_bounds():
         load_config(overrides=["distributed.onednn_cache_capacity=-1"])
 
 
-#: 2 ranks, 8 epochs of 2,000 sequences (lengths lognormal, median 45, up to 400) in batches of 64 cut
-#: from pools of 20 batches: the shares' (B, T) shapes differ from epoch to epoch. Without the bound
-#: (distributed.onednn_cache_capacity=0) peak RSS grew every epoch on this job (docs/batching.md).
-MEMORY_JOB = ["data.num_train=2000", "data.num_val=200", "batching.pool=20", "training.epochs=8",
+#: 2 ranks, 6 epochs of 2,000 sequences (lengths lognormal, median 45, up to 400) in batches of 64 cut
+#: from pools of 20 batches: the shares' (B, T) shapes differ from epoch to epoch.
+MEMORY_JOB = ["data.num_train=2000", "data.num_val=200", "batching.pool=20", "training.epochs=6",
               "checkpoint.save=false", "logging.progress=none", "logging.name=run", "distributed.backend=gloo"]
+
+#: Peak RSS is a high-water mark, so even a bounded cache raises it whenever a larger set of shapes
+#: happens to be cached at once; what the bound removes is the rise with every new shape. Growth
+#: after epoch 2 (max of epochs 3-6 over epoch 2, per rank) measured on this job: bounded +2.5% to
+#: +4.4% here and +11% once in CI (538 -> 587 -> 597 MB, a machine with a higher baseline); unbounded
+#: (distributed.onednn_cache_capacity=0) +28% to +55%, and +44% or more on the worse rank of each of
+#: 3 runs. The limit sits between the two.
+MAX_GROWTH = 0.25
 
 
 def peak_rss_by_epoch(root) -> list[list[float]]:
@@ -188,7 +195,8 @@ def test_peak_rss_is_flat_after_epoch_2(tmp_path):
     torchrun("train.py", "--config", "configs/default.yaml", *MEMORY_JOB, f"logging.root={tmp_path}",
              ONEDNN_PRIMITIVE_CACHE_CAPACITY="", DNNL_PRIMITIVE_CACHE_CAPACITY="", timeout=180).check()
     rss = peak_rss_by_epoch(tmp_path)
-    assert len(rss) == 8 and all(len(r) == 2 for r in rss), rss
+    assert len(rss) == 6 and all(len(r) == 2 for r in rss), rss
     for rank in (0, 1):
         second, later = rss[1][rank], max(r[rank] for r in rss[2:])
-        assert later <= 1.10 * second, f"rank {rank}: peak RSS per epoch {[round(r[rank]) for r in rss]} MiB"
+        assert later <= (1 + MAX_GROWTH) * second, \
+            f"rank {rank}: peak RSS per epoch {[round(r[rank]) for r in rss]} MiB"
