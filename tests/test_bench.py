@@ -3,6 +3,7 @@ end to end on tiny sizes (the full run is `make bench`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,11 +19,14 @@ from ddp_seq.bench.suite import (
     SUITES,
     Variant,
     command,
+    default_variant,
     finish_part,
+    launch_of,
     lightning_installed,
     medians,
     missing,
     quick_plan,
+    task_of,
 )
 
 REPO_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -67,6 +71,12 @@ def test_missing_names_why_a_variant_cannot_run():
     assert "pytorch-lightning" in missing(both, has_cuda=False, has_lightning=False)
     assert missing(both, has_cuda=True, has_lightning=True) == "CPU only"
     assert missing(both, has_cuda=False, has_lightning=True) is None
+    # dp runs on a CPU but is measured on GPUs only; --quick measures nothing and runs it anyway.
+    dp = Variant("dp y", "ddp_seq", 1, ("training.mode=dp",), needs=("gpus",))
+    assert missing(dp, has_cuda=False, has_lightning=True) == "needs a CUDA GPU"
+    assert missing(dp, has_cuda=False, has_lightning=True, quick=True) is None
+    assert missing(gpu, has_cuda=False, has_lightning=True, quick=True) == "needs a CUDA GPU"
+    assert missing(dp, has_cuda=True, has_lightning=False) is None
 
 
 def test_default_suite_has_the_issue_matrix():
@@ -83,18 +93,25 @@ def _part(rows):
     return {"parts": {"classify": {"variants": variants, "default": "ddp bucket+padded", "monitor": "val_accuracy"}}}
 
 
-def test_quick_plan_runs_each_parts_baseline_and_default_and_each_launch_once():
-    from ddp_seq.bench.suite import default_variant
-
+def test_quick_plan_runs_each_parts_default_each_tasks_baseline_and_each_launch_once():
     parts = SUITES["default"]
     plan = quick_plan(parts)
-    for name, part in parts.items():
-        assert {(name, part.baseline), (name, default_variant(part))} <= plan
-    launch = {(name, v.name): (v.runner, v.world_size, v.setup) for name, part in parts.items() for v in part.variants}
+    required = {(name, default_variant(part)) for name, part in parts.items()}
+    assert None not in {row for _, row in required} and required <= plan
+    # The baseline once per task: the short part is classify on other sizes, so classify's runs it.
+    assert [task_of(part) for part in parts.values()] == ["classify", "tag", "classify"]
+    assert {("classify", "reference"), ("tag", "reference")} <= plan and ("short", "reference") not in plan
+    required |= {("classify", "reference"), ("tag", "reference")}
+    launch = {(name, v.name): launch_of(v) for name, part in parts.items() for v in part.variants}
     assert {launch[row] for row in plan} == set(launch.values())  # every runner x launch runs somewhere
-    extra = plan - {(name, row) for name, part in parts.items() for row in (part.baseline, default_variant(part))}
+    assert {("reference", 1, "", ""), ("ddp_seq", 1, "", "ddp"), ("ddp_seq", 0, "", "ddp"), ("ddp_seq", 1, "", "dp"),
+            ("lightning", 2, "default", ""), ("lightning", 2, "tuned", ""), ("minimal", 0, "none", ""),
+            ("minimal", 0, "ddp", "")} == set(launch.values())
+    extra = plan - required
     assert len({launch[row] for row in extra}) == len(extra)  # beyond those, each launch runs once
     assert len(plan) < sum(len(part.variants) for part in parts.values()) / 2
+    # A suite without a default row (modes): its baseline, and the dp launch beside it.
+    assert quick_plan(SUITES["modes"]) == {("classify", "ddp"), ("classify", "dp")}
 
 
 def test_targets_are_checked_against_the_measured_ratios():
@@ -368,30 +385,39 @@ def test_quick_default_suite_runs_every_runner_and_writes_benchmarks_md(tmp_path
     result = json.loads(out.read_text())
     assert result["complete"] and set(result["parts"]) == {"classify", "tag", "short"}
     lightning = lightning_installed()  # make test installs the [bench] extra; without it, its rows are skipped
+    plan = quick_plan(SUITES["default"])
     for name, part in result["parts"].items():
         runnable = {v.name for v in SUITES["default"][name].variants
-                    if not missing(v, torch.cuda.is_available(), lightning)}
-        ran = {v.name for v in SUITES["default"][name].variants if (name, v.name) in quick_plan(SUITES["default"])}
-        # --quick runs each part's baseline and default, and one row per runner x launch across the
-        # suite; the others' configs are loaded and checked, and said so.
+                    if not missing(v, torch.cuda.is_available(), lightning, quick=True)}
+        ran = {v.name for v in SUITES["default"][name].variants if (name, v.name) in plan}
+        # --quick runs each part's default, each task's baseline, and one row per runner x launch
+        # across the suite (dp too: on a CPU it runs under --quick); the others' configs are loaded
+        # and checked, and said so.
         assert set(part["variants"]) == runnable & ran and part["baseline"] == "reference"
         assert {f"{name}: {v}" for v in runnable - ran} <= set(result["config_only"]), name
         trained = set()
         for config, row in part["variants"].items():
             assert row["tokens_per_s"] > 0 and 0 < row["padding_efficiency"] <= 1, config
-            assert all(mb > 50 for mb in row["peak_rss_mb"]), config
+            assert 0 <= row["final_metric"] <= 1 and all(mb > 50 for mb in row["peak_rss_mb"]), config
             trained.add(round(row["sequences_per_epoch"]))  # every runner trains on the same data
             assert f"| {config} |" in markdown.read_text() and config in proc.stdout
         assert trained == {128}, name
         assert (out.parent / part["curves"]).stat().st_size > 1000  # the PNG
         ddp = part["variants"]["ddp bucket+padded"]
-        assert ddp["padding_efficiency"] > part["variants"]["reference"]["padding_efficiency"]
+        if "reference" in part["variants"]:  # classify and tag (short leaves it to classify's)
+            assert ddp["padding_efficiency"] > part["variants"]["reference"]["padding_efficiency"]
+            assert part["variants"]["reference"]["vs_baseline"] == 1.0
+        else:
+            assert name == "short" and ddp["vs_baseline"] is None
         assert len(ddp["peak_rss_mb"]) == 2  # one per rank
         for config, row in part["variants"].items():  # ddp_seq's runs say where a step's time went
-            if config.startswith(("single", "ddp")):
+            if config.startswith(("single", "ddp", "dp")):
                 assert row["step_ms"] > 0 and row["sync_ms"] >= 0, config
             else:  # the reference, minimal and Lightning runners write no breakdown
                 assert row["step_ms"] is None, config
+    # dp (training.mode=dp: one process; without GPUs DataParallel only calls the module) beside ddp:
+    # what --suite modes compares, here on the default task (see test_modes_suite_is_two_quick_launches).
+    assert len(result["parts"]["classify"]["variants"]["dp random+packed"]["peak_rss_mb"]) == 1
     short = result["parts"]["short"]["variants"]  # the minimal loop ran both ways, on 2 ranks
     assert all(len(short[name]["peak_rss_mb"]) == 2 for name in ("minimal no sync", "minimal ddp"))
     text = markdown.read_text()
@@ -403,15 +429,36 @@ def test_quick_default_suite_runs_every_runner_and_writes_benchmarks_md(tmp_path
     assert all(f"| {row['target']} | {row['measured']} | {row['met']} |" in text for row in checks)
 
 
-@pytest.mark.slow
-def test_quick_modes_suite_runs_dp_beside_ddp(tmp_path):
-    out = tmp_path / "modes.json"
-    python("-m", "ddp_seq", "bench", "--suite", "modes", "--quick", "--repeats", "1", "--out", out,
-           timeout=240).check()
-    part = json.loads(out.read_text())["parts"]["classify"]
-    assert set(part["variants"]) == {"ddp", "dp"} and part["baseline"] == "ddp"
-    for name, row in part["variants"].items():
-        assert row["tokens_per_s"] > 0 and 0 <= row["final_metric"] <= 1, name
+def test_modes_suite_is_two_quick_launches_and_sums_up_without_a_default_row(tmp_path):
+    """``--suite modes`` (dp beside ddp) runs no launch the default suite's --quick does not: its ddp
+    row is the ddp rows' launch and its dp row the dp launch, which the slow test above trains (dp on
+    the CPU too). What is its own: its rows, their configs, and a part without a default row."""
+    from ddp_seq.bench.report import plot_curves
+    from ddp_seq.config import load_config
+
+    part = SUITES["modes"]["classify"]
+    assert [v.name for v in part.variants] == ["ddp", "dp"] and part.baseline == "ddp"
+    default_plan = quick_plan(SUITES["default"])
+    quick_launches = {launch_of(v) for name, p in SUITES["default"].items() for v in p.variants
+                      if (name, v.name) in default_plan}
+    assert {launch_of(v) for v in part.variants} <= quick_launches
+    for v in part.variants:  # both run on this machine, with or without GPUs, and their configs load
+        assert missing(v, has_cuda=torch.cuda.is_available(), has_lightning=False) is None
+        cfg = load_config("configs/default.yaml", [*part.base, *QUICK, *v.overrides])
+        assert (cfg.training.mode, cfg.data.num_train, cfg.training.epochs) == (v.name, 128, 2)
+    # No default row: the budget is the faster-finishing row's training time.
+    assert default_variant(part) is None
+    runs = {"ddp": [summarise([epoch(1.0, 100.0, 0.5), epoch(1.0, 100.0, 0.7)], "val_accuracy")],
+            "dp": [summarise([epoch(3.0, 40.0, 0.6), epoch(3.0, 40.0, 0.9)], "val_accuracy")]}
+    summary = finish_part(runs, part.baseline, default_variant(part))
+    assert summary["default"] == "ddp" and summary["budget_s"] == 2.0
+    assert summary["variants"]["dp"]["vs_baseline"] == pytest.approx(0.4)
+    assert summary["variants"]["dp"]["metric_at_budget"] is None  # dp had not evaluated by 2 s
+    result = {"suite": "modes", "repeats": 1, "parts": {"classify": {"monitor": "val_accuracy", **summary}}}
+    text = render_text(result)
+    assert "the training time of ddp" in text and "vs_baseline = tokens/s over ddp's" in text
+    png = plot_curves(result, tmp_path / "modes.png")  # None only without matplotlib (the [bench] extra)
+    assert png.stat().st_size > 1000 if png else importlib.util.find_spec("matplotlib") is None
 
 
 def test_the_user_model_row_trains_the_default_network():

@@ -34,7 +34,7 @@ class Variant:
     world_size: int = 1  # processes; 0 = one per visible GPU (2 without GPUs)
     overrides: tuple[str, ...] = ()
     setup: str = ""  # lightning: default | tuned; minimal: its --sync, none | ddp
-    needs: tuple[str, ...] = ()  # cuda | cpu | lightning
+    needs: tuple[str, ...] = ()  # cuda | gpus | cpu | lightning (see missing)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ SUITES: dict[str, dict[str, Part]] = {
             # The default given 4x the epochs: what ddp_seq reaches in the wall-clock time the
             # reference and Lightning need for their 5 epochs (the equal wall-clock comparison).
             Variant(LONG, "ddp_seq", 0, (*PADDED_BUCKETS, "training.epochs=20")), USER_MODEL,
-            *cells("dp", 1, ("training.mode=dp",), needs=("cuda",)), *LIGHTNING), "reference"),
+            *cells("dp", 1, ("training.mode=dp",), needs=("gpus",)), *LIGHTNING), "reference"),
         "tag": Part(("data.task=tag", "data.num_train=1000", "training.epochs=3"), (
             REFERENCE, *[v for v in cells(DDP, 0) if v.name in (f"{DDP} random+packed", f"{DDP} bucket+padded")],
             LIGHTNING[0]), "reference"),
@@ -131,9 +131,12 @@ QUICK = ("data.num_train=128", "data.num_val=64", "data.max_length=60", "model.h
          "training.epochs=2", "batching.batch_size=32", "training.warmup_steps=2")
 
 
-def missing(variant: Variant, has_cuda: bool, has_lightning: bool) -> str | None:
-    """Why ``variant`` cannot run on this machine, or None if it can."""
-    reasons = {"cuda": None if has_cuda else "needs a CUDA GPU", "cpu": "CPU only" if has_cuda else None,
+def missing(variant: Variant, has_cuda: bool, has_lightning: bool, quick: bool = False) -> str | None:
+    """Why ``variant`` cannot run on this machine, or None if it can. ``gpus``: the row runs on a CPU
+    but is only worth measuring on GPUs (dp: without GPUs DataParallel only calls the module, so it
+    would time the single process again); ``--quick`` measures nothing and runs it anyway."""
+    cuda = None if has_cuda else "needs a CUDA GPU"
+    reasons = {"cuda": cuda, "gpus": None if quick else cuda, "cpu": "CPU only" if has_cuda else None,
                "lightning": None if has_lightning else "pytorch-lightning is not installed (pip install -e .[bench])"}
     return next((reasons[need] for need in variant.needs if reasons[need]), None)
 
@@ -264,18 +267,36 @@ def default_variant(part: Part) -> str | None:
     return name if any(v.name == name for v in part.variants) else None
 
 
+def launch_of(variant: Variant) -> tuple[str, int, str, str]:
+    """How a row is launched: runner, processes, setup, and ddp_seq's training.mode (dp is one process
+    driving every GPU: a launch of its own, though its runner and processes are the single rows')."""
+    mode = next((o.split("=", 1)[1] for o in variant.overrides if o.startswith("training.mode=")), "ddp")
+    return variant.runner, variant.world_size, variant.setup, mode if variant.runner == "ddp_seq" else ""
+
+
+def task_of(part: Part) -> str:
+    """The part's data.task (classify unless its base overrides say otherwise)."""
+    return next((o.split("=", 1)[1] for o in part.base if o.startswith("data.task=")), "classify")
+
+
 def quick_plan(parts: dict[str, Part]) -> set[tuple[str, str]]:
-    """``(part, row)`` pairs that ``--quick`` runs: each part's baseline and default row, then, across
-    the whole suite, the first row of each runner x launch (runner, processes, setup) not run yet.
-    The other rows differ only in config overrides, which ``--quick`` loads and checks without
-    training; startup dominates a tiny run, so running them too would test little and cost minutes."""
-    plan = {(name, row) for name, part in parts.items() for row in (part.baseline, default_variant(part))}
-    launches = {(v.runner, v.world_size, v.setup) for name, part in parts.items() for v in part.variants
-                if (name, v.name) in plan}
+    """``(part, row)`` pairs that ``--quick`` runs: each part's default row (its wall-clock budget);
+    each part's baseline, unless an earlier part on the same task ran it (the short part is classify
+    on other sizes: the same code path); then, across the whole suite, the first row of each runner x
+    launch (:func:`launch_of`) not run yet. The other rows differ only in config overrides, which
+    ``--quick`` loads and checks without training; startup dominates a tiny run, so running them too
+    would test little and cost minutes."""
+    plan = {(name, row) for name, part in parts.items() if (row := default_variant(part))}
+    baselines = set()
+    for name, part in parts.items():
+        if (task_of(part), part.baseline) not in baselines:
+            baselines.add((task_of(part), part.baseline))
+            plan.add((name, part.baseline))
+    launches = {launch_of(v) for name, part in parts.items() for v in part.variants if (name, v.name) in plan}
     for name, part in parts.items():
         for v in part.variants:
-            if (v.runner, v.world_size, v.setup) not in launches:
-                launches.add((v.runner, v.world_size, v.setup))
+            if launch_of(v) not in launches:
+                launches.add(launch_of(v))
                 plan.add((name, v.name))
     return plan
 
@@ -292,7 +313,7 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
     quick_rows = quick_plan(parts)
     for part_name, part in parts.items():
         for variant in part.variants:
-            reason = missing(variant, has_cuda, has_lightning)
+            reason = missing(variant, has_cuda, has_lightning, quick)
             if reason:
                 skipped[f"{part_name}: {variant.name}"] = reason
             elif quick and (part_name, variant.name) not in quick_rows:
