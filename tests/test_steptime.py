@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,15 +134,32 @@ def test_counters_reduce_everything_in_one_collective():
 
 # -- real runs: 2 gloo ranks ---------------------------------------------------------------------
 
-def _run(tmp_path, name: str, overrides: list[str]) -> tuple[dict, str]:
-    out = tmp_path / f"{name}.json"
-    proc = torchrun(TESTS / "workers" / "step_breakdown.py", out, *overrides).check()
-    return json.loads(out.read_text()), proc.stdout
+#: The line the worker prints before each run's output.
+MARK = "=== step_breakdown run: "
+#: The merged-collectives test's second run: SHORT checking for SIGTERM every step, logging every 7.
+EVERY = [*SHORT, "checkpoint.signal_check_steps=1", "training.log_every=7"]
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("short"), "short", SHORT)
+def runs(tmp_path_factory) -> dict[str, tuple[dict, str]]:
+    """SHORT, DEFAULT and EVERY trained one after another in one 2-rank torchrun job (the worker's
+    runs share a process group; starting torchrun is most of the cost of each): name -> (the run's
+    results, the stdout it printed). SHORT runs first, as it would alone: its step times are the
+    ones compared against the epoch clock."""
+    tmp = tmp_path_factory.mktemp("steptime")
+    spec = [{"name": name, "out": str(tmp / f"{name}.json"), "overrides": overrides}
+            for name, overrides in (("short", SHORT), ("default", DEFAULT), ("every", EVERY))]
+    (tmp / "spec.json").write_text(json.dumps({"mark": MARK, "runs": spec}))
+    proc = torchrun(TESTS / "workers" / "step_breakdown.py", tmp / "spec.json").check()
+    chunks = proc.stdout.split(MARK)
+    printed = dict(chunk.split("\n", 1) for chunk in chunks[1:])
+    assert list(printed) == ["short", "default", "every"], proc.report()
+    return {run["name"]: (json.loads(Path(run["out"]).read_text()), printed[run["name"]]) for run in spec}
+
+
+@pytest.fixture(scope="module")
+def short_run(runs):
+    return runs["short"]
 
 
 def test_breakdown_is_in_every_epoch_record_per_rank_and_adds_up(short_run):
@@ -167,23 +185,23 @@ def test_the_short_workload_on_2_ranks_gets_the_advice(short_run):
     assert "where a step's time goes" in stdout
 
 
-def test_the_default_workload_gets_no_advice(tmp_path):
-    result, stdout = _run(tmp_path, "default", DEFAULT)
+def test_the_default_workload_gets_no_advice(runs):
+    result, stdout = runs["default"]
     (row,) = result["history"]
     assert row["sync_share"] < ADVICE_SHARE and result["summary"]["advice"] is None
-    assert "advice:" not in stdout
+    assert "advice:" not in stdout and "where a step's time goes" in stdout  # its own output, and no advice
 
 
-def test_merged_collectives_one_per_sync_point_and_the_same_metrics(tmp_path, short_run):
+def test_merged_collectives_one_per_sync_point_and_the_same_metrics(runs):
     """The loss window, token counters and SIGTERM flag share one all-reduce: the loop's collectives
     are one per sync point (every signal_check_steps, every log_every, the epoch end) plus the
     epoch's figures and evaluation -- and checking every step gives the very same metrics."""
-    base, _ = short_run
+    base, _ = runs["short"]
     steps = base["steps"]
     # SHORT trains 100 steps; sync points every 10 (SIGTERM) and 50 (log) coincide: 10 reduces, plus
     # per-rank figures (1), evaluation (1), the epoch-end SIGTERM check (none after the last epoch).
     assert steps == 100 and base["all_reduce_calls"] == steps // 10 + 2
-    every, _ = _run(tmp_path, "every", [*SHORT, "checkpoint.signal_check_steps=1", "training.log_every=7"])
+    every, _ = runs["every"]
     assert every["all_reduce_calls"] == steps + 2
     for key in ("train_loss", "real_tokens", "padded_tokens_per_rank", "val_loss", "val_accuracy"):
         assert every["history"][0][key] == base["history"][0][key], key
