@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import python, torchrun
+from helpers import torchrun
 
+from ddp_seq.cli import main
 from ddp_seq.data.batching import BucketBatchSampler
 from ddp_seq.errors import UserError
 from ddp_seq.resume import check_plan, stop_reason
@@ -54,6 +55,9 @@ def test_how_long_a_run_lasts_follows_the_config(epoch, stale, epochs, patience,
 
 
 # -- the bug reports, end to end -------------------------------------------------------------------
+# The one-process runs go through ``ddp_seq.cli.main`` in this process (what ``python train.py``
+# calls): a launch would cost seconds of interpreter and torch start-up for a run of a second. Only
+# the resume under another world size needs real processes: torchrun with 2 gloo ranks.
 
 TSV = ["data.format=tsv", "data.tokenizer=whitespace", "model.hidden=8", "model.layers=1", "model.embedding_dim=8",
        "batching.strategy=random", "training.warmup_steps=0", "logging.progress=lines", "checkpoint.keep_last=100"]
@@ -70,19 +74,20 @@ def epoch_records(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_mid_epoch_resume_trains_each_sample_once_or_refuses(tmp_path):
+def test_a_mid_epoch_resume_trains_each_sample_once_or_refuses(tmp_path, capsys):
     """24 two-token lines, 22 for training (44 tokens): the resumed epoch trains the rest of the
     saved plan, so it counts every training token once; a batch size that re-plans it is refused."""
     data = tsv(tmp_path / "train.tsv", 24)
     common = [*TSV, f"data.train_path={data}", "checkpoint.every_steps=1", "training.epochs=1",
               f"logging.root={tmp_path}"]
-    python("train.py", *common, "batching.batch_size=4", "logging.name=first").check()
+    assert main(["train", *common, "batching.batch_size=4", "logging.name=first"]) == 0
     step1 = tmp_path / "first" / "checkpoints" / "step-00000001.pt"
-    refused = python("train.py", *common, "batching.batch_size=8", f"checkpoint.resume={step1}",
-                     "logging.name=bigger")
-    assert refused.returncode == 2, refused.report()
-    err = refused.stderr.strip().splitlines()
-    assert len(err) == 1 and "batching.batch_size 4 -> 8" in err[0] and "Traceback" not in refused.stderr
+    capsys.readouterr()  # only the refused run's output below
+    code = main(["train", *common, "batching.batch_size=8", f"checkpoint.resume={step1}", "logging.name=bigger"])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and "batching.batch_size 4 -> 8" in err[0] and "Traceback" not in stderr
     # What does not re-plan the epoch: another world size, another grad_accum.
     torchrun("train.py", *common, "batching.batch_size=4", "training.grad_accum=2", f"checkpoint.resume={step1}",
              "logging.name=resumed").check()
@@ -90,19 +95,22 @@ def test_a_mid_epoch_resume_trains_each_sample_once_or_refuses(tmp_path):
 
 
 @pytest.mark.slow
-def test_changed_epochs_at_resume_are_honoured(tmp_path):
+def test_changed_epochs_at_resume_are_honoured(tmp_path, capsys):
     data = tsv(tmp_path / "train.tsv", 8)
     common = [*TSV, f"data.train_path={data}", "data.val_fraction=0.25", "batching.batch_size=4",
               "checkpoint.every_steps=0", f"logging.root={tmp_path}"]
     # (a) the end-of-epoch-2 checkpoint of a 4-epoch run, resumed with training.epochs=2
-    python("train.py", *common, "training.epochs=4", "logging.name=four").check()
+    assert main(["train", *common, "training.epochs=4", "logging.name=four"]) == 0
     epoch2 = tmp_path / "four" / "checkpoints" / "step-00000004.pt"  # 6 training lines: 2 steps per epoch
-    fewer = python("train.py", *common, "training.epochs=2", f"checkpoint.resume={epoch2}", "logging.name=two")
-    fewer.check()
-    assert "already trained its 2 epochs: nothing to train" in fewer.stdout
-    assert "epoch 3/2" not in fewer.stdout
+    capsys.readouterr()
+    assert main(["train", *common, "training.epochs=2", f"checkpoint.resume={epoch2}", "logging.name=two"]) == 0
+    fewer = capsys.readouterr().out
+    assert "already trained its 2 epochs: nothing to train" in fewer
+    assert "epoch 3/2" not in fewer
     # (b) a finished 2-epoch run, run again under its name with training.epochs=4, trains on
-    python("train.py", *common, "training.epochs=2", "logging.name=grow").check()
-    more = python("train.py", *common, "training.epochs=4", "logging.name=grow").check()
-    assert "nothing to train" not in more.stdout and "epoch 3/4" in more.stdout and "epoch 4/4" in more.stdout
+    assert main(["train", *common, "training.epochs=2", "logging.name=grow"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "training.epochs=4", "logging.name=grow"]) == 0
+    more = capsys.readouterr().out
+    assert "nothing to train" not in more and "epoch 3/4" in more and "epoch 4/4" in more
     assert [e["epoch"] for e in epoch_records(tmp_path / "grow")] == [1, 2, 3, 4]
