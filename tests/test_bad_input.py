@@ -2,8 +2,16 @@
 
 The rule (docs/fault-tolerance.md, "Bad input"): ``ddp-seq: error: ...`` naming the file, line or config key, exit
 code 2, no traceback, and the files of a finished run stay byte for byte what they were. One tiny
-run is trained first; every case then runs ``train.py`` with a bad config, data file or checkpoint
+run is trained first; every case then runs ``train`` with a bad config, data file or checkpoint
 next to it (``logging.root`` points at the same root) and must leave that run untouched.
+
+Every path by which an error reaches the user runs as a real process (``Case.launched``): under
+torchrun (only rank 0 prints, the worker exits 2), ``python train.py`` failing before torch is
+imported (the config cases, a fraction of a second each) and after it (``fp16-on-cpu``, which also
+needs ``CUDA_VISIBLE_DEVICES`` hidden, which only a fresh process honours). The other cases differ
+from those only in the message and in the files they must leave alone: they run the same handler,
+``ddp_seq.cli.main(["train", ...])``, in this process (a torch start-up each saved, as in
+tests/test_data_bad_input.py), with the same checks on what it printed.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_YAML, Proc, python, torchrun
+from helpers import REPO, TINY_YAML, python, torchrun
 
 from ddp_seq.checkpoint import FORMAT_VERSION
+from ddp_seq.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +58,6 @@ class GoodRun:
     base: Path
     yaml: Path
     root: Path
-    proc: Proc
 
     @property
     def dir(self) -> Path:
@@ -66,10 +74,12 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> GoodRun:
     yaml_path = base / "tiny.yaml"
     yaml_path.write_text(TINY_YAML, encoding="utf-8")
     root = base / "runs"
-    proc = python("train.py", "--config", yaml_path, f"logging.root={root}", "logging.name=good",
-                  "training.epochs=1").check()
-    run = GoodRun(base, yaml_path, root, proc)
-    assert run.checkpoint.is_file(), proc.report()
+    # Trained in this process: what is checked is that its files stay as they are, not how they were
+    # written (tests/test_end_to_end.py launches the real runs).
+    assert main(["train", "--config", str(yaml_path), f"logging.root={root}", "logging.name=good",
+                 "training.epochs=1"]) == 0
+    run = GoodRun(base, yaml_path, root)
+    assert run.checkpoint.is_file()
     return run
 
 
@@ -94,8 +104,9 @@ class Setup:
     names: list[str]  # substrings the error line must contain (the key, file or line it is about)
     inputs: list[Path] = field(default_factory=list)  # crafted files the run must not alter
     marker: Path | None = None  # a file that must not exist afterwards
-    env: dict[str, str] = field(default_factory=dict)
-    ranks: int = 1
+    env: dict[str, str] = field(default_factory=dict)  # a launched case's environment
+    ranks: int = 1  # > 1: under torchrun (launched)
+    after: Callable[[], None] | None = None  # a further check, once the case's own have passed
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,7 @@ class Case:
     name: str
     fragment: str  # the command fragment, as the bad-input table shows it
     build: Callable[[GoodRun, Path], Setup]
+    launched: bool = False  # a real process (see the module doc); else main() in this process
 
     def __str__(self) -> str:
         return self.name
@@ -200,15 +212,32 @@ def used_run_name(run: GoodRun, tmp: Path) -> Setup:
     return Setup(common(run, "logging.name=good", "checkpoint.resume=none"), ["logging.name", str(run.dir)])
 
 
+def fp16_on_cpu(run: GoodRun, tmp: Path) -> Setup:
+    """CUDA hidden, so the case means the same on a GPU machine. The same launch shows that a run that
+    fails while the job starts leaves no run behind: after fixing the config, its logging.name trains
+    (a check of its own launch in test_end_to_end.py before; the retry needs no process of its own)."""
+    name = "retry"
+
+    def retry() -> None:
+        assert not (run.root / name / "checkpoints").exists(), "the failed start left checkpoints behind"
+        assert main(["train", *map(str, common(run, f"logging.name={name}", "training.epochs=1"))]) == 0
+        assert (run.root / name / "checkpoints" / "last.pt").is_file()
+
+    return Setup(common(run, f"logging.name={name}", "training.amp=fp16"), ["training.amp", "fp16", "CUDA"],
+                 env={"CUDA_VISIBLE_DEVICES": ""}, after=retry)
+
+
 CASES = [
-    Case("unknown-key", "training.lrr=0.1", config_case("training.lrr=0.1", names=["training.lrr", "unknown key"])),
+    Case("unknown-key", "training.lrr=0.1", config_case("training.lrr=0.1", names=["training.lrr", "unknown key"]),
+         launched=True),
     Case("mistyped-value", "training.epochs=five",
-         config_case("training.epochs=five", names=["training.epochs", "'five'"])),
-    Case("negative-learning-rate", "training.lr=-0.1", config_case("training.lr=-0.1", names=["training.lr:", "-0.1"])),
+         config_case("training.epochs=five", names=["training.epochs", "'five'"]), launched=True),
+    Case("negative-learning-rate", "training.lr=-0.1", config_case("training.lr=-0.1", names=["training.lr:", "-0.1"]),
+         launched=True),
     Case("zero-batch-size", "batching.batch_size=0",
-         config_case("batching.batch_size=0", names=["batching.batch_size", "got 0"])),
+         config_case("batching.batch_size=0", names=["batching.batch_size", "got 0"]), launched=True),
     Case("world-size-larger-than-dataset", "torchrun --nproc_per_node=2 train.py data.num_train=1",
-         config_case("data.num_train=1", names=["data.num_train", "2 ranks"], ranks=2)),
+         config_case("data.num_train=1", names=["data.num_train", "2 ranks"], ranks=2), launched=True),
     Case("missing-data-file", "data.format=npz data.train_path=absent.npz", missing_data_file),
     Case("empty-sequence", "data.format=npz data.train_path=train.npz (lengths with a 0)",
          npz_case([4, 3, 0, 5, 2, 6, 3, 4, 5, 2], None, "sample 2 is empty")),
@@ -216,17 +245,15 @@ CASES = [
          npz_case(LENGTHS, (8 * 3 + 1, float("nan")), "sample 2 step 1 feature 1 is nan")),
     Case("inf-feature", "data.format=npz data.train_path=train.npz (an inf in data)",
          npz_case(LENGTHS, (11 * 3 + 2, float("inf")), "sample 2 step 4 feature 2 is +inf")),
-    Case("missing-config-file", "--config absent.yaml", missing_config_file),
-    Case("yaml-syntax-error", "--config broken.yaml (bad line 3)", yaml_syntax_error),
+    Case("missing-config-file", "--config absent.yaml", missing_config_file, launched=True),
+    Case("yaml-syntax-error", "--config broken.yaml (bad line 3)", yaml_syntax_error, launched=True),
     Case("truncated-checkpoint", "checkpoint.resume=copy.pt (cut in half)", truncated_checkpoint),
     Case("checkpoint-of-another-model-shape", "checkpoint.resume=copy.pt model.hidden=32", other_model_shape),
     Case("checkpoint-of-another-format-version", "checkpoint.resume=future.pt (format_version 999)",
          other_format_version),
     Case("malicious-pickle-checkpoint", "checkpoint.resume=evil.pt (pickled code)", malicious_pickle),
     Case("used-run-name-without-resume", "logging.name=good checkpoint.resume=none", used_run_name),
-    # CUDA hidden, so the case means the same on a GPU machine
-    Case("fp16-on-cpu", "training.amp=fp16 (no GPU)",
-         config_case("training.amp=fp16", names=["training.amp", "fp16", "CUDA"], env={"CUDA_VISIBLE_DEVICES": ""})),
+    Case("fp16-on-cpu", "training.amp=fp16 (no GPU)", fp16_on_cpu, launched=True),
 ]
 
 
@@ -235,8 +262,9 @@ def error_lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gets_one_line_and_loses_nothing(case: Case, good: GoodRun, tmp_path: Path) -> None:
+def test_bad_input_gets_one_line_and_loses_nothing(case: Case, good: GoodRun, tmp_path: Path, capsys) -> None:
     setup = case.build(good, tmp_path)
+    assert case.launched or (setup.ranks == 1 and not setup.env), "only a launched case has ranks or an environment"
     before = snapshot(good.dir)
     inputs = {p: p.read_bytes() for p in setup.inputs}
     if setup.ranks > 1:
@@ -249,22 +277,33 @@ def test_bad_input_gets_one_line_and_loses_nothing(case: Case, good: GoodRun, tm
         assert error_lines(proc.stdout) == [], proc.report()
         own = OWN_FRAME.findall(proc.stdout + proc.stderr)
         assert not own, f"traceback through ddp_seq code: {own}\n" + proc.report()
+        report = proc.report()
     else:
-        proc = python("train.py", *setup.args, **setup.env).check(2)
-        assert "Traceback" not in proc.stdout + proc.stderr, proc.report()
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1, "stderr must be exactly one line\n" + proc.report()
-        assert error_lines(proc.stdout) == [], proc.report()
+        if case.launched:
+            proc = python("train.py", *setup.args, **setup.env).check(2)
+            out, err, report = proc.stdout, proc.stderr, proc.report()
+        else:
+            capsys.readouterr()
+            code = main(["train", *map(str, setup.args)])  # an exception here fails the case: no traceback allowed
+            out, err = capsys.readouterr()
+            report = f"exit code: {code}\n--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-6000:]}"
+            assert code == 2, report
+        assert "Traceback" not in out + err, report
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, "stderr must be exactly one line\n" + report
+        assert error_lines(out) == [], report
     line = lines[0]
-    assert line.startswith(ERROR_PREFIX), proc.report()
+    assert line.startswith(ERROR_PREFIX), report
     assert not CONTROL.search(line), f"the error line holds control characters / terminal escapes: {line!r}"
     for name in setup.names:
         assert name in line, f"the error line must name {name!r}: {line}"
-    assert differences(before, snapshot(good.dir)) == [], f"{good.dir} changed\n" + proc.report()
+    assert differences(before, snapshot(good.dir)) == [], f"{good.dir} changed\n" + report
     for path, data in inputs.items():
         assert path.read_bytes() == data, f"{path} changed"
     if setup.marker is not None:
-        assert not setup.marker.exists(), "loading the checkpoint executed code from the file\n" + proc.report()
+        assert not setup.marker.exists(), "loading the checkpoint executed code from the file\n" + report
+    if setup.after is not None:
+        setup.after()
 
 
 def test_docs_list_every_case() -> None:
