@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from helpers import TINY_YAML, python, torchrun
 
+from ddp_seq.cli import main
+
 pytestmark = pytest.mark.slow
 
 
@@ -124,22 +126,27 @@ def test_per_rank_makes_one_run_per_rank_in_one_group(tmp_path):
     assert all(any("epoch/val_accuracy" in row for row in r["history"]) for r in runs)
 
 
-def test_wandb_mode_from_the_environment_wins(tmp_path):
-    python(*train_args(tmp_path, "env", "wandb.mode=offline", "training.epochs=1"), WANDB_MODE="disabled").check()
+def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
+    # In this process: the mode is read from os.environ when the run starts, as in a launched one
+    # (a launch would add only a torch start-up; the launched runs above set WANDB_MODE too).
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["train", *train_args(tmp_path, "env", "wandb.mode=offline", "training.epochs=1")[1:]]) == 0
+    assert (tmp_path / "env" / "checkpoints" / "last.pt").is_file()  # it trained, without wandb
     assert not (tmp_path / "env" / "wandb").exists()
 
 
 def test_online_without_a_server_fails_fast_with_one_line(tmp_path):
     """A server that refuses connections: one line naming wandb.mode, exit 2 on every rank, no hang
-    (wandb alone retries for about 100 s)."""
+    (wandb alone retries for about 100 s). wandb.init_timeout_s=1, the least allowed: the test waits it
+    out (wandb.init gives up after it, 1.1 s measured), and the line is the same for any value."""
     start = time.monotonic()
-    proc = torchrun(*train_args(tmp_path, "online", "wandb.init_timeout_s=5"), WANDB_MODE="online",
+    proc = torchrun(*train_args(tmp_path, "online", "wandb.init_timeout_s=1"), WANDB_MODE="online",
                     WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40, timeout=90)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.report()
     out = proc.stdout + proc.stderr
     lines = [line for line in out.splitlines() if line.startswith("ddp-seq: error:")]
     assert len(lines) == 1 and lines[0].startswith("ddp-seq: error: wandb.mode=online: wandb.init failed (") \
-        and "gave up after wandb.init_timeout_s=5" in lines[0], proc.report()
+        and "gave up after wandb.init_timeout_s=1:" in lines[0], proc.report()
     assert "exitcode  : 2" in out or "exitcode: 2" in out.replace(" ", ""), proc.report()
     assert elapsed < 45, f"took {elapsed:.0f}s"
