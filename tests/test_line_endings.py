@@ -19,6 +19,7 @@ import pytest
 from helpers import python
 from test_parsers import BAD, SEPARATORS, decoded, read
 
+from ddp_seq.cli import main
 from ddp_seq.config import DataConfig
 from ddp_seq.data.encoding import build_encoding
 from ddp_seq.data.sources import load_inputs
@@ -183,8 +184,10 @@ def test_line_at_counts_like_split_lines():
 # -- end to end ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_train_and_predict_on_cr_only_files(tmp_path):
-    """The report's command, one process: 6 training sequences (val from a second CR-only file), then predict."""
+def test_train_and_predict_on_cr_only_files(tmp_path, capsys):
+    """The report's command, one process: 6 training sequences (val from a second CR-only file), then
+    predict -- through the CLI's entry point in this process, as a launched ``predict`` would read the
+    same file the same way (the launch itself is shown elsewhere: tests/test_inference.py)."""
     train = put(tmp_path / "train.tsv", REPORT_TRAIN)
     val = put(tmp_path / "val.tsv", b"2\tgood good\r0\tbad\r\n1\tgood\n")
     proc = python("train.py", "data.format=tsv", f"data.train_path={train}", f"data.val_path={val}",
@@ -198,8 +201,10 @@ def test_train_and_predict_on_cr_only_files(tmp_path):
     assert "data: 6 training samples (10 steps)" in log and "3 validation samples" in log, proc.report()
     inputs = put(tmp_path / "in.tsv", REPORT_PREDICT)
     output = tmp_path / "out.jsonl"
-    predicted = python("train.py", "predict", "--checkpoint", tmp_path / "runs" / "cr" / "checkpoints" / "last.pt",
-                       "--input", inputs, "--output", output).check()
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(tmp_path / "runs" / "cr" / "checkpoints" / "last.pt"),
+                 "--input", inputs, "--output", str(output)]) == 0
+    predicted = capsys.readouterr()
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").split("\n") if line]
-    assert len(rows) == 3 and all(isinstance(r["prediction"], float) for r in rows), predicted.report()
-    assert "predicted 3 of 3 samples" in predicted.stdout + predicted.stderr, predicted.report()
+    assert len(rows) == 3 and all(isinstance(r["prediction"], float) for r in rows), predicted
+    assert "predicted 3 of 3 samples" in predicted.out + predicted.err, predicted
