@@ -3,10 +3,16 @@
 The reference runs train uninterrupted and keep every step checkpoint; resuming one of those
 checkpoints must reproduce the rest of the reference run. Dropout is on, so the RNG states in the
 checkpoint matter: without them the resumed run draws other masks and the parameters differ.
+
+A launch costs seconds of interpreter and torch start-up, the runs here train for about a second:
+some one-process runs whose results are not compared bit for bit with a launched run go through
+``ddp_seq.cli.main`` in this process (what ``python train.py`` calls), see ``train_here``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -19,6 +25,7 @@ import torch
 from helpers import PYTHON, REPO, child_env, kill_job, python, torchrun, worker_pids
 
 from ddp_seq.checkpoint import load_checkpoint
+from ddp_seq.cli import main
 from ddp_seq.resume import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -31,10 +38,13 @@ SMALL = ["data.num_train=192", "data.num_val=37", "data.length_median=10", "data
          "checkpoint.every_steps=5", "checkpoint.keep_last=100",
          "logging.progress=lines", "distributed.backend=gloo"]
 
-#: Long enough (several seconds) to be interrupted mid-epoch.
+#: An epoch long enough (188 steps, over half a second) to be interrupted in its middle: the tests
+#: act once step 20's checkpoint appears, and SIGTERM stopped one rank at steps 36-38, two ranks at
+#: 24-30 on a loaded 2-core machine. One epoch: a second one would only add training time to every
+#: run (resuming across an epoch end is the mid-epoch tests' job, on SMALL).
 LONG = ["data.num_train=3000", "data.num_val=64", "data.length_median=10", "data.max_length=40",
         "model.hidden=16", "model.embedding_dim=16", "model.dropout=0.1", "batching.batch_size=16",
-        "training.epochs=2", "training.log_every=20", "checkpoint.every_steps=20",
+        "training.epochs=1", "training.log_every=20", "checkpoint.every_steps=20",
         "checkpoint.signal_check_steps=2", "logging.progress=lines", "distributed.backend=gloo"]
 
 
@@ -49,6 +59,15 @@ def train(root: Path, name: str, world_size: int, *overrides: str):
     proc = python(*args) if world_size == 1 else torchrun(*args, nproc=world_size)
     proc.check()
     return proc
+
+
+def train_here(*args: str) -> str:
+    """``python train.py ARGS`` in this process (``ddp_seq.cli.main``); its stdout. Exit code 0 is asserted."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", *args])
+    assert code == 0, out.getvalue()[-6000:]
+    return out.getvalue()
 
 
 def final(run: Path) -> dict:
@@ -80,13 +99,22 @@ def reference(tmp_path_factory) -> dict[int, Path]:
 
 
 @pytest.fixture(scope="module")
-def reference_no_dropout(tmp_path_factory) -> dict[int, Path]:
-    """The same without dropout: each rank draws its own masks, so with dropout a run cannot match
-    another world size (the shares, and with them the masks, move between ranks)."""
-    root = tmp_path_factory.mktemp("reference-no-dropout")
-    train(root, "w1", 1, "model.dropout=0")
-    train(root, "w2", 2, "model.dropout=0")
-    return {1: root / "w1", 2: root / "w2"}
+def moved_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Without dropout (each rank draws its own masks, so with dropout a run cannot match another
+    world size: the shares, and with them the masks, move between ranks), a chain of three runs,
+    ``name -> (run directory, stdout)``: ``w1`` uninterrupted on 1 rank; ``w1-w2`` resumed from
+    w1's step 5 on 2 ranks; ``w2-w1`` resumed from w1-w2's step 15 (a 2-rank checkpoint) on 1 rank.
+    Uninterrupted runs on 1 and 2 ranks agree up to float summation order (test_world_size.py),
+    so w1 is the uninterrupted reference of both resumed runs: one reference instead of one per
+    world size, and the 2-rank checkpoint comes from a run that is tested anyway."""
+    root = tmp_path_factory.mktemp("moved")
+    no_dropout = [*SMALL, "model.dropout=0", f"logging.root={root}"]
+    runs = {"w1": train_here(*no_dropout, "logging.name=w1")}
+    runs["w1-w2"] = train(root, "w1-w2", 2, "model.dropout=0",
+                          f"checkpoint.resume={root / 'w1' / 'checkpoints' / 'step-00000005.pt'}").stdout
+    runs["w2-w1"] = train_here(*no_dropout, "logging.name=w2-w1",
+                               f"checkpoint.resume={root / 'w1-w2' / 'checkpoints' / 'step-00000015.pt'}")
+    return {name: (root / name, out) for name, out in runs.items()}
 
 
 def test_step_checkpoints_hold_the_position_in_the_global_batch_list(reference):
@@ -148,20 +176,26 @@ def test_dropout_rng_is_restored(reference, tmp_path):
     assert max_diff(final(tmp_path / "tampered")["model"], final(reference[1])["model"]) > 0
 
 
-@pytest.mark.parametrize(("saved", "resumed"), [(2, 1), (1, 2)])
-def test_resume_under_another_world_size(reference_no_dropout, tmp_path, saved, resumed):
-    runs = reference_no_dropout
-    source = runs[saved] / "checkpoints" / "step-00000015.pt"
-    proc = train(tmp_path, "moved", resumed, "model.dropout=0", f"checkpoint.resume={source}")
-    assert f"saved with world size {saved}" in proc.stdout
-    run = tmp_path / "moved"
+# (saved, resumed, step): the checkpoint's world size, the resumed run's, and the step it resumes at
+# (5 is in epoch 1, 15 in epoch 2).
+@pytest.mark.parametrize(("saved", "resumed", "step"), [(2, 1, 15), (1, 2, 5)])
+def test_resume_under_another_world_size(moved_runs, saved, resumed, step):
+    saved_run = moved_runs["w1" if saved == 1 else "w1-w2"][0]
+    run, out = moved_runs[f"w{saved}-w{resumed}"]
+    uninterrupted = moved_runs["w1"][0]
+    source = saved_run / "checkpoints" / f"step-{step:08d}.pt"
+    assert f"resuming from {source}" in out and f"saved with world size {saved}" in out
     # No sample of the interrupted epoch skipped or repeated: its real tokens add up to the
-    # uninterrupted epoch's, and the train loss of its logging windows is the same.
-    assert epochs(run)[-1]["real_tokens"] == epochs(runs[saved])[-1]["real_tokens"]
-    assert epochs(run)[-1]["train_loss"] == pytest.approx(epochs(runs[saved])[-1]["train_loss"], rel=1e-5)
+    # uninterrupted epoch's, and the train loss of its logging windows is the same (so for each
+    # epoch the resumed run records: the interrupted one, and the one after it if any).
+    ours = epochs(run)
+    theirs = epochs(saved_run)[-len(ours):]
+    assert [e["epoch"] for e in ours] == [e["epoch"] for e in theirs] and ours[0]["epoch"] == (1 if step < 12 else 2)
+    assert [e["real_tokens"] for e in ours] == [e["real_tokens"] for e in theirs]
+    assert [e["train_loss"] for e in ours] == pytest.approx([e["train_loss"] for e in theirs], rel=1e-5)
     # Same global batches, same loss normalisation: equal up to float summation order, as for
     # whole runs on 1 and 2 ranks (test_world_size.py).
-    diff = max_diff(final(run)["model"], final(runs[resumed])["model"])
+    diff = max_diff(final(run)["model"], final(uninterrupted)["model"])
     assert diff <= 1e-5, f"parameters differ by {diff:.2e}"
     moved = max_diff(load_checkpoint(source)["model"], final(run)["model"])
     assert moved > 1e-2, f"the resumed part must train far beyond the tolerance (moved {moved:.2e})"
@@ -199,7 +233,8 @@ def long_reference(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("world_size", [2, 1])
 def test_sigterm_checkpoints_and_the_same_command_resumes(long_reference, tmp_path, world_size):
-    args = launch(world_size, *LONG, f"logging.root={tmp_path}", "logging.name=job")
+    overrides = [*LONG, f"logging.root={tmp_path}", "logging.name=job"]
+    args = launch(world_size, *overrides)
     proc = start(args)
     try:
         wait_for(tmp_path / "job" / "checkpoints" / "step-00000020.pt", proc)
@@ -215,9 +250,13 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(long_reference, tmp_pa
     assert not stopped["finished"] and 0 < stopped["position"] < 188
     assert "Traceback" not in out.split("SIGTERM: stopped")[0]
 
-    again = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"step {stopped['step']}" in again.stdout and "resuming from" in again.stdout
+    if world_size == 1:  # what `python train.py ...` runs, in this process: it resumes like any run
+        again = train_here(*overrides)
+    else:
+        rerun = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        again = rerun.stdout
+    assert f"step {stopped['step']}" in again and "resuming from" in again
     resumed = final(tmp_path / "job")
     assert resumed["finished"]
     if world_size == 2:  # same world size as the reference: bitwise
