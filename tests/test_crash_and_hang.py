@@ -4,6 +4,11 @@ checkpoint, a rank that hangs (SIGSTOP) and a rank that dies (SIGKILL) under tor
 Every process started here is killed in ``finally`` by its process group: torchrun's group and
 each worker's (torchrun starts its workers in sessions of their own, so killing torchrun's group
 alone would leave them running).
+
+The failures are real processes; the runs around them that fail nothing (the uninterrupted
+reference, the resumes) go through ``ddp_seq.cli.main`` in this process, what ``python train.py``
+calls: a launch costs seconds of start-up for a run of about a second, and the same code in this
+process computes the same bits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from helpers import PYTHON, REPO, TINY_YAML, child_env, python, worker_pids
 
 from ddp_seq.checkpoint import load_checkpoint
+from ddp_seq.cli import main
 
 #: Kills its own process (SIGKILL, nothing can catch it) in the middle of the 2nd checkpoint write:
 #: part of the bytes are in the temporary file, flushed and fsynced, the rename has not happened.
@@ -83,14 +89,15 @@ def yaml_path(tmp_path_factory) -> Path:
 def uninterrupted(tmp_path_factory, yaml_path) -> Path:
     """The run directory of the same config trained start to finish without any failure."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    python(REPO / "train.py", *train_args(yaml_path, root, "crash")).check()
+    assert main(["train", *train_args(yaml_path, root, "crash")]) == 0
     return root / "crash"
 
 
 # -- 1. a real process killed inside a checkpoint write -----------------------------------------
 
 @pytest.mark.slow
-def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, yaml_path, uninterrupted):
+def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, yaml_path, uninterrupted,
+                                                                              capsys):
     driver = tmp_path / "crash_driver.py"
     driver.write_text(CRASH_DRIVER, encoding="utf-8")
     root = tmp_path / "runs"
@@ -112,8 +119,10 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tm
         f"expected the killed write's temporary file, found {sorted(p.name for p in checkpoints.iterdir())}"
     assert 0 < leftovers[0].stat().st_size
 
-    resumed = python(REPO / "train.py", *args).check()
-    assert f"resuming from {first}:" in resumed.stdout, resumed.report()
+    capsys.readouterr()
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {first}:" in out, out
     assert not list(checkpoints.glob(".*.tmp-*")), sorted(p.name for p in checkpoints.iterdir())
     final = load_checkpoint(checkpoints / "last.pt")
     assert final["step"] == STEPS and final["finished"]
@@ -123,7 +132,7 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tm
 # -- 2. a damaged newest checkpoint --------------------------------------------------------------
 
 @pytest.mark.slow
-def test_resume_skips_damaged_newest_checkpoints(tmp_path, yaml_path, uninterrupted):
+def test_resume_skips_damaged_newest_checkpoints(tmp_path, yaml_path, uninterrupted, capsys):
     """A truncated newest checkpoint (last.pt with it) and a garbage file named as an even newer one:
     both are skipped, each with a line naming it, and training resumes from the one before."""
     root = tmp_path / "runs"
@@ -135,11 +144,12 @@ def test_resume_skips_damaged_newest_checkpoints(tmp_path, yaml_path, uninterrup
     os.link(truncated, checkpoints / "last.pt")
     garbage.write_bytes(b"this is not a checkpoint\n" * 40)
 
-    resumed = python(REPO / "train.py", *train_args(yaml_path, root, "crash")).check()
-    out = resumed.stdout
+    capsys.readouterr()
+    assert main(["train", *train_args(yaml_path, root, "crash")]) == 0
+    out = capsys.readouterr().out
     for damaged in (garbage, truncated):
-        assert re.search(rf"skipping {re.escape(str(damaged))}\b", out), resumed.report()
-    assert f"resuming from {checkpoints / step_name(STEPS - 2)}:" in out, resumed.report()
+        assert re.search(rf"skipping {re.escape(str(damaged))}\b", out), out
+    assert f"resuming from {checkpoints / step_name(STEPS - 2)}:" in out, out
     final = load_checkpoint(checkpoints / "last.pt")
     assert final["step"] == STEPS and final["finished"]
     assert_same_bits(final["model"], load_checkpoint(uninterrupted / "checkpoints" / "last.pt")["model"])
