@@ -280,18 +280,18 @@ def task_of(part: Part) -> str:
 
 
 def quick_plan(parts: dict[str, Part]) -> set[tuple[str, str]]:
-    """``(part, row)`` pairs that ``--quick`` runs: each part's default row (its wall-clock budget);
-    each part's baseline, unless an earlier part on the same task ran it (the short part is classify
-    on other sizes: the same code path); then, across the whole suite, the first row of each runner x
-    launch (:func:`launch_of`) not run yet. The other rows differ only in config overrides, which
-    ``--quick`` loads and checks without training; startup dominates a tiny run, so running them too
-    would test little and cost minutes."""
-    plan = {(name, row) for name, part in parts.items() if (row := default_variant(part))}
-    baselines = set()
+    """``(part, row)`` pairs that ``--quick`` runs: each part's baseline and default row (its
+    wall-clock budget), unless an earlier part on the same task ran that row already (the short part
+    is classify on other sizes: at --quick's tiny sizes the same row again tests nothing new); then,
+    across the whole suite, the first row of each runner x launch (:func:`launch_of`) not run yet.
+    The other rows differ only in config overrides, which ``--quick`` loads and checks without
+    training; startup dominates a tiny run, so running them too would test little and cost minutes."""
+    plan, ran = set(), set()
     for name, part in parts.items():
-        if (task_of(part), part.baseline) not in baselines:
-            baselines.add((task_of(part), part.baseline))
-            plan.add((name, part.baseline))
+        for row in (part.baseline, default_variant(part)):
+            if row and (task_of(part), row) not in ran:
+                ran.add((task_of(part), row))
+                plan.add((name, row))
     launches = {launch_of(v) for name, part in parts.items() for v in part.variants if (name, v.name) in plan}
     for name, part in parts.items():
         for v in part.variants:
