@@ -162,8 +162,15 @@ SMALL = ["data.num_train=192", "data.num_val=37", "data.length_median=10", "data
 
 
 def train(root: Path, name: str, mode: str, *overrides: str):
-    args = ["train.py", *SMALL, f"training.mode={mode}", *overrides, f"logging.root={root}", f"logging.name={name}"]
-    proc = torchrun(*args, nproc=2).check() if mode == "ddp" else python(*args).check()
+    """ddp: a real torchrun launch of train.py on 2 ranks, returning its output. dp is one process:
+    ``ddp_seq.cli.main(["train", ...])`` in this process, what ``python train.py`` runs (train.py only
+    calls it), without starting an interpreter and torch again; no output is returned (None)."""
+    args = [*SMALL, f"training.mode={mode}", *overrides, f"logging.root={root}", f"logging.name={name}"]
+    if mode == "ddp":
+        proc = torchrun("train.py", *args, nproc=2).check()
+    else:
+        assert main(["train", *args]) == 0
+        proc = None
     return proc, records(root / name), load_checkpoint(root / name / "checkpoints" / "last.pt")
 
 
