@@ -33,9 +33,13 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def api_runs(tmp_path_factory) -> dict[str, dict]:
     """The worker's Trainer run on 1 rank, and on 2 ranks with the built-in objective and with a loss
-    function: the two 2-rank runs share one torchrun launch (one after the other in one process group)."""
+    function: the two 2-rank runs share one torchrun launch (one after the other in one process group).
+    The 1-rank run is the worker's ``main`` called in this process: what ``python WORKER`` runs,
+    without starting an interpreter and torch again."""
+    from workers.user_parts import main as run_worker
+
     one, two = tmp_path_factory.mktemp("w1"), tmp_path_factory.mktemp("w2")
-    python(WORKER, one, "classify").check()
+    assert run_worker(str(one), "classify") == 0
     torchrun(WORKER, two, "classify", "loss_fn", nproc=2).check()
     return {"w1": torch.load(one / "classify.pt", weights_only=True),
             "w2": torch.load(two / "classify.pt", weights_only=True),
@@ -86,19 +90,36 @@ def text_run(tmp_path_factory) -> tuple[Path, Path]:
     return root, root / "text" / "checkpoints" / "best.pt"
 
 
+#: ``ddp_seq.cli.main(argv)`` for each JSON-encoded argv on the command line, in order, in one fresh
+#: interpreter (one start of Python and torch for several commands); exits with the first non-zero code.
+_RUN_COMMANDS = """
+import json, sys
+from ddp_seq.cli import main
+for argv in sys.argv[1:]:
+    code = main(json.loads(argv))
+    if code:
+        sys.exit(code)
+"""
+
+
 @pytest.mark.slow
-def test_evaluate_and_predict_rebuild_the_user_model_from_its_checkpoint(text_run):
+def test_evaluate_and_predict_rebuild_the_user_model_from_its_checkpoint(text_run, capsys):
     root, best = text_run
-    refused = python("-m", "ddp_seq", "evaluate", "--checkpoint", best)
-    assert refused.returncode == 2 and "model.target" in refused.stderr and "Traceback" not in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
-    allowed = python("-m", "ddp_seq", "evaluate", "--checkpoint", best, MODEL, "--output", root / "m.json").check()
+    # Refused before anything is imported: in this process, as test_a_checkpoint_naming_a_target_never_imports_it.
+    assert main(["evaluate", "--checkpoint", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert "model.target" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    # Allowed: evaluate and predict in a fresh interpreter that has nothing but the checkpoint and the
+    # module its config names (this process has imported the worker), one after the other.
+    (root / "new.tsv").write_text("good fine nice w1\nbad awful poor w2\n")
+    evaluate = ["evaluate", "--checkpoint", str(best), MODEL, "--output", str(root / "m.json")]
+    predict = ["predict", "--checkpoint", str(best), "--input", str(root / "new.tsv"), "--output",
+               str(root / "p.jsonl"), "--trust-target"]
+    allowed = python("-c", _RUN_COMMANDS, json.dumps(evaluate), json.dumps(predict)).check()
     metrics = json.loads((root / "m.json").read_text())
     saved = load_checkpoint(best)
     assert metrics["accuracy"] == pytest.approx(saved["metrics"]["val_accuracy"], abs=1e-9), allowed.stdout
-    (root / "new.tsv").write_text("good fine nice w1\nbad awful poor w2\n")
-    python("-m", "ddp_seq", "predict", "--checkpoint", best, "--input", root / "new.tsv", "--output",
-           root / "p.jsonl", "--trust-target").check()
     rows = [json.loads(line) for line in (root / "p.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1] and [r["prediction"] for r in rows] == ["pos", "neg"]
 
