@@ -16,6 +16,7 @@ from helpers import REPO, Proc, python, torchrun
 from torch.nn.utils.rnn import pad_sequence
 
 from ddp_seq import BucketBatchSampler, collate, load_config
+from ddp_seq.cli import main
 
 EXAMPLES = REPO / "examples"
 LAST_LINE = re.compile(r"^val_\w+ [0-9.]+$")
@@ -144,7 +145,7 @@ def test_own_loop_first_step_on_two_ranks_is_one_process_on_the_global_batch(tmp
 
 
 @pytest.mark.slow
-def test_own_model_config_trains_on_two_ranks_and_evaluates_only_when_trusted(tmp_path: Path):
+def test_own_model_config_trains_on_two_ranks_and_evaluates_only_when_trusted(tmp_path: Path, monkeypatch, capsys):
     torchrun("train.py", "--config", "configs/own-model.yaml", "data.args.num_train=256", "data.args.num_val=128",
              "training.epochs=1", f"logging.root={tmp_path}", "logging.name=run", "logging.progress=none").check()
     best = tmp_path / "run" / "checkpoints" / "best.pt"
@@ -152,14 +153,20 @@ def test_own_model_config_trains_on_two_ranks_and_evaluates_only_when_trusted(tm
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in epochs if r["kind"] == "epoch"][-1]
 
-    refused = python("-m", "ddp_seq", "evaluate", "--checkpoint", best).check(2)
-    lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.target=examples/own_model.py:AttentionLSTM" in lines[0], refused.report()
-    assert refused.stdout == "", refused.report()
+    # Evaluation is one process: ddp_seq.cli.main in this one, what `python -m ddp_seq evaluate` runs,
+    # from the repository root, where the config's relative model.target is found.
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()  # what was printed before (nothing is expected): not part of the evaluation's output
+    assert main(["evaluate", "--checkpoint", str(best)]) == 2
+    refused = capsys.readouterr()
+    lines = refused.err.strip().splitlines()
+    assert len(lines) == 1 and "model.target=examples/own_model.py:AttentionLSTM" in lines[0], refused.err
+    assert refused.out == "", refused.out
 
     result = tmp_path / "eval.json"
-    ok = python("-m", "ddp_seq", "evaluate", "--checkpoint", best, "--trust-target", "--output", result).check()
-    assert re.search(r"^loss [0-9.]+  accuracy [0-9.]+  f1_macro [0-9.]+$", ok.stdout, re.M), ok.report()
+    assert main(["evaluate", "--checkpoint", str(best), "--trust-target", "--output", str(result)]) == 0
+    ok = capsys.readouterr()
+    assert re.search(r"^loss [0-9.]+  accuracy [0-9.]+  f1_macro [0-9.]+$", ok.out, re.M), ok.out + ok.err
     metrics = json.loads(result.read_text())
     assert metrics["samples"] == 128
     # The same weights on the same validation set (make_datasets with data.seed and data.args from the
