@@ -4,9 +4,10 @@ The reference runs train uninterrupted and keep every step checkpoint; resuming 
 checkpoints must reproduce the rest of the reference run. Dropout is on, so the RNG states in the
 checkpoint matter: without them the resumed run draws other masks and the parameters differ.
 
-A launch costs seconds of interpreter and torch start-up, the runs here train for about a second:
-some one-process runs whose results are not compared bit for bit with a launched run go through
-``ddp_seq.cli.main`` in this process (what ``python train.py`` calls), see ``train_here``.
+A launch costs seconds of interpreter and torch start-up, and the runs here train for about a
+second: the one-process runs go through ``ddp_seq.cli.main`` in this process (what ``python
+train.py`` calls; it computes the same bits as a launch), see ``train_here``. The runs on 2 ranks
+are real torchrun launches, and so is the one-process run that SIGTERM stops.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, REPO, child_env, kill_job, python, torchrun, worker_pids
+from helpers import PYTHON, REPO, child_env, kill_job, torchrun, worker_pids
 
 from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
@@ -54,13 +55,6 @@ def launch(world_size: int, *args: str) -> list[str]:
     return [*prefix, "train.py", *args]
 
 
-def train(root: Path, name: str, world_size: int, *overrides: str):
-    args = ["train.py", *SMALL, *overrides, f"logging.root={root}", f"logging.name={name}"]
-    proc = python(*args) if world_size == 1 else torchrun(*args, nproc=world_size)
-    proc.check()
-    return proc
-
-
 def train_here(*args: str) -> str:
     """``python train.py ARGS`` in this process (``ddp_seq.cli.main``); its stdout. Exit code 0 is asserted."""
     out = io.StringIO()
@@ -68,6 +62,14 @@ def train_here(*args: str) -> str:
         code = main(["train", *args])
     assert code == 0, out.getvalue()[-6000:]
     return out.getvalue()
+
+
+def train(root: Path, name: str, world_size: int, *overrides: str) -> str:
+    """SMALL with ``overrides`` as run ``root/name``, on 1 rank in this process or under torchrun; its stdout."""
+    args = [*SMALL, *overrides, f"logging.root={root}", f"logging.name={name}"]
+    if world_size == 1:
+        return train_here(*args)
+    return torchrun("train.py", *args, nproc=world_size).check().stdout
 
 
 def final(run: Path) -> dict:
@@ -108,12 +110,11 @@ def moved_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     so w1 is the uninterrupted reference of both resumed runs: one reference instead of one per
     world size, and the 2-rank checkpoint comes from a run that is tested anyway."""
     root = tmp_path_factory.mktemp("moved")
-    no_dropout = [*SMALL, "model.dropout=0", f"logging.root={root}"]
-    runs = {"w1": train_here(*no_dropout, "logging.name=w1")}
+    runs = {"w1": train(root, "w1", 1, "model.dropout=0")}
     runs["w1-w2"] = train(root, "w1-w2", 2, "model.dropout=0",
-                          f"checkpoint.resume={root / 'w1' / 'checkpoints' / 'step-00000005.pt'}").stdout
-    runs["w2-w1"] = train_here(*no_dropout, "logging.name=w2-w1",
-                               f"checkpoint.resume={root / 'w1-w2' / 'checkpoints' / 'step-00000015.pt'}")
+                          f"checkpoint.resume={root / 'w1' / 'checkpoints' / 'step-00000005.pt'}")
+    runs["w2-w1"] = train(root, "w2-w1", 1, "model.dropout=0",
+                          f"checkpoint.resume={root / 'w1-w2' / 'checkpoints' / 'step-00000015.pt'}")
     return {name: (root / name, out) for name, out in runs.items()}
 
 
@@ -145,8 +146,8 @@ def test_every_epoch_counts_each_training_token_once(reference):
 @pytest.mark.parametrize(("step", "world_size"), [(5, 1), (15, 2)])
 def test_mid_epoch_resume_is_bitwise(reference, tmp_path, world_size, step):
     source = reference[world_size] / "checkpoints" / f"step-{step:08d}.pt"
-    proc = train(tmp_path, "resumed", world_size, f"checkpoint.resume={source}")
-    assert f"resuming from {source}" in proc.stdout
+    out = train(tmp_path, "resumed", world_size, f"checkpoint.resume={source}")
+    assert f"resuming from {source}" in out
     resumed, uninterrupted = final(tmp_path / "resumed"), final(reference[world_size])
     assert_bitwise(resumed["model"], uninterrupted["model"])
     assert resumed["step"] == uninterrupted["step"]
