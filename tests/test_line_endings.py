@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import python
 from test_parsers import BAD, SEPARATORS, decoded, read
 
 from ddp_seq.cli import main
@@ -185,23 +184,25 @@ def test_line_at_counts_like_split_lines():
 
 @pytest.mark.slow
 def test_train_and_predict_on_cr_only_files(tmp_path, capsys):
-    """The report's command, one process: 6 training sequences (val from a second CR-only file), then
-    predict -- through the CLI's entry point in this process, as a launched ``predict`` would read the
-    same file the same way (the launch itself is shown elsewhere: tests/test_inference.py)."""
+    """The report's commands: train on the CR-only file (6 sequences; val from a second CR-only file),
+    then predict on a CR-only input. Through the CLI's entry point in this process: the files are read
+    by the same code in a launched process (launches of both commands: tests/test_end_to_end.py,
+    tests/test_inference.py)."""
     train = put(tmp_path / "train.tsv", REPORT_TRAIN)
     val = put(tmp_path / "val.tsv", b"2\tgood good\r0\tbad\r\n1\tgood\n")
-    proc = python("train.py", "data.format=tsv", f"data.train_path={train}", f"data.val_path={val}",
-                  "data.task=regress", "training.monitor=val_mse", "data.tokenizer=whitespace",
-                  "model.hidden=8", "model.embedding_dim=8", "model.layers=1", "training.epochs=1",
-                  "training.warmup_steps=0", "logging.progress=none", f"logging.root={tmp_path / 'runs'}",
-                  "logging.name=cr").check()
-    log = proc.stdout + proc.stderr
+    capsys.readouterr()
+    assert main(["train", "data.format=tsv", f"data.train_path={train}", f"data.val_path={val}",
+                 "data.task=regress", "training.monitor=val_mse", "data.tokenizer=whitespace",
+                 "model.hidden=8", "model.embedding_dim=8", "model.layers=1", "training.epochs=1",
+                 "training.warmup_steps=0", "logging.progress=none", f"logging.root={tmp_path / 'runs'}",
+                 "logging.name=cr"]) == 0
+    trained = capsys.readouterr()
+    log = trained.out + trained.err
     # 6 samples of 2 + 1 + 2 + 1 + 1 + 3 words; the 3 validation samples are the val file's 3 lines.
-    assert "training regress on 6 sequences (10 steps)" in log, proc.report()
-    assert "data: 6 training samples (10 steps)" in log and "3 validation samples" in log, proc.report()
+    assert "training regress on 6 sequences (10 steps)" in log, log
+    assert "data: 6 training samples (10 steps)" in log and "3 validation samples" in log, log
     inputs = put(tmp_path / "in.tsv", REPORT_PREDICT)
     output = tmp_path / "out.jsonl"
-    capsys.readouterr()
     assert main(["predict", "--checkpoint", str(tmp_path / "runs" / "cr" / "checkpoints" / "last.pt"),
                  "--input", inputs, "--output", str(output)]) == 0
     predicted = capsys.readouterr()
