@@ -7,8 +7,8 @@ checked is that the exported graph computes what the checkpoint's model computes
 Exporting takes seconds per model, so the full matrix (3 tasks x LSTM/GRU x uni/bi, token and feature
 inputs, the three poolings) is marked slow; the two unmarked cases cover a packed-trained bidirectional
 2-layer LSTM tagger on tokens and a GRU classifier on features. An export's CPU seconds (torch 2.13,
-measured): decompositions 1.4 (LSTM/GRU ``while_loop``s compiled by dynamo), graph capture 0.8, the
-torchlib registry 0.6 (:func:`one_torchlib_registry`), onnxruntime 0.4, optimizer 0.14; no subprocess.
+measured): decompositions 1.4 (LSTM/GRU ``while_loop``s compiled by dynamo), graph capture 0.8,
+torch.onnx's torchlib registry, rebuilt on each call, 0.6, onnxruntime 0.4, optimizer 0.14; no subprocess.
 """
 
 from __future__ import annotations
@@ -36,31 +36,6 @@ from ddp_seq.export import ATOL, OPSET, RTOL, check_onnx, export_command, padded
 
 VOCAB = ["<pad>", "<unk>", *"abcdefghij"]
 CLASSES = ["B-x", "I-x", "O"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torchlib_registry():
-    """torch.onnx.export builds its registry of torchlib functions anew on each call, a fifth of an
-    export here; this module exports 14 models, so it is built once per opset. The exporter only reads
-    it (no ``custom_translation_table``), and the 12 graphs of the export tests were checked byte for
-    byte equal to an unpatched export's. Without torch's private module nothing is patched."""
-    try:
-        from torch.onnx._internal.exporter._registration import ONNXRegistry
-    except ImportError:
-        yield
-        return
-    build = ONNXRegistry.from_torchlib.__func__
-    built: dict = {}
-
-    def from_torchlib(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in built:
-            built[key] = build(cls, *args, **kwargs)
-        return built[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ONNXRegistry, "from_torchlib", classmethod(from_torchlib))
-        yield
 
 
 def make_checkpoint(path: Path, task: str, cell: str, bidirectional: bool, tokens: bool, pooling: str = "last",
