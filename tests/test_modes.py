@@ -9,12 +9,13 @@ and back. The split across GPUs itself is tested in test_dataparallel.py and by 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import python, ragged, torchrun
+from helpers import Proc, python, ragged, torchrun
 
 from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
@@ -63,18 +64,30 @@ def test_one_process_modes_refuse_a_multi_process_job(mode):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
-def test_dp_in_a_torchrun_environment_exits_2_before_joining_a_group(tmp_path, rank, printed):
+def test_dp_in_a_torchrun_environment_exits_2_before_joining_a_group(tmp_path):
     """What each torchrun worker sees (WORLD_SIZE=2); no MASTER_ADDR is set, so joining a process
-    group would fail differently: the refusal comes first, before torch is imported. Only rank 0 prints."""
-    proc = python("train.py", *TINY, "training.mode=dp", f"logging.root={tmp_path}", timeout=60,
-                  WORLD_SIZE="2", RANK=rank, LOCAL_RANK=rank, LOCAL_WORLD_SIZE="2").check(2)
-    lines = proc.stderr.strip().splitlines()
-    if printed:
-        assert len(lines) == 1 and lines[0].startswith("ddp-seq: error: training.mode: dp runs in one process")
-    else:
-        assert lines == []
-    assert not tmp_path.joinpath("classify").exists() and list(tmp_path.iterdir()) == []  # no run directory
+    group would fail differently: the refusal comes first, before torch is imported. Only rank 0 prints.
+
+    Ranks 0 and 1 run at the same time, as under torchrun: rank 1 waits ``PEER_ERROR_GRACE_S`` (2 s)
+    before it exits, and rank 0 runs meanwhile instead of after it. They never talk to each other."""
+    roots = {rank: tmp_path / f"rank{rank}" for rank in ("0", "1")}
+
+    def refused(rank: str) -> Proc:
+        roots[rank].mkdir()
+        return python("train.py", *TINY, "training.mode=dp", f"logging.root={roots[rank]}", timeout=60,
+                      WORLD_SIZE="2", RANK=rank, LOCAL_RANK=rank, LOCAL_WORLD_SIZE="2")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip(roots, pool.map(refused, roots)))
+    for rank, proc in procs.items():
+        proc.check(2)
+        lines = proc.stderr.strip().splitlines()
+        if rank == "0":
+            assert len(lines) == 1 and lines[0].startswith("ddp-seq: error: training.mode: dp runs in one process")
+        else:
+            assert lines == [], proc.report()
+        root = roots[rank]
+        assert not root.joinpath("classify").exists() and list(root.iterdir()) == []  # no run directory
 
 
 # -- the dp data path -----------------------------------------------------------------------------
