@@ -3,7 +3,7 @@
 ``model.target`` / ``data.target`` name the user's own classes and functions
 (``package.module:Name`` or ``path/to/file.py:Name``); empty means the built-in ``SeqModel`` and
 the built-in readers. Code is imported only from a target the user gave in their own config or
-command line -- never because a checkpoint names one (see :func:`ddp_seq.checkpoint.trusted_config`).
+command line -- never because a checkpoint names one (see :func:`ddp_seq.train.checkpoint.trusted_config`).
 Whatever a target gets wrong stops the job before training with one line naming the key.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config
-from .errors import UserError, first_line
+from ddp_seq.config import Config
+from ddp_seq.errors import UserError, first_line
 
 #: What a model target may be called with (each passed only if its signature accepts it).
 MODEL_ARGS = ("task", "num_inputs", "num_outputs", "vocab_size")
@@ -92,10 +92,10 @@ class DataParts:
 
 def build_data(cfg: Config, splits=None) -> DataParts:
     """The train and val data of ``cfg``: ``data.target``'s datasets, or ``splits`` (or the built-in
-    readers' :func:`~ddp_seq.data.sources.load_splits`)."""
+    readers' :func:`~ddp_seq.data.readers.sources.load_splits`)."""
     if cfg.data.target:
         return _target_data(cfg)
-    from .data.sources import describe, load_splits
+    from ddp_seq.data.readers.sources import describe, load_splits
 
     splits = splits or load_splits(cfg.data)
     enc, task = splits.encoding, cfg.data.task
@@ -139,7 +139,7 @@ def build_model(cfg: Config, data: DataParts, device: torch.device | None = None
     """``model.target`` called with what it accepts among task, num_inputs, num_outputs, vocab_size and
     ``model.args``; or the built-in ``SeqModel``. The initial weights follow torch's global seed."""
     if not cfg.model.target:
-        from .model import build_model as build_seq_model
+        from ddp_seq.nn.seq_model import build_model as build_seq_model
 
         return build_seq_model(cfg.data.task, data.num_inputs, data.num_outputs, cfg.model,
                                vocab_size=data.vocab_size, device=device)
@@ -156,8 +156,8 @@ def build_model(cfg: Config, data: DataParts, device: torch.device | None = None
 def probe(model: nn.Module, data: DataParts, cfg: Config, device: torch.device, objective=None) -> None:
     """Run ``model`` forward and the loss on a tiny batch of the first training items (no gradient
     kept), so a model that does not fit the data stops here with one line, not in the middle of training."""
-    from .data.collate import collate_for
-    from .objective import as_objective
+    from ddp_seq.data.collate import collate_for
+    from ddp_seq.train.objective import as_objective
 
     key = "model.target" if cfg.model.target else "data.target" if cfg.data.target else "model"
     items = [data.train[i] for i in range(min(2, len(data.train)))]
@@ -211,8 +211,8 @@ def build_parts(cfg: Config, info, splits=None) -> Parts:
 
 def build_trainer(cfg: Config, info, logger, run_dir: Path | None, resume_from: Path | None = None,
                   splits=None, fold: int | None = None, parts: Parts | None = None):
-    """The :class:`~ddp_seq.trainer.Trainer` of ``cfg`` over ``parts`` (built here when not given)."""
-    from .trainer import Trainer
+    """The :class:`~ddp_seq.train.trainer.Trainer` of ``cfg`` over ``parts`` (built here when not given)."""
+    from ddp_seq.train.trainer import Trainer
 
     parts = parts or build_parts(cfg, info, splits)
     data = parts.data

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config_fields import (
+from ddp_seq.config_fields import (
     NOT_PLAIN,
     TARGET_ALLOWED,
     TEXT_FORMATS,
@@ -40,8 +40,8 @@ from .config_fields import (
     opt,
     plain_scalar,
 )
-from .config_fields import choices_of as choices_of  # re-exported: importers take it from here
-from .errors import UserError as UserError  # re-exported: importers take it from here
+from ddp_seq.config_fields import choices_of as choices_of  # re-exported: importers take it from here
+from ddp_seq.errors import UserError as UserError  # re-exported: importers take it from here
 
 
 @dataclass

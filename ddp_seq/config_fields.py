@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import field
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
-from .errors import UserError
+from ddp_seq.errors import UserError
 
 
 class ConfigError(UserError):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import UserError, first_line
+from ddp_seq.errors import UserError, first_line
 
 
 def read_bytes(path: str | Path, where: str | None = None) -> bytes:

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> float:
         dist.destroy_process_group()
         # torch 2.13 + gloo: interpreter finalisation of a worker sometimes aborts (SIGABRT from a
         # C++ thread still joinable at exit), turning a finished run into a failed one. Nothing is
-        # left to do, so skip it (ddp_seq.process_group.exit_worker does the same).
+        # left to do, so skip it (ddp_seq.parallel.process_group.exit_worker does the same).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> float:
     args = parser.parse_args(argv)
 
     from ddp_seq import Trainer, distributed, load_config
-    from ddp_seq.process_group import exit_worker
-    from ddp_seq.runlog import make_logger
+    from ddp_seq.loggers.runlog import make_logger
+    from ddp_seq.parallel.process_group import exit_worker
 
     # A small Config: only what differs from the defaults (ddp-seq config-reference lists every key).
     # No checkpoints: the Trainer below gets no run_dir. (The config path, configs/own-model.yaml, saves them.)

@@ -122,7 +122,7 @@ def ragged(lengths: list[int], features: int, per_step: bool, seed: int = 0):
     """A :class:`SequenceData` of Gaussian sequences of these lengths, labels 0..2 per sequence or per step."""
     import numpy as np
 
-    from ddp_seq.data.synthetic import SequenceData
+    from ddp_seq.data.readers.synthetic import SequenceData
 
     rng = np.random.default_rng(seed)
     lengths_a = np.asarray(lengths, dtype=np.int64)

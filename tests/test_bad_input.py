@@ -27,8 +27,8 @@ import pytest
 import torch
 from helpers import REPO, TINY_YAML, python, torchrun
 
-from ddp_seq.checkpoint import FORMAT_VERSION
 from ddp_seq.cli import main
+from ddp_seq.train.checkpoint import FORMAT_VERSION
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ddp_seq.data.batching import BucketBatchSampler, Share, global_batches, padded_cost, split_shares, straggler_ratio
+from ddp_seq.data.sampler import BucketBatchSampler, Share, global_batches, padded_cost, split_shares, straggler_ratio
 
 
 def skewed_lengths(n: int, seed: int = 0, median: float = 12.0, sigma: float = 1.0, top: int = 200) -> np.ndarray:

@@ -351,7 +351,7 @@ def test_reference_model_is_ddp_seqs_model_on_the_packed_path():
     """Same layers created in the same order: the same seed gives the same weights and outputs."""
     from ddp_seq.bench.reference import PackedLSTM, SequenceDataset, pad_collate
     from ddp_seq.config import ModelConfig
-    from ddp_seq.model import SeqModel
+    from ddp_seq.nn.seq_model import SeqModel
 
     torch.manual_seed(3)
     ours = SeqModel("classify", 8, 4, ModelConfig(hidden=16, layers=2, embedding_dim=12), execution="packed")
@@ -468,7 +468,7 @@ def test_the_user_model_row_trains_the_default_network():
     and outputs."""
     from ddp_seq.bench.user_model import UserLSTM
     from ddp_seq.config import ModelConfig
-    from ddp_seq.model import build_model
+    from ddp_seq.nn.seq_model import build_model
 
     torch.manual_seed(0)
     builtin = build_model("classify", 8, 4, ModelConfig(execution="padded"))

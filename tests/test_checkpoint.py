@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_seq.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_atomic
 from ddp_seq.config import load_config, to_dict
 from ddp_seq.errors import UserError
-from ddp_seq.model import build_model
+from ddp_seq.nn.seq_model import build_model
+from ddp_seq.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_atomic
 
 
 class CreatesFile:

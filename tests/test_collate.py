@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ddp_seq.config import DataConfig
-from ddp_seq.data.batching import Share
 from ddp_seq.data.collate import IGNORE_INDEX, collate, fetch
-from ddp_seq.data.synthetic import SequenceData, make_synthetic
+from ddp_seq.data.readers.synthetic import SequenceData, make_synthetic
+from ddp_seq.data.sampler import Share
 
 
 def ragged(lengths, features: int | None, per_step: bool, seed: int = 0) -> SequenceData:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_seq.data import corpus
-from ddp_seq.data.corpus import main, write_samples, write_stdlib_corpus
-from ddp_seq.data.files import load_npz
+from ddp_seq.data.readers import corpus
+from ddp_seq.data.readers.corpus import main, write_samples, write_stdlib_corpus
+from ddp_seq.data.readers.files import load_npz
 
 # -- samples -------------------------------------------------------------------------------------------
 

@@ -25,18 +25,18 @@ import pytest
 import torch
 from helpers import PYTHON, REPO, TINY_YAML, child_env, python, worker_pids
 
-from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
+from ddp_seq.train.checkpoint import load_checkpoint
 
 #: Kills its own process (SIGKILL, nothing can catch it) in the middle of the 2nd checkpoint write:
 #: part of the bytes are in the temporary file, flushed and fsynced, the rename has not happened.
 CRASH_DRIVER = """\
 import io, os, signal, sys
 
-import ddp_seq.checkpoint
+import ddp_seq.train.checkpoint
 import ddp_seq.cli
 
-real_save = ddp_seq.checkpoint.torch.save
+real_save = ddp_seq.train.checkpoint.torch.save
 calls = 0
 
 
@@ -54,7 +54,7 @@ def save(obj, f, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-ddp_seq.checkpoint.torch.save = save
+ddp_seq.train.checkpoint.torch.save = save
 sys.exit(ddp_seq.cli.main(sys.argv[1:]))
 """
 

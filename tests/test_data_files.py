@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from ddp_seq.config import DataConfig
-from ddp_seq.data import synthetic
-from ddp_seq.data.files import check_sequences, is_memory_mapped, load_npz, read_npz
-from ddp_seq.data.sources import apply_length_policies, holdout_indices, load_splits
-from ddp_seq.data.synthetic import SequenceData
+from ddp_seq.data.readers import synthetic
+from ddp_seq.data.readers.files import check_sequences, is_memory_mapped, load_npz, read_npz
+from ddp_seq.data.readers.sources import apply_length_policies, holdout_indices, load_splits
+from ddp_seq.data.readers.synthetic import SequenceData
 from ddp_seq.errors import UserError
 
 LENGTHS = [3, 1, 4, 2, 5]
@@ -207,7 +207,7 @@ def test_check_sequences_locates_nonfinite_values(bad, kind):
 
 
 def policy(data: SequenceData, **cfg):
-    from ddp_seq.data.encoding import Parsed
+    from ddp_seq.data.readers.encoding import Parsed
 
     data.source = "src"
     parsed, notes = apply_length_policies(Parsed(data, None, None), DataConfig(**cfg))

@@ -23,9 +23,9 @@ from torch.nn.parallel import scatter_gather
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ddp_seq.config import ModelConfig
-from ddp_seq.data.batching import Share
 from ddp_seq.data.collate import collate_dp, fetch
-from ddp_seq.model import SeqModel
+from ddp_seq.data.sampler import Share
+from ddp_seq.nn.seq_model import SeqModel
 
 TWO_GPUS = [0, 1]  # the device list DataParallel would scatter to; the stand-in only counts it
 

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from helpers import DDP_SCENARIOS
 
 from ddp_seq.config import load_config
-from ddp_seq.data.batching import Share, global_batches
 from ddp_seq.data.collate import collate, fetch
-from ddp_seq.data.synthetic import make_synthetic, num_outputs
-from ddp_seq.model import build_model
+from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
+from ddp_seq.data.sampler import Share, global_batches
+from ddp_seq.nn.seq_model import build_model
 
 pytestmark = pytest.mark.slow
 

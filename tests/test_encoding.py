@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from ddp_seq.config import DataConfig
-from ddp_seq.data.encoding import PAD, SPECIALS, UNK, Encoding, Parsed, build_encoding, encode, intern_all
-from ddp_seq.data.sequences import SequenceData
-from ddp_seq.data.sources import describe, fold_indices, load_eval_data, load_inputs, load_splits, read_training
+from ddp_seq.data.readers.encoding import PAD, SPECIALS, UNK, Encoding, Parsed, build_encoding, encode, intern_all
+from ddp_seq.data.readers.sequences import SequenceData
+from ddp_seq.data.readers.sources import describe, fold_indices, load_eval_data, load_inputs, load_splits, read_training
 from ddp_seq.errors import UserError
 
 WORDS = ["a", "b", "c", "d", "é", "日本", "zz"]

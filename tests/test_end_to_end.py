@@ -14,15 +14,15 @@ import pytest
 import torch
 from helpers import TINY_YAML, Proc, python, torchrun
 
-from ddp_seq.checkpoint import load_checkpoint, model_from_checkpoint
 from ddp_seq.cli import main
 from ddp_seq.config import from_dict, load_config
-from ddp_seq.data.batching import global_batches
-from ddp_seq.data.synthetic import make_synthetic, num_outputs
-from ddp_seq.model import build_model
-from ddp_seq.objective import METRICS
-from ddp_seq.process_group import DistInfo
-from ddp_seq.trainer import evaluate
+from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
+from ddp_seq.data.sampler import global_batches
+from ddp_seq.nn.seq_model import build_model
+from ddp_seq.parallel.process_group import DistInfo
+from ddp_seq.train.checkpoint import load_checkpoint, model_from_checkpoint
+from ddp_seq.train.objective import METRICS
+from ddp_seq.train.trainer import evaluate
 
 pytestmark = pytest.mark.slow
 

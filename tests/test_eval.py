@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from helpers import DDP_SCENARIOS
 
 from ddp_seq.config import load_config
-from ddp_seq.data.batching import global_batches
-from ddp_seq.data.synthetic import make_synthetic, num_outputs
-from ddp_seq.model import build_model
-from ddp_seq.objective import METRICS, PER_CLASS, class_metrics
-from ddp_seq.process_group import DistInfo
-from ddp_seq.trainer import evaluate
+from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
+from ddp_seq.data.sampler import global_batches
+from ddp_seq.nn.seq_model import build_model
+from ddp_seq.parallel.process_group import DistInfo
+from ddp_seq.train.objective import METRICS, PER_CLASS, class_metrics
+from ddp_seq.train.trainer import evaluate
 
 REL = 1e-6
 #: Metrics compared with a relative tolerance; every other one (counts and what derives from them) exactly.
@@ -128,9 +128,9 @@ def test_two_ranks_evaluate_like_the_naive_loop(ddp_runs, name):
 
 def test_filler_and_uneven_eval_split_in_process():
     """The same plan split for 2 ranks, run here rank by rank, sums to the world-size-1 metrics."""
-    from ddp_seq import objective
-    from ddp_seq.data.batching import BucketBatchSampler
     from ddp_seq.data.collate import collate, fetch
+    from ddp_seq.data.sampler import BucketBatchSampler
+    from ddp_seq.train import objective
 
     cfg = load_config(overrides=["data.task=tag", "data.num_val=21", "model.hidden=8", "model.embedding_dim=8",
                                  "batching.eval_batch_size=4", "training.monitor=val_loss"])

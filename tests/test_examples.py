@@ -16,7 +16,7 @@ from helpers import REPO
 
 from ddp_seq.cli import main
 from ddp_seq.config import load_config
-from ddp_seq.data.corpus import write_samples
+from ddp_seq.data.readers.corpus import write_samples
 
 SAMPLE_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml")
                         if "data/samples/" in p.read_text(encoding="utf-8"))

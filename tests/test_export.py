@@ -27,12 +27,12 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from ddp_seq.builders import DataParts, build_model, checkpoint_extra  # noqa: E402
-from ddp_seq.checkpoint import model_from_checkpoint, save_atomic  # noqa: E402
 from ddp_seq.cli import main  # noqa: E402
+from ddp_seq.cli.export import ATOL, OPSET, RTOL, check_onnx, export_command, padded_copy  # noqa: E402
 from ddp_seq.config import Config, to_dict  # noqa: E402
-from ddp_seq.data.encoding import Encoding  # noqa: E402
+from ddp_seq.data.readers.encoding import Encoding  # noqa: E402
 from ddp_seq.errors import UserError  # noqa: E402
-from ddp_seq.export import ATOL, OPSET, RTOL, check_onnx, export_command, padded_copy  # noqa: E402
+from ddp_seq.train.checkpoint import model_from_checkpoint, save_atomic  # noqa: E402
 
 VOCAB = ["<pad>", "<unk>", *"abcdefghij"]
 CLASSES = ["B-x", "I-x", "O"]
@@ -223,8 +223,8 @@ def test_the_docs_subword_recipe_gives_what_predict_gives(tmp_path, capsys):
     import base64
 
     tokenizers = pytest.importorskip("tokenizers")
-    from ddp_seq.data.tokenizers import SubwordTokenizer
-    from ddp_seq.export import metadata_of
+    from ddp_seq.cli.export import metadata_of
+    from ddp_seq.data.readers.tokenizers import SubwordTokenizer
 
     trained = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
     trained.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -286,7 +286,7 @@ def test_the_docs_subword_recipe_gives_what_predict_gives(tmp_path, capsys):
     ("tsv", "char", None, {}),  # features: no vocabulary, nothing to cut
 ])
 def test_the_tokenizer_is_named_only_where_it_cut_the_training_text(fmt, tokenizer, vocab, written):
-    from ddp_seq.export import metadata_of
+    from ddp_seq.cli.export import metadata_of
 
     cfg = Config()
     cfg.data.format, cfg.data.tokenizer = fmt, tokenizer
@@ -297,7 +297,7 @@ def test_the_tokenizer_is_named_only_where_it_cut_the_training_text(fmt, tokeniz
 
 
 def test_data_target_models_name_no_tokenizer():
-    from ddp_seq.export import metadata_of
+    from ddp_seq.cli.export import metadata_of
 
     cfg = Config()
     cfg.data.format, cfg.data.target = "tsv", "my_data.py:load"  # data.format is ignored when data.target is set

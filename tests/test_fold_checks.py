@@ -17,11 +17,18 @@ import pytest
 import torch
 from helpers import REPO, python
 
+from ddp_seq.cli.folds import train_folds
 from ddp_seq.config import Config, DataConfig, LoggingConfig
-from ddp_seq.data.sources import check_folds, fold_assignment, fold_indices, holdout_indices, load_splits, read_training
+from ddp_seq.data.readers.sources import (
+    check_folds,
+    fold_assignment,
+    fold_indices,
+    holdout_indices,
+    load_splits,
+    read_training,
+)
 from ddp_seq.errors import UserError
-from ddp_seq.folds import train_folds
-from ddp_seq.process_group import DistInfo
+from ddp_seq.parallel.process_group import DistInfo
 
 TABLE_DOC = REPO / "docs" / "fault-tolerance.md"
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import REPO, TINY_YAML, child_env, kill_job
 
-from ddp_seq.checkpoint import load_checkpoint
+from ddp_seq.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

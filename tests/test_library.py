@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import ddp_seq
 from ddp_seq import IGNORE_INDEX, BucketBatchSampler, ShareDataset, build_loader, collate
-from ddp_seq.data.batching import global_batches
+from ddp_seq.data.sampler import global_batches
 
 
 class Items(Dataset):

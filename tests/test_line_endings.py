@@ -20,10 +20,10 @@ from test_parsers import BAD, SEPARATORS, decoded, read
 
 from ddp_seq.cli import main
 from ddp_seq.config import DataConfig
-from ddp_seq.data.encoding import build_encoding
-from ddp_seq.data.sources import load_inputs
-from ddp_seq.data.text import line_at, read_jsonl, read_tsv, split_lines
-from ddp_seq.data.uea import read_ts
+from ddp_seq.data.readers.encoding import build_encoding
+from ddp_seq.data.readers.sources import load_inputs
+from ddp_seq.data.readers.text import line_at, read_jsonl, read_tsv, split_lines
+from ddp_seq.data.readers.uea import read_ts
 from ddp_seq.errors import UserError
 
 ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r", "mixed": None}

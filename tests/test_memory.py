@@ -20,14 +20,14 @@ import torch
 from helpers import python, torchrun
 
 from ddp_seq.config import DistributedConfig, load_config
-from ddp_seq.data.batching import Share
 from ddp_seq.data.collate import IGNORE_INDEX, collate, collate_dp, fetch
 from ddp_seq.data.loader import build_loader
-from ddp_seq.data.synthetic import SequenceData, make_synthetic, num_outputs
-from ddp_seq.engine import make_sampler
-from ddp_seq.model import build_model
-from ddp_seq.process_group import DistInfo
-from ddp_seq.trainer import evaluate
+from ddp_seq.data.readers.synthetic import SequenceData, make_synthetic, num_outputs
+from ddp_seq.data.sampler import Share
+from ddp_seq.nn.seq_model import build_model
+from ddp_seq.parallel.process_group import DistInfo
+from ddp_seq.train.engine import make_sampler
+from ddp_seq.train.trainer import evaluate
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
 
@@ -133,7 +133,7 @@ def test_metrics_unchanged_by_padding_to_a_multiple(task, cell, bidirectional, p
 _PROBE = """
 import json, os, sys
 from ddp_seq.config import DistributedConfig
-from ddp_seq.process_group import setup
+from ddp_seq.parallel.process_group import setup
 NAMES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 for capacity, env in json.loads(sys.argv[1]):
     for name in NAMES:

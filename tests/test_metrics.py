@@ -16,10 +16,10 @@ import pytest
 import torch
 from helpers import ragged
 
-from ddp_seq.data.batching import BucketBatchSampler, Share
 from ddp_seq.data.collate import collate, fetch
-from ddp_seq.objective import PER_CLASS, TaskObjective, class_metrics, confusion_counts
-from ddp_seq.report import MAX_PRINTED_CONFUSION, class_report
+from ddp_seq.data.sampler import BucketBatchSampler, Share
+from ddp_seq.loggers.report import MAX_PRINTED_CONFUSION, class_report
+from ddp_seq.train.objective import PER_CLASS, TaskObjective, class_metrics, confusion_counts
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -155,7 +155,7 @@ def test_wandb_skips_the_matrix_and_the_names():
     """The records go to wandb as they are: per-class lists become one scalar per class, named from
     ``val_classes`` (``class<i>`` without it); the confusion matrix (a list of lists) and the class
     names themselves are skipped, not handed to wandb."""
-    from ddp_seq.tracking import WandbRun
+    from ddp_seq.loggers.tracking import WandbRun
 
     class Recorder:  # what WandbRun calls on a wandb run
         def __init__(self) -> None:
@@ -199,7 +199,7 @@ def test_monitor_f1_macro_picks_the_best_checkpoint(tmp_path):
     from workers.user_parts import MeanPoolGRU, make_datasets
 
     from ddp_seq import Trainer, load_config
-    from ddp_seq.checkpoint import load_checkpoint
+    from ddp_seq.train.checkpoint import load_checkpoint
 
     train, val = make_datasets(num_train=32, num_val=16)
     cfg = load_config(overrides=["training.epochs=3", "batching.batch_size=16", "training.lr=0.05",

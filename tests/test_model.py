@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddp_seq.config import ModelConfig
-from ddp_seq.model import SeqModel
+from ddp_seq.nn.seq_model import SeqModel
 
 ATOL = 1e-5
 FEATURES, CLASSES, VOCAB = 5, 3, 11

@@ -17,17 +17,17 @@ import pytest
 import torch
 from helpers import Proc, python, ragged, torchrun
 
-from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
 from ddp_seq.config import ConfigError, ModelConfig, check_mode, load_config
-from ddp_seq.data.batching import Share
 from ddp_seq.data.collate import collate, collate_dp, collate_for, fetch
+from ddp_seq.data.sampler import Share
 from ddp_seq.errors import UserError
-from ddp_seq.model import SeqModel
-from ddp_seq.parallel import SplitReplicas, wrap_model
-from ddp_seq.process_group import DistInfo
-from ddp_seq.resume import step_path
-from ddp_seq.runlog import NullLogger
+from ddp_seq.loggers.runlog import NullLogger
+from ddp_seq.nn.seq_model import SeqModel
+from ddp_seq.parallel.process_group import DistInfo
+from ddp_seq.parallel.wrap import SplitReplicas, wrap_model
+from ddp_seq.train.checkpoint import load_checkpoint
+from ddp_seq.train.resume import step_path
 
 CPU_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from helpers import python, torchrun
 
-from ddp_seq import objective, parity
-from ddp_seq.data.batching import Share, split_shares
+from ddp_seq.cli import parity
 from ddp_seq.data.collate import collate, collate_dp, fetch
-from ddp_seq.process_group import DistInfo
+from ddp_seq.data.sampler import Share, split_shares
+from ddp_seq.parallel.process_group import DistInfo
+from ddp_seq.train import objective
 
 CPU_ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
 

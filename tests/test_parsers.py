@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddp_seq.data.encoding import Parsed
-from ddp_seq.data.text import read_jsonl, read_tsv
-from ddp_seq.data.uea import read_ts
+from ddp_seq.data.readers.encoding import Parsed
+from ddp_seq.data.readers.text import read_jsonl, read_tsv
+from ddp_seq.data.readers.uea import read_ts
 from ddp_seq.errors import UserError
 
 # Every separator str.splitlines knows besides \r and \n: inside a line they are text, never a line break.

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from ddp_seq.cli import main as ddp_seq_main
-from ddp_seq.objective import METRICS
-from ddp_seq.report import main, report, table_columns
-from ddp_seq.runlog import format_table
+from ddp_seq.loggers.report import main, report, table_columns
+from ddp_seq.loggers.runlog import format_table
+from ddp_seq.train.objective import METRICS
 
 
 def epoch_record(epoch: int, loss: float, accuracy: float = 0.5, **extra) -> dict:

@@ -25,9 +25,9 @@ import pytest
 import torch
 from helpers import PYTHON, REPO, child_env, kill_job, torchrun, worker_pids
 
-from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
-from ddp_seq.resume import EXIT_PREEMPTED
+from ddp_seq.train.checkpoint import load_checkpoint
+from ddp_seq.train.resume import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,7 @@ def test_every_epoch_counts_each_training_token_once(reference):
     """Mid-epoch checkpoints all-reduce the token counters; the counters must stay local (an
     in-place all-reduce would count earlier steps W times over)."""
     from ddp_seq.config import load_config
-    from ddp_seq.data.synthetic import make_synthetic
+    from ddp_seq.data.readers.synthetic import make_synthetic
 
     total = int(make_synthetic(load_config(overrides=SMALL).data, "train").lengths.sum())
     for world_size in (1, 2):

@@ -11,9 +11,9 @@ import pytest
 from helpers import torchrun
 
 from ddp_seq.cli import main
-from ddp_seq.data.batching import BucketBatchSampler
+from ddp_seq.data.sampler import BucketBatchSampler
 from ddp_seq.errors import UserError
-from ddp_seq.resume import check_plan, stop_reason
+from ddp_seq.train.resume import check_plan, stop_reason
 
 PLAN = BucketBatchSampler([2] * 10, 4, num_replicas=1, rank=0).plan_key()
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_seq.checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
+from ddp_seq.cli.rundir import decide_run
 from ddp_seq.config import load_config
 from ddp_seq.errors import UserError
-from ddp_seq.resume import (
+from ddp_seq.train.checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
+from ddp_seq.train.resume import (
     capture_rng,
     job_identity,
     newest_valid,
@@ -21,7 +22,6 @@ from ddp_seq.resume import (
     step_checkpoints,
     step_path,
 )
-from ddp_seq.rundir import decide_run
 
 
 def write_steps(directory, steps):

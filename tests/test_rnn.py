@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ddp_seq.config import ModelConfig
-from ddp_seq.model import SeqModel
-from ddp_seq.rnn import PackedGRU, PackedLSTM, resolve_execution
+from ddp_seq.nn.rnn import PackedGRU, PackedLSTM, resolve_execution
+from ddp_seq.nn.seq_model import SeqModel
 
 DTYPE = torch.float64
 ATOL, RTOL = 1e-10, 1e-8

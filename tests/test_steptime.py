@@ -12,8 +12,8 @@ import torch
 from helpers import TESTS, torchrun
 from torch import nn
 
-from ddp_seq.state import EpochCounters, EpochProgress
-from ddp_seq.steptime import ADVICE_SHARE, PHASES, StepTimer, advice, breakdown_record
+from ddp_seq.train.state import EpochCounters, EpochProgress
+from ddp_seq.train.steptime import ADVICE_SHARE, PHASES, StepTimer, advice, breakdown_record
 
 # The bench's short workload (word-level lengths, a wide 1-layer LSTM), on fewer sequences.
 SHORT = ["data.num_train=6400", "data.num_val=200", "data.length_median=8", "data.length_sigma=0.4",

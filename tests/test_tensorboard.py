@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from ddp_seq.cli import main
-from ddp_seq.runlog import RunLogger
-from ddp_seq.tensorboard_log import start_tensorboard
+from ddp_seq.loggers.runlog import RunLogger
+from ddp_seq.loggers.tensorboard import start_tensorboard
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_seq.checkpoint import check_encoding, encoding_of, model_from_checkpoint
 from ddp_seq.cli import main
 from ddp_seq.config import ConfigError, DataConfig, load_config
-from ddp_seq.data.encoding import PAD, SPECIALS, UNK, Encoding
-from ddp_seq.data.sources import load_eval_data, load_inputs, load_splits, read_raw
-from ddp_seq.data.text import read_tsv, tokenize_texts
-from ddp_seq.data.tokenizers import SubwordTokenizer, load_tokenizer, trained_tokenizer
+from ddp_seq.data.readers.encoding import PAD, SPECIALS, UNK, Encoding
+from ddp_seq.data.readers.sources import load_eval_data, load_inputs, load_splits, read_raw
+from ddp_seq.data.readers.text import read_tsv, tokenize_texts
+from ddp_seq.data.readers.tokenizers import SubwordTokenizer, load_tokenizer, trained_tokenizer
 from ddp_seq.errors import UserError
+from ddp_seq.train.checkpoint import check_encoding, encoding_of, model_from_checkpoint
 
 tokenizers = pytest.importorskip("tokenizers")
 spm = pytest.importorskip("sentencepiece")
@@ -128,7 +128,7 @@ def test_tokenize_texts_gives_the_library_ids_and_lengths(files, kind):
 
 
 def test_batches_larger_than_one_library_call_keep_their_order(files, monkeypatch):
-    import ddp_seq.data.tokenizers as module
+    import ddp_seq.data.readers.tokenizers as module
 
     monkeypatch.setattr(module, "_CHUNK", 7)  # 45 texts: 7 calls, the last one short
     texts = [*sentences(2, 40), *ODD]
@@ -326,7 +326,7 @@ def test_a_tokenizer_file_for_a_format_without_text_is_a_config_error(fmt, capsy
 
 @pytest.mark.slow
 def test_train_then_predict_raw_text_after_the_tokenizer_file_is_deleted(files, tmp_path, capsys):
-    from ddp_seq.data.corpus import write_samples
+    from ddp_seq.data.readers.corpus import write_samples
 
     samples = write_samples(tmp_path / "samples")
     train = samples["reviews.tsv"]

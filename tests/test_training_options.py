@@ -53,7 +53,7 @@ def test_fp16_on_cpu_is_refused_with_the_key(tmp_path, capsys):
 def test_flush_denormal_setting_reaches_torch():
     """distributed.flush_denormal decides whether denormal floats survive in this process."""
     from ddp_seq.config import DistributedConfig
-    from ddp_seq.process_group import setup
+    from ddp_seq.parallel.process_group import setup
 
     threads = torch.get_num_threads()
     try:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import python, torchrun
 
-from ddp_seq.checkpoint import load_checkpoint, save_atomic
 from ddp_seq.cli import main
+from ddp_seq.train.checkpoint import load_checkpoint, save_atomic
 
 WORKER = "tests/workers/user_parts.py"
 MODEL = f"model.target={WORKER}:MeanPoolGRU"

@@ -20,12 +20,12 @@ import pytest
 import torch
 from helpers import torchrun
 
-from ddp_seq.checkpoint import load_checkpoint
 from ddp_seq.cli import main
 from ddp_seq.config import from_dict, load_config
-from ddp_seq.data.batching import BucketBatchSampler
-from ddp_seq.data.synthetic import make_synthetic, num_outputs
-from ddp_seq.model import build_model
+from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
+from ddp_seq.data.sampler import BucketBatchSampler
+from ddp_seq.nn.seq_model import build_model
+from ddp_seq.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_bytes_atomic
-from ..runlog import format_table
-from .execution import execution_matrix
-from .report import newest_per_device, plot_curves, render_markdown, render_text
-from .suite import QUICK, SUITES, metric_at, run_suite, summarise
+from ddp_seq.bench.execution import execution_matrix
+from ddp_seq.bench.report import newest_per_device, plot_curves, render_markdown, render_text
+from ddp_seq.bench.suite import QUICK, SUITES, metric_at, run_suite, summarise
+from ddp_seq.fileio import write_bytes_atomic
+from ddp_seq.loggers.runlog import format_table
 
 __all__ = ["QUICK", "SUITES", "execution_matrix", "machine", "main", "metric_at", "run_suite", "summarise"]
 

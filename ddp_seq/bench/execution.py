@@ -1,4 +1,4 @@
-"""Packed vs padded execution of :class:`~ddp_seq.model.SeqModel`, forward + backward, on one thread:
+"""Packed vs padded execution of :class:`~ddp_seq.nn.seq_model.SeqModel`, forward + backward, on one thread:
 what ``model.execution=auto`` is chosen from. On a GPU the same matrix times cuDNN's two paths."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _execution_rows(repeats: int, quick: bool, rng, device) -> dict[str, dict[st
     import numpy as np
     import torch
 
-    from ..config import ModelConfig
-    from ..model import SeqModel
+    from ddp_seq.config import ModelConfig
+    from ddp_seq.nn.seq_model import SeqModel
 
     hidden, batches, batch_size = (16, 2, 8) if quick else (128, 6, 32)
 

@@ -7,7 +7,7 @@ and joins its processes instead of spawning its own. Two setups:
   a ``DistributedSampler``, per-rank batches of ``batch_size / world_size``, the pad collate and
   the packing model of :mod:`.reference`.
 - ``tuned``: Lightning given ddp_seq's pieces -- its sharded bucket sampler (equal-cost shares of
-  the same global batches), its collate, :class:`~ddp_seq.model.SeqModel` on the padded path, and
+  the same global batches), its collate, :class:`~ddp_seq.nn.seq_model.SeqModel` on the padded path, and
   its process settings (threads, denormals flushed) -- so the only difference left to ddp_seq's
   own loop is the framework around it.
 
@@ -29,13 +29,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .. import objective
-from ..config import Config, load_config
-from ..data.synthetic import make_synthetic, num_outputs
-from ..engine import make_loader, make_sampler
-from ..model import SeqModel
-from ..process_group import DistInfo, all_reduce_sum, env_int, peak_rss_mb, per_rank, usable_cores
-from .reference import PackedLSTM, SequenceDataset, loss_and_hits, pad_collate
+from ddp_seq.bench.reference import PackedLSTM, SequenceDataset, loss_and_hits, pad_collate
+from ddp_seq.config import Config, load_config
+from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
+from ddp_seq.nn.seq_model import SeqModel
+from ddp_seq.parallel.process_group import DistInfo, all_reduce_sum, env_int, peak_rss_mb, per_rank, usable_cores
+from ddp_seq.train import objective
+from ddp_seq.train.engine import make_loader, make_sampler
 
 
 def build(cfg: Config, setup: str, out: Path):
@@ -94,7 +94,7 @@ def build(cfg: Config, setup: str, out: Path):
             self.val_sums = [a + b for a, b in zip(self.val_sums, sums)]
 
         def configure_optimizers(self):
-            from ..engine import build_optimizer, build_scheduler
+            from ddp_seq.train.engine import build_optimizer, build_scheduler
 
             optimizer = build_optimizer(self.parameters(), cfg)
             scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..process_group import exit_worker
+    from ddp_seq.parallel.process_group import exit_worker
 
     code = main()
     exit_worker(code)  # skips the gloo abort at interpreter exit that torch 2.13 sometimes hits

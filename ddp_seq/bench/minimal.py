@@ -3,7 +3,7 @@
 The short-sequence rows of the benchmark ask how much of a step is ddp_seq's own and how much is
 the computation plus the gradient all-reduce that any data-parallel job pays. This loop has
 nothing but those: ddp_seq's sampler and collate (the same shares of the same global batches),
-the default network written on the public :class:`~ddp_seq.rnn.PackedLSTM`, Adam with the same
+the default network written on the public :class:`~ddp_seq.nn.rnn.PackedLSTM`, Adam with the same
 warmup + cosine schedule and clipping, and -- by ``--sync`` -- either no gradient synchronisation
 at all (``none``: the computation alone; each rank's weights drift apart, so its metric means
 nothing), PyTorch's ``DistributedDataParallel`` with every step under ``no_sync`` (``nosync``: what
@@ -31,12 +31,12 @@ def train(cfg, out: Path, sync: str, ddp_kwargs: dict) -> None:
     """Train ``cfg.training.epochs`` epochs of ``cfg``'s synthetic task; append epoch records to ``out``."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ..builders import build_data
-    from ..data.batching import straggler_ratio
-    from ..engine import build_scheduler, evaluate, make_loader, make_sampler
-    from ..objective import TaskObjective
-    from ..process_group import distributed, peak_rss_mb, per_rank
-    from .user_model import UserLSTM
+    from ddp_seq.bench.user_model import UserLSTM
+    from ddp_seq.builders import build_data
+    from ddp_seq.data.sampler import straggler_ratio
+    from ddp_seq.parallel.process_group import distributed, peak_rss_mb, per_rank
+    from ddp_seq.train.engine import build_scheduler, evaluate, make_loader, make_sampler
+    from ddp_seq.train.objective import TaskObjective
 
     with distributed(cfg.distributed) as info:
         torch.manual_seed(cfg.training.seed)
@@ -99,7 +99,7 @@ def train(cfg, out: Path, sync: str, ddp_kwargs: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import load_config
+    from ddp_seq.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m ddp_seq.bench.minimal", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="a ddp_seq YAML config (data, model size, recipe)")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     train(cfg, out, args.sync, ddp_kwargs)
-    from ..process_group import exit_worker
+    from ddp_seq.parallel.process_group import exit_worker
 
     exit_worker(0)  # skips the gloo abort at interpreter exit that torch 2.13 workers sometimes hit
     return 0

@@ -89,8 +89,8 @@ def loss_and_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 def train(cfg, out: Path) -> None:
     """Train for ``cfg.training.epochs`` epochs, evaluating after each; append records to ``out``."""
-    from ..data.synthetic import make_synthetic, num_outputs
-    from ..process_group import peak_rss_mb
+    from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
+    from ddp_seq.parallel.process_group import peak_rss_mb
 
     torch.manual_seed(cfg.training.seed)
     if cfg.distributed.threads_per_rank:
@@ -150,7 +150,7 @@ def train(cfg, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import load_config
+    from ddp_seq.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m ddp_seq.bench.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="a ddp_seq YAML config (data, model size, recipe)")

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..runlog import format_table
-from .suite import (
+from ddp_seq.bench.suite import (
     BREAKDOWN,
     DDP_BF16,
     DDP_ROW,
@@ -19,6 +18,7 @@ from .suite import (
     USER_MODEL,
     metric_at,
 )
+from ddp_seq.loggers.runlog import format_table
 
 COLUMNS = ["configuration", "tokens_per_s", "vs_baseline", "seq_per_s", "epoch_s", "padding_efficiency",
            "straggler_ratio", "peak_rss_mb", "final_metric", "metric_at_budget"]

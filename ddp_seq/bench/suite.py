@@ -260,7 +260,7 @@ def default_variant(part: Part) -> str | None:
     """The row that is ddp_seq's default configuration (configs/default.yaml: ddp, bucket, auto)."""
     import torch
 
-    from ..model import resolve_execution
+    from ddp_seq.nn.seq_model import resolve_execution
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"{DDP} bucket+{resolve_execution('auto', device)}"
@@ -306,7 +306,7 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
     """Run every configuration of every part ``repeats`` times in alternation."""
     import torch
 
-    from ..config import load_config
+    from ddp_seq.config import load_config
 
     has_cuda, has_lightning = torch.cuda.is_available(), lightning_installed()
     parts, skipped, plan, config_only = SUITES[suite], {}, [], {}

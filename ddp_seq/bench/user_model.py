@@ -1,5 +1,5 @@
 """The benchmark's "user model": the default network written as a user would, outside ddp_seq's
-``SeqModel``, on the public :class:`~ddp_seq.rnn.PackedLSTM` -- trained through ``model.target``,
+``SeqModel``, on the public :class:`~ddp_seq.nn.rnn.PackedLSTM` -- trained through ``model.target``,
 so the row measures what the library path costs against the built-in one.
 
 Linear input layer -> ``PackedLSTM`` -> the last valid step's state -> linear head: the same
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..rnn import PackedLSTM
+from ddp_seq.nn.rnn import PackedLSTM
 
 
 class UserLSTM(nn.Module):

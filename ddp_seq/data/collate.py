@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .batching import Share
+from ddp_seq.data.sampler import Share
 
 #: Target value at padded time steps of per-step (tag) targets; ignored by loss and metrics.
 IGNORE_INDEX = -100
@@ -84,7 +84,7 @@ class Batch:
 
 
 class ShareItems(list):
-    """The dataset items of one :class:`~ddp_seq.data.batching.Share`, in its order, with the share
+    """The dataset items of one :class:`~ddp_seq.data.sampler.Share`, in its order, with the share
     itself (``share``): what :func:`collate` needs to fill in the global counts."""
 
     def __init__(self, items, share: Share) -> None:
@@ -101,7 +101,7 @@ def fetch(dataset, share: Share) -> ShareItems:
 
 class ShareDataset(Dataset):
     """``dataset`` as a DataLoader sees it, plus one thing: a batch fetched for a
-    :class:`~ddp_seq.data.batching.Share` keeps the share (through torch's batched-fetch hook
+    :class:`~ddp_seq.data.sampler.Share` keeps the share (through torch's batched-fetch hook
     ``__getitems__``), so :func:`collate` knows the global batch's counts -- a plain DataLoader
     hands ``collate_fn`` the items only. Use it as
     ``DataLoader(ShareDataset(dataset), batch_sampler=BucketBatchSampler(...), collate_fn=collate)``.

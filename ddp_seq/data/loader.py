@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from .batching import BucketBatchSampler
-from .collate import Batch, ShareDataset, collate
+from ddp_seq.data.collate import Batch, ShareDataset, collate
+from ddp_seq.data.sampler import BucketBatchSampler
 
 
 def build_loader(dataset, batch_sampler: BucketBatchSampler, collate_fn: Callable[[list], Batch] = collate, *,

@@ -3,7 +3,7 @@
 Usage: ``python tests/workers/ddp_worker.py SPEC.json OUT_DIR``
 
 ``SPEC.json`` holds ``{"scenarios": [{"name": str, "overrides": [str, ...]}, ...]}``. For each
-scenario every rank builds the real :class:`ddp_seq.trainer.Trainer` from the overrides, evaluates
+scenario every rank builds the real :class:`ddp_seq.train.trainer.Trainer` from the overrides, evaluates
 the freshly initialised model on the validation split, takes ONE optimizer step through
 ``Trainer.train_step`` on its shares of the first ``training.grad_accum`` global batches of epoch 0
 (one global batch unless gradients are accumulated), and evaluates again.
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ddp_seq import process_group as ddist
 from ddp_seq.builders import build_trainer
 from ddp_seq.config import load_config
 from ddp_seq.data.collate import collate, fetch
-from ddp_seq.process_group import exit_worker
-from ddp_seq.runlog import NullLogger
-from ddp_seq.trainer import evaluate
+from ddp_seq.loggers.runlog import NullLogger
+from ddp_seq.parallel import process_group as ddist
+from ddp_seq.parallel.process_group import exit_worker
+from ddp_seq.train.trainer import evaluate
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

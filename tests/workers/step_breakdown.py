@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ddp_seq import Trainer, load_config
 from ddp_seq.builders import build_parts
-from ddp_seq.process_group import distributed, exit_worker
+from ddp_seq.parallel.process_group import distributed, exit_worker
 
 
 def main() -> None:

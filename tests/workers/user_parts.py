@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ddp_seq import PackedGRU, Trainer, load_config
-from ddp_seq.process_group import distributed, exit_worker
+from ddp_seq.parallel.process_group import distributed, exit_worker
 
 OVERRIDES = ["batching.strategy=random", "batching.batch_size=16", "batching.eval_batch_size=8",
              "training.epochs=2", "training.lr=0.05", "training.warmup_steps=2", "training.log_every=4",

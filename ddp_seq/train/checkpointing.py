@@ -1,0 +1,98 @@
+"""How the :class:`~ddp_seq.train.trainer.Trainer` saves and resumes: its ``state_dict``, the collective
+checkpoint write, and what it logs when SIGTERM stops it. A mixin of the Trainer (it reads the
+trainer's model, optimizer, scheduler, sampler, state and logger), kept apart so each file stays short.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ddp_seq.config import to_dict
+from ddp_seq.parallel.process_group import all_reduce_sum
+from ddp_seq.train.checkpoint import link_latest, save_atomic
+from ddp_seq.train.resume import Preempted, capture_rng, check_plan, prune, restore_rng, step_path, stop_reason
+from ddp_seq.train.state import EpochProgress
+
+
+class CheckpointMixin:
+    """Checkpoints of a Trainer: every rank takes part in a save (RNG states are gathered); rank 0 writes."""
+
+    def _checkpoint_path(self, name: str) -> Path | None:
+        """``checkpoints/<name>`` of this run, or None when checkpoints are off."""
+        return self.run_dir / "checkpoints" / name if self.run_dir and self.cfg.checkpoint.save else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs but the RNG states (a collective, see :meth:`_save`): the
+        unwrapped model's, optimizer's, scheduler's and scaler's states, the loop's
+        :class:`~ddp_seq.train.state.TrainState`, the config, and ``checkpoint_extra``."""
+        s = self.state
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                **s.state_dict(), "plan": self.sampler.plan_key(), "config": to_dict(self.cfg), **self.extra,
+                "metrics": s.history[-1] if s.history else {}}
+
+    def load_state_dict(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
+        """Undo :meth:`state_dict` (the model's weights were loaded before DDP wrapped it)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        check_plan(state, self.sampler.plan_key(), str(source))
+        self.state.load_state_dict(state)
+        st, t = self.state, self.cfg.training
+        self.stop_reason = stop_reason(st.epoch, st.stale, t.epochs, t.patience, t.monitor)
+        st.finished = self.stop_reason is not None
+        self.saved_step = st.step
+        # Ranks that did not exist in the saved job (resumed on more ranks) take rank 0's states.
+        rng = state["rng"]
+        restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
+        saved_cfg, now = state["config"], to_dict(self.cfg)
+        changed = [f"{s}.{k} {saved_cfg[s].get(k)!r} -> {v!r}" for s in ("data", "batching", "model", "training")
+                   for k, v in now[s].items() if saved_cfg.get(s, {}).get(k) != v]
+        s = self.state
+        where = "the run had finished" if s.finished else \
+            f"epoch {s.epoch + 1}, global batch {s.position}/{self._batches_in(s.epoch)}"
+        self.log.info(f"resuming from {source}: {where}, step {s.step}, saved with world size {len(rng)}"
+                      + (f"; config changed since: {', '.join(changed)}" if changed else ""))
+
+    def _save(self, progress: EpochProgress, best: bool = False) -> Path | None:
+        """Every rank calls this at the same step; rank 0 writes ``step-<N>.pt`` and updates ``last.pt``."""
+        cfg, info = self.cfg.checkpoint, self.info
+        if not cfg.save or self.run_dir is None:
+            return None
+        start = time.perf_counter()
+        rng = [capture_rng()]
+        if info.distributed:  # RNG states differ per rank (e.g. dropout): keep every rank's
+            rng = [None] * info.world_size
+            dist.all_gather_object(rng, capture_rng())
+        self.saved_step = self.state.step
+        if not info.is_main:
+            return None
+        state = {**self.state_dict(), "progress": asdict(progress), "rng": rng}
+        directory = self.run_dir / "checkpoints"
+        path = save_atomic(state, step_path(directory, self.state.step))
+        link_latest(path, directory / "last.pt")
+        if best:
+            link_latest(path, directory / "best.pt")
+        prune(directory, cfg.keep_last)
+        seconds = time.perf_counter() - start
+        self.checkpoint_s += seconds
+        self.saves.append(seconds)
+        return path
+
+    def _preempted(self, where: str) -> Preempted:
+        """Log where SIGTERM stopped the run (its checkpoint is written) and build the exception."""
+        path = self._checkpoint_path("last.pt")
+        self.log.info(f"SIGTERM: stopped {where}; " + (f"checkpoint {path}. Run the same command again to resume."
+                                                        if path else "checkpoint.save=false: nothing saved."))
+        return Preempted(path)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM. Every rank asks at the same steps, so they stop together."""
+        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0])
+        return bool(all_reduce_sum(flag, self.info)[0] > 0)

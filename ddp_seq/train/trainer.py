@@ -1,0 +1,395 @@
+"""The Trainer: DDP training of a model it is handed, over per-rank shares of global batches,
+resumable at any step.
+
+It takes parts -- any ``nn.Module`` whose ``forward(inputs, lengths)`` gives what the objective
+reads, the train and val datasets of ``(sequence, target)`` items, an objective -- and the config
+for everything else; it never reads a file or builds a model (``ddp_seq.builders`` does that for
+the config path). ``training.mode`` changes only how the model is wrapped (``parallel.wrap_model``)
+and which collate prepares a batch (``collate_for``); loss normalisation, metrics, checkpoints (the
+unwrapped module's state) and resuming are the same code for ``ddp``, ``dp`` and ``single``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddp_seq.config import Config, check_mode
+from ddp_seq.data.collate import Batch
+from ddp_seq.data.sampler import lengths_of, straggler_ratio
+from ddp_seq.errors import UserError
+from ddp_seq.loggers.report import breakdown_table, columns_with, summary_lines
+from ddp_seq.loggers.runlog import NullLogger, RunLogger, format_table
+from ddp_seq.loggers.tensorboard import start_tensorboard
+from ddp_seq.parallel.process_group import DistInfo, all_reduce_sum, current_info, peak_rss_mb, per_rank
+from ddp_seq.parallel.wrap import wrap_model
+from ddp_seq.train.checkpoint import check_encoding, check_shapes, load_checkpoint
+from ddp_seq.train.checkpointing import CheckpointMixin
+from ddp_seq.train.engine import (
+    backward_global_mean,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    make_loader,
+    make_sampler,
+    native_bf16,
+    resolve_amp,
+)
+from ddp_seq.train.objective import Objective, as_objective
+from ddp_seq.train.resume import StopFlag, stop_reason
+from ddp_seq.train.state import EpochCounters, EpochProgress, TrainState
+from ddp_seq.train.steptime import PHASES, StepTimer, advice, breakdown_record
+
+__all__ = ["Trainer", "evaluate"]
+
+
+def _lengths(dataset, which: str):
+    """The sequence lengths of a dataset; a bad one is the user's error, named."""
+    try:
+        return lengths_of(dataset)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{which} data: {e}") from None
+
+
+class Trainer(CheckpointMixin):
+    """Trains ``model`` on ``train_data``, validating on ``val_data`` after every epoch; ``fit()`` runs the job.
+
+    Args:
+        model: any ``nn.Module`` with ``forward(inputs, lengths)`` (``inputs`` ``[B, T, F]`` float32
+            or ``[B, T]`` int64, ``lengths`` ``[B]`` int64 on the CPU -- or, in dp mode, on the
+            device); built with the same seed on every rank or not (DDP broadcasts rank 0's
+            weights). Moved to ``info.device`` here.
+        train_data, val_data: map-style datasets of ``(sequence, target)`` items (see
+            :func:`~ddp_seq.data.collate.collate`); a ``lengths`` attribute saves one pass over each.
+        cfg: everything else (batching, training, checkpoint, logging, distributed); default ``Config()``.
+        objective: a task name (``classify``, ``regress``, ``tag``), an :class:`~ddp_seq.train.objective.Objective`,
+            or a loss function ``(outputs, batch) -> (loss_sum, count)``; default ``cfg.data.task``.
+        info: this process's place in the job; default the current process group (or one process).
+        logger: what rank 0 prints and records (``runlog.make_logger``); default: rank 0 prints the
+            progress and epoch lines (``logging.progress``) and, with ``run_dir``, writes
+            ``train.log`` and ``metrics.jsonl`` there (and ``tensorboard/`` event files with
+            ``logging.tensorboard``); the other ranks stay silent. A logger of your own gets wandb
+            and TensorBoard from ``make_logger(..., tracker=tracking.start_tracking(...))``.
+        run_dir: where checkpoints (``checkpoints/``) and the default logger's files go, created if
+            missing; None = no checkpoints, no files.
+        resume_from: a checkpoint of this trainer's kind to continue from.
+        checkpoint_extra: plain values stored in every checkpoint (the builders store the data's
+            encoding and the model's inputs and outputs there, to rebuild it for ``predict``).
+        notes: lines to log at the start (what the data readers did, say).
+
+    Where training stands is ``(epoch, position)``: the next global batch to train is ``position``
+    in epoch ``epoch``'s list, which depends on (seed, epoch) only -- so a checkpoint taken with one
+    world size resumes exactly under another.
+
+    Raises:
+        UserError: a config that cannot work with these parts (fp16 on CPU, fewer training samples
+            than ranks, a monitored metric the objective does not produce), or a checkpoint that
+            does not fit the model.
+    """
+
+    def __init__(self, model: nn.Module, train_data, val_data, cfg: Config | None = None,
+                 objective: str | Objective | Callable | None = None, *, info: DistInfo | None = None,
+                 logger: NullLogger | None = None, run_dir: Path | None = None, resume_from: Path | None = None,
+                 checkpoint_extra: dict[str, Any] | None = None, notes: list[str] | tuple[str, ...] = ()) -> None:
+        self.cfg = cfg = cfg or Config()
+        self.info = info = info or current_info()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._owns_log = logger is None  # closed at the end of fit()
+        self.log = logger or self._default_logger()
+        self.objective = as_objective(cfg.data.task if objective is None else objective)
+        self.mode, self.notes, self.extra = cfg.training.mode, list(notes), dict(checkpoint_extra or {})
+        check_mode(self.mode, info.world_size)
+        if cfg.training.amp == "fp16" and info.device.type != "cuda":
+            raise UserError("training.amp: fp16 needs a CUDA device; use bf16 or none on CPU")
+        monitored = cfg.training.monitor.removeprefix("val_")
+        if monitored not in self.objective.metrics:
+            raise UserError(f"training.monitor: {cfg.training.monitor} is not among the metrics of objective "
+                            f"{self.objective.name} ({', '.join('val_' + m for m in self.objective.metrics)})")
+        self.train_data, self.val_data = train_data, val_data
+        train_lengths, val_lengths = _lengths(train_data, "train"), _lengths(val_data, "val")
+        if info.world_size > len(train_lengths):
+            raise UserError(f"data: {len(train_lengths)} training sequences cannot feed {info.world_size} ranks; "
+                            "use at least one per rank (data.num_train, or a bigger data.train_path)")
+        self.module = model.to(info.device)
+        state = load_checkpoint(resume_from) if resume_from is not None else None
+        if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
+            if "encoding" in self.extra:
+                check_encoding(state, self.extra["encoding"], str(resume_from))
+            check_shapes(state["model"], self.module, str(resume_from))
+            self.module.load_state_dict(state["model"])
+        self.model = wrap_model(self.module, self.mode, info, self.log)
+        self.sampler = make_sampler(train_lengths, cfg, info, train=True)
+        self.loader = make_loader(train_data, self.sampler, cfg)
+        self.val_loader = make_loader(val_data, make_sampler(val_lengths, cfg, info, train=False), cfg)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg)
+        self.total_steps = self._count_steps()
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        # training.amp=auto decided once for this device, not at every autocast of every step
+        self.amp = resolve_amp(cfg.training.amp, info.device)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.training.amp == "fp16")
+        self.state = TrainState()
+        self.last_grad_norm: torch.Tensor | None = None  # read when logging only
+        self.saved_step = -1  # the step of the newest checkpoint this process took part in
+        self.checkpoint_s = 0.0  # rank 0's time in mid-epoch checkpoints this epoch (gather + write)
+        self.saves: list[float] = []  # rank 0's seconds per checkpoint of this process
+        self.stop = StopFlag()
+        self.stop_reason: str | None = None  # why a resumed run trains no further
+        self.advice: str | None = None  # what the first epoch's step breakdown says would help
+        if state is not None:
+            self.load_state_dict(state, resume_from)
+
+    def _default_logger(self) -> NullLogger:
+        """Rank 0 prints (and writes train.log, metrics.jsonl and, with ``logging.tensorboard``,
+        TensorBoard event files into run_dir); the others are silent."""
+        # Every rank checks the setting (a missing run_dir fails everywhere, not on rank 0 alone).
+        tensorboard = start_tensorboard(self.cfg.logging.tensorboard, self.run_dir, self.info.is_main)
+        if not self.info.is_main:
+            return NullLogger()
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        return RunLogger(self.run_dir, self.cfg.logging.progress, tracker=tensorboard)
+
+    def _count_steps(self) -> int:
+        """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
+        accum = self.cfg.training.grad_accum
+        total = sum(-(-self._batches_in(epoch) // accum) for epoch in range(self.cfg.training.epochs))
+        self.sampler.set_epoch(0)
+        return total
+
+    def _batches_in(self, epoch: int) -> int:
+        """Global batches of ``epoch`` (a function of seed and epoch only)."""
+        self.sampler.set_epoch(epoch)
+        return len(self.sampler)
+
+    def _progress_now(self, counters: EpochCounters, segment_start: float) -> EpochProgress:
+        """The epoch's global totals as of the counters' last reduce (carried ones plus this segment's)."""
+        p = self.state.progress
+        return EpochProgress(p.loss_sum, p.count, p.real_tokens + counters.real_tokens,
+                             p.padded_tokens + sum(counters.padded_per_rank),
+                             p.seconds + time.perf_counter() - segment_start)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self, *batches: Batch, timer: StepTimer | None = None) -> tuple[torch.Tensor, float]:
+        """One optimizer step over one or more global batches' shares (gradient accumulation).
+
+        Returns the detached local loss *sum* over all of them, on the device (reading it would
+        wait for the device; the caller reads it only when it logs), and the global count N.
+        ``timer``: where the step's phases are timed (the loop's :class:`~ddp_seq.train.steptime.StepTimer`).
+        """
+        cfg, timer = self.cfg, timer or StepTimer(enabled=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count = backward_global_mean(self.model, self.module, self.objective, batches, self.scaler,
+                                            self.info, self.amp, timer)
+        if cfg.training.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.training.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        timer.mark("optimizer")
+        return total, count
+
+    def _step_groups(self, epoch: int, start: int) -> Iterator[list[Batch]]:
+        """This rank's batches from global batch ``start`` of ``epoch`` on, in groups of ``training.grad_accum``."""
+        self.sampler.load_state_dict({"version": 1, "epoch": epoch, "position": start})
+        batches = iter(self.loader)
+        while group := list(itertools.islice(batches, self.cfg.training.grad_accum)):
+            yield group
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train epoch ``epoch`` from ``state.position`` to its end; raises :class:`Preempted` on SIGTERM."""
+        timer = StepTimer(self.module, self.info.device)
+        try:
+            return self._train_epoch(epoch, timer)
+        finally:
+            timer.close()
+
+    def _train_epoch(self, epoch: int, timer: StepTimer) -> dict[str, Any]:
+        cfg, info, log, st = self.cfg, self.info, self.log, self.state
+        accum = cfg.training.grad_accum
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        num_batches, start_position = len(self.sampler), st.position
+        num_groups = -(-(num_batches - start_position) // accum)
+        done = -(-start_position // accum)  # groups finished before this segment
+        total_groups = done + num_groups
+        log.start_progress(num_groups, f"epoch {epoch + 1}/{cfg.training.epochs}")
+        counters = EpochCounters(info.world_size, info.rank, info.device)
+        step_times: list[float] = []
+        self.checkpoint_s = 0.0
+        check_every = cfg.checkpoint.signal_check_steps if info.distributed else 1
+        every = cfg.checkpoint.every_steps
+        start = last = time.perf_counter()
+        logged = 0  # steps already shown on the progress bar
+        reduce = functools.partial(all_reduce_sum, info=info)
+        step_start = time.perf_counter()  # a step's time includes waiting for its batches
+        timer.start()
+        for i, group in enumerate(self._step_groups(epoch, start_position)):
+            batches = [b.to(info.device) for b in group]
+            timer.mark("data")
+            local, count = self.train_step(*batches, timer=timer)
+            step_times.append(time.perf_counter() - step_start)
+            st.step += 1
+            st.position = min(num_batches, st.position + len(group))
+            counters.add(local, count, batches)
+            last_group = i + 1 == num_groups
+            # Every rank evaluates these conditions identically, so the collective below lines up.
+            log_now = (i + 1) % cfg.training.log_every == 0 or last_group
+            save_now = not last_group and bool(every) and st.step % every == 0
+            check_now = not last_group and (i + 1) % check_every == 0
+            stopping = False
+            if log_now or save_now or check_now:
+                timer.mark("other")
+                # The loss window, token counters and SIGTERM flag, merged into one all-reduce.
+                stopping = counters.reduce(st.progress, reduce, stop=self.stop.signal is not None) and not last_group
+                timer.mark("sync")
+            if log_now:
+                train_loss, real, padded, sequences = counters.take_window()
+                now = time.perf_counter()
+                seconds = max(now - last, 1e-9)
+                lr = self.optimizer.param_groups[0]["lr"]
+                log.record({"kind": "train", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
+                            "lr": lr, "elapsed_s": st.progress.seconds + now - start,
+                            "grad_norm": None if self.last_grad_norm is None else float(self.last_grad_norm),
+                            "seq_per_s": sequences / seconds, "tokens_per_s": real / seconds,
+                            "padding_efficiency": real / max(padded, 1)})
+                log.progress(i + 1 - logged, f"loss {train_loss:.4f}, {real / seconds:,.0f} tok/s",
+                             f"epoch {epoch + 1} step {done + i + 1}/{total_groups} loss {train_loss:.4f} "
+                             f"lr {lr:.2e} ({now - last:.1f}s)")
+                logged, last = i + 1, now
+            if last_group:
+                timer.end()
+                break  # the epoch-end checkpoint follows evaluation
+            if save_now or (stopping and self.saved_step != st.step):
+                self._save(self._progress_now(counters, start))
+            if stopping:  # any rank got SIGTERM: all stop here, at the same step
+                log.end_progress()
+                raise self._preempted(f"at epoch {epoch + 1}, step {st.step}")
+            timer.end()
+            step_start = time.perf_counter()
+            timer.start()
+        log.end_progress()
+        totals = self._progress_now(counters, start)
+        times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
+        ms = timer.ms_per_step()
+        # One all-reduce for every per-rank figure of the epoch: peak memory and the step breakdown.
+        ranks = per_rank([peak_rss_mb(), ms["step"], *(ms[p] for p in PHASES)], info)
+        breakdown = breakdown_record([dict(zip(("step", *PHASES), r[1:])) for r in ranks])
+        return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.count, 1),
+                "train_s": totals.seconds, "seq_per_s": len(self.sampler.lengths) / totals.seconds,
+                "tokens_per_s": totals.real_tokens / totals.seconds,
+                "padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
+                "real_tokens": int(totals.real_tokens),
+                "padded_tokens_per_rank": [int(t) for t in counters.padded_per_rank],
+                "straggler_ratio": straggler_ratio(self.sampler.batches(), self.sampler.lengths, info.world_size),
+                "step_s_p50": float(np.percentile(times, 50)), "step_s_p90": float(np.percentile(times, 90)),
+                "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s,
+                "peak_rss_mb": [r[0] for r in ranks], **breakdown}
+
+    def validate(self) -> dict[str, Any]:
+        """``{"val_<metric>": value}`` over every validation sample exactly once.
+
+        Scalars (the objective's metrics) are floats; the built-in classify and tag objectives add
+        per-class lists indexed by class id (``val_precision``, ``val_recall``, ``val_f1``,
+        ``val_support``, ``val_confusion``) and, when the data's encoding is known (the config
+        path), ``val_classes``: the class names in that order.
+        """
+        # ddp: the unwrapped module (no gradients to synchronise); dp: the DataParallel wrapper,
+        # so evaluation is split over the GPUs like training.
+        module = self.model if self.mode == "dp" else self.module
+        val = {f"val_{k}": v for k, v in
+               evaluate(module, self.val_data, self.cfg, self.info, self.objective, self.val_loader).items()}
+        classes = (self.extra.get("encoding") or {}).get("classes")
+        if "val_f1" in val and classes is not None and len(classes) == len(val["val_f1"]):
+            val["val_classes"] = list(classes)
+        return val
+
+    # -- the job --------------------------------------------------------------------------------
+
+    def _end_epoch(self, row: dict[str, Any], metrics: dict[str, Any]) -> bool:
+        """Record the finished epoch, decide best and early stopping; returns whether it is the best so far."""
+        cfg, log, monitor, st = self.cfg, self.log, self.cfg.training.monitor, self.state
+        row.update(metrics)
+        st.history.append(row)
+        log.record({"kind": "epoch", "step": st.step, **row})
+        log.info(f"epoch {row['epoch']}/{cfg.training.epochs}  train_loss {row['train_loss']:.4f}  "
+                 + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                 + f"  {row['tokens_per_s']:,.0f} tok/s  padding eff {row['padding_efficiency']:.3f}"
+                 f"  straggler {row['straggler_ratio']:.3f}  {row['train_s']:.1f}s")
+        value = metrics[monitor]
+        higher = self.objective.higher_is_better(monitor.removeprefix("val_"))
+        improved = st.best is None or (value > st.best["value"] if higher else value < st.best["value"])
+        if improved:
+            best_path = self._checkpoint_path("best.pt")
+            st.best = {"epoch": row["epoch"], "value": value, "metrics": metrics,
+                       "path": str(best_path) if best_path else None}
+        st.stale = 0 if improved else st.stale + 1
+        patience = cfg.training.patience
+        stopping = bool(patience and st.stale >= patience)
+        st.epoch, st.position, st.progress = row["epoch"], 0, EpochProgress()
+        # The same rule a resume applies (resume.stop_reason): epochs reached, or patience run out.
+        st.finished = stop_reason(st.epoch, st.stale, cfg.training.epochs, patience, monitor) is not None
+        if stopping:
+            log.info(f"early stopping: {monitor} did not improve for {patience} epoch(s)")
+        return improved
+
+    def fit(self) -> dict[str, Any]:
+        """Train from where the run stands to the configured epochs; return the summary."""
+        try:
+            return self._fit()
+        finally:
+            if self._owns_log:
+                self.log.close()
+
+    def _fit(self) -> dict[str, Any]:
+        log, monitor, st = self.log, self.cfg.training.monitor, self.state
+        params = sum(p.numel() for p in self.module.parameters())
+        log.info(f"training {self.objective.name} on {len(self.sampler.lengths)} sequences "
+                 f"({int(self.sampler.lengths.sum()):,} steps), {params:,} parameters, mode {self.mode}, "
+                 f"world size {self.info.world_size}, device {self.info.device}, "
+                 f"{torch.get_num_threads()} thread(s) per rank, {self.total_steps} steps")
+        if self.cfg.training.amp == "auto":
+            native = native_bf16(self.info.device)
+            log.info("training.amp=auto: " + (f"bf16 autocast ({native} on {self.info.device.type})" if native else
+                                               f"fp32 ({self.info.device.type} has no native bf16)"))
+        for line in self.notes:
+            log.info(line)
+        if st.finished:
+            log.info(self.stop_reason or "this run has already finished; nothing to train")
+        job_start, trained = time.perf_counter(), 0
+        with self.stop:
+            while not st.finished:
+                row = self.train_epoch(st.epoch)
+                improved = self._end_epoch(row, self.validate())
+                if trained == 0:  # what the first epoch's breakdown says would make the job faster
+                    self.advice = advice(row, self.info.world_size)
+                    if self.advice:
+                        log.info(self.advice)
+                trained += 1
+                self._save(st.progress, best=improved)
+                if not st.finished and self._stop_requested():
+                    raise self._preempted(f"after epoch {st.epoch}, step {st.step}")
+        wall = time.perf_counter() - job_start
+        last = self._checkpoint_path("last.pt")
+        summary = {"best_epoch": st.best["epoch"], f"best_{monitor}": st.best["value"],
+                   "best_checkpoint": st.best["path"], "last_checkpoint": str(last) if last else None,
+                   "wall_s": wall, "checkpoints": len(self.saves), "checkpoint_s": sum(self.saves),
+                   "tokens_per_s": sum(r["tokens_per_s"] for r in st.history) / len(st.history),
+                   "seq_per_s": sum(r["seq_per_s"] for r in st.history) / len(st.history), "advice": self.advice}
+        log.record({"kind": "summary", **summary})
+        # The same table and lines as `ddp-seq report` prints from metrics.jsonl later.
+        log.info("\n" + format_table(st.history, columns_with([f"val_{m}" for m in self.objective.metrics])))
+        breakdown = breakdown_table(st.history)
+        if breakdown:
+            log.info(breakdown)
+        log.info("\n".join(summary_lines(summary, monitor)))
+        return {**summary, "best_metrics": st.best["metrics"]}  # every val metric at the best epoch (k-fold)
