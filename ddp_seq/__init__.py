@@ -43,7 +43,7 @@ _EXPORTS = {
     "TaskObjective": "ddp_seq.train.objective",
     "LossFunction": "ddp_seq.train.objective",
     "Trainer": "ddp_seq.train.trainer",
-    "evaluate": "ddp_seq.train.engine",
+    "evaluate": "ddp_seq.train.evaluation",
     "Config": "ddp_seq.config",
     "load_config": "ddp_seq.config",
     "DistInfo": "ddp_seq.parallel.process_group",

@@ -3,7 +3,7 @@
 ``model.target`` / ``data.target`` name the user's own classes and functions
 (``package.module:Name`` or ``path/to/file.py:Name``); empty means the built-in ``SeqModel`` and
 the built-in readers. Code is imported only from a target the user gave in their own config or
-command line -- never because a checkpoint names one (see :func:`ddp_seq.train.checkpoint.trusted_config`).
+command line -- never because a checkpoint names one (see :func:`trusted_config`).
 Whatever a target gets wrong stops the job before training with one line naming the key.
 """
 
@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddp_seq.config import Config
+from ddp_seq.config import Config, ModelConfig, from_dict
 from ddp_seq.errors import UserError, first_line
+from ddp_seq.nn.seq_model import SeqModel, resolve_execution
+from ddp_seq.train.checkpoint import check_shapes, load_checkpoint
 
 #: What a model target may be called with (each passed only if its signature accepts it).
 MODEL_ARGS = ("task", "num_inputs", "num_outputs", "vocab_size")
@@ -135,12 +137,26 @@ def _max_over(dataset, reduce, item: int = 0) -> int:
     return int(max(reduce(np.asarray(dataset[i][item])) for i in range(len(dataset))))
 
 
+def seq_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The :class:`~ddp_seq.nn.seq_model.SeqModel` keyword arguments the ``model`` section sets
+    (``execution`` apart: it is resolved for a device)."""
+    return {"embedding_dim": cfg.embedding_dim, "hidden": cfg.hidden, "layers": cfg.layers, "cell": cfg.cell,
+            "bidirectional": cfg.bidirectional, "dropout": cfg.dropout, "pooling": cfg.pooling}
+
+
+def build_seq_model(task: str, num_inputs: int, num_outputs: int, cfg: ModelConfig, vocab_size: int = 0,
+                    device: torch.device | None = None) -> SeqModel:
+    """The built-in :class:`~ddp_seq.nn.seq_model.SeqModel` of the ``model`` section ``cfg`` on
+    ``device`` (``model.execution=auto`` resolved for it); the initial weights follow torch's global seed."""
+    device = device or torch.device("cpu")
+    return SeqModel(task, num_inputs, num_outputs, vocab_size=vocab_size, **seq_model_kwargs(cfg),
+                    execution=resolve_execution(cfg.execution, device)).to(device)
+
+
 def build_model(cfg: Config, data: DataParts, device: torch.device | None = None) -> nn.Module:
     """``model.target`` called with what it accepts among task, num_inputs, num_outputs, vocab_size and
     ``model.args``; or the built-in ``SeqModel``. The initial weights follow torch's global seed."""
     if not cfg.model.target:
-        from ddp_seq.nn.seq_model import build_model as build_seq_model
-
         return build_seq_model(cfg.data.task, data.num_inputs, data.num_outputs, cfg.model,
                                vocab_size=data.vocab_size, device=device)
     key = "model.target"
@@ -218,3 +234,59 @@ def build_trainer(cfg: Config, info, logger, run_dir: Path | None, resume_from: 
     data = parts.data
     return Trainer(parts.model, data.train, data.val, cfg, info=info, logger=logger, run_dir=run_dir,
                    resume_from=resume_from, checkpoint_extra=checkpoint_extra(data, fold), notes=data.notes)
+
+
+# -- rebuilding a model from a checkpoint (evaluate, predict, export) ----------------------------
+
+def encoding_of(state: dict[str, Any], cfg):
+    """The checkpoint's :class:`~ddp_seq.data.readers.encoding.Encoding`; checkpoints from before encodings were
+    stored (synthetic and npz data, integer classes) get the one their shapes imply."""
+    from ddp_seq.data.readers.encoding import Encoding
+
+    if state.get("encoding"):
+        return Encoding.from_state_dict(state["encoding"])
+    classes = None if cfg.data.task == "regress" else list(range(state["num_outputs"]))
+    return Encoding(None, classes, state["num_inputs"])
+
+
+#: Config keys that make ddp_seq import code; a checkpoint naming one is not enough to do so.
+TARGET_KEYS = ("model.target", "data.target")
+
+
+def trusted_config(state: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "checkpoint",
+                   trust_target: bool = False):
+    """The checkpoint's config with ``overrides``, refusing one that names a ``model.target`` or
+    ``data.target`` the user did not allow: a checkpoint is data, and loading it must never make
+    ddp_seq import code by itself (as ``weights_only=True`` never unpickles any). The user allows a
+    target by giving the key in ``overrides`` (their command line) or with ``trust_target``
+    (``--trust-target``, like Hugging Face's ``trust_remote_code``)."""
+    given = {item.partition("=")[0].strip() for item in overrides}
+    saved = state.get("config", {})
+    for key in TARGET_KEYS:
+        section, _, name = key.partition(".")
+        value = saved.get(section, {}).get(name, "") if isinstance(saved.get(section), dict) else ""
+        if value and not trust_target and key not in given:
+            raise UserError(f"{source}: its config names {key}={value}, code that ddp_seq imports only on your say-so; "
+                            f"pass {key}={value} on the command line if you trust it (or --trust-target)")
+    return from_dict(saved, overrides)
+
+
+def restore_model(state: dict[str, Any], cfg, source: str, device: torch.device | None = None) -> torch.nn.Module:
+    """The model a checkpoint's ``state`` holds, built for ``cfg`` (see :func:`trusted_config`) on
+    ``device`` with its weights loaded."""
+    encoding, task = encoding_of(state, cfg), cfg.data.task
+    vocab_size = state.get("vocab_size", encoding.vocab_size)
+    parts = DataParts(None, None, state.get("num_inputs", encoding.num_features),
+                      state.get("num_outputs", encoding.num_outputs(task)), vocab_size)
+    model = build_model(cfg, parts, device)
+    check_shapes(state["model"], model, source)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def model_from_checkpoint(path: str | Path, trust_target: bool = False):
+    """Rebuild the model saved in a checkpoint: returns ``(model, config, checkpoint dict)`` on the CPU.
+    A checkpoint of a user's ``model.target`` needs ``trust_target=True`` (see :func:`trusted_config`)."""
+    state = load_checkpoint(path)
+    cfg = trusted_config(state, (), str(path), trust_target)
+    return restore_model(state, cfg, str(path)), cfg, state

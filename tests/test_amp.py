@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddp_seq.cli import main
-from ddp_seq.train.engine import autocast, native_bf16, resolve_amp
+from ddp_seq.train.amp import autocast, native_bf16, resolve_amp
 
 CPU = torch.device("cpu")
 

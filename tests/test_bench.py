@@ -350,11 +350,10 @@ def test_render_only_regenerates_benchmarks_md_from_saved_results(tmp_path, caps
 def test_reference_model_is_ddp_seqs_model_on_the_packed_path():
     """Same layers created in the same order: the same seed gives the same weights and outputs."""
     from ddp_seq.bench.reference import PackedLSTM, SequenceDataset, pad_collate
-    from ddp_seq.config import ModelConfig
     from ddp_seq.nn.seq_model import SeqModel
 
     torch.manual_seed(3)
-    ours = SeqModel("classify", 8, 4, ModelConfig(hidden=16, layers=2, embedding_dim=12), execution="packed")
+    ours = SeqModel("classify", 8, 4, hidden=16, layers=2, embedding_dim=12, execution="packed")
     torch.manual_seed(3)
     theirs = PackedLSTM(8, 4, per_step=False, embedding_dim=12, hidden=16, layers=2)
     assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
@@ -467,11 +466,11 @@ def test_the_user_model_row_trains_the_default_network():
     row compares two models instead of two paths: same layers and order, same seed -> same weights
     and outputs."""
     from ddp_seq.bench.user_model import UserLSTM
+    from ddp_seq.builders import build_seq_model
     from ddp_seq.config import ModelConfig
-    from ddp_seq.nn.seq_model import build_model
 
     torch.manual_seed(0)
-    builtin = build_model("classify", 8, 4, ModelConfig(execution="padded"))
+    builtin = build_seq_model("classify", 8, 4, ModelConfig(execution="padded"))
     torch.manual_seed(0)
     user = UserLSTM(8, 4)
     shapes = [[(k, v.shape) for k, v in m.state_dict().items()] for m in (builtin, user)]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddp_seq.builders import build_seq_model, model_from_checkpoint
 from ddp_seq.config import load_config, to_dict
 from ddp_seq.errors import UserError
-from ddp_seq.nn.seq_model import build_model
-from ddp_seq.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_atomic
+from ddp_seq.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 
 
 class CreatesFile:
@@ -119,7 +119,7 @@ def test_model_from_checkpoint(tmp_path):
     cfg = load_config(overrides=["model.hidden=8", "model.embedding_dim=8", "model.cell=gru",
                                  "model.bidirectional=true"])
     torch.manual_seed(0)
-    model = build_model("classify", 8, 4, cfg.model)
+    model = build_seq_model("classify", 8, 4, cfg.model)
     path = save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "num_inputs": 8, "num_outputs": 4},
                        tmp_path / "m.pt")
     rebuilt, cfg2, state = model_from_checkpoint(path)
@@ -128,7 +128,7 @@ def test_model_from_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x, lengths), model.eval()(x, lengths), atol=0, rtol=0)
     # weights that do not fit the saved config: one line naming the file
-    other = build_model("classify", 8, 4, load_config(overrides=["model.hidden=5"]).model)
+    other = build_seq_model("classify", 8, 4, load_config(overrides=["model.hidden=5"]).model)
     bad = save_atomic({"model": other.state_dict(), "config": to_dict(cfg), "num_inputs": 8, "num_outputs": 4},
                       tmp_path / "bad.pt")
     expected = r"bad.pt: .*parameter 'input_layer.weight' has shape \[64, 8\] in the checkpoint but \[8, 8\]"

@@ -385,9 +385,8 @@ def test_load_splits_encodes_a_parquet_file(tmp_path):
 @pytest.mark.slow
 def test_train_and_predict_on_parquet_keep_the_input_order(tmp_path):
     """One tiny tag model trained in this process on a Parquet file; predict names every row in order."""
+    from ddp_seq.builders import encoding_of, model_from_checkpoint
     from ddp_seq.cli import main
-    from ddp_seq.cli.inference import encoding_of
-    from ddp_seq.train.checkpoint import model_from_checkpoint
 
     rng = np.random.default_rng(1)
     tokens = [[str(t) for t in rng.choice(list("abcde"), size=int(rng.integers(1, 7)))] for _ in range(48)]

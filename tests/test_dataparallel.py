@@ -22,7 +22,6 @@ from torch import nn
 from torch.nn.parallel import scatter_gather
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ddp_seq.config import ModelConfig
 from ddp_seq.data.collate import collate_dp, fetch
 from ddp_seq.data.sampler import Share
 from ddp_seq.nn.seq_model import SeqModel
@@ -117,8 +116,8 @@ def test_padded_tensor_and_lengths_split_reproduce_one_device(cpu_scatter, task,
     batch = collate_dp(fetch(data, Share(np.arange(len(LENGTHS)), True, len(LENGTHS), sum(LENGTHS))))
     assert batch.lengths.tolist() == sorted(LENGTHS, reverse=True)  # longest first, as the workaround does
     torch.manual_seed(0)
-    model = SeqModel(task, 4, 3, ModelConfig(cell=cell, hidden=8, layers=2, bidirectional=bidirectional,
-                                             embedding_dim=6), execution=execution)
+    model = SeqModel(task, 4, 3, cell=cell, hidden=8, layers=2, bidirectional=bidirectional, embedding_dim=6,
+                     execution=execution)
     one = model(batch.inputs, batch.model_lengths)
     grads_one = torch.autograd.grad(one.square().sum(), list(model.parameters()))
 
@@ -167,10 +166,10 @@ def test_replicas_sharing_the_backward_templates_run_safely_in_threads():
     path and run in threads; functional_call swaps weights into them, so without the lock in
     ``rnn._one_direction`` a replica can run with another replica's weights (observed: ~1 in 20)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(cell="lstm", hidden=16, layers=2, bidirectional=True, embedding_dim=8)
-    a = SeqModel("tag", 4, 3, cfg, execution="padded")
+    cfg = dict(cell="lstm", hidden=16, layers=2, bidirectional=True, embedding_dim=8)
+    a = SeqModel("tag", 4, 3, **cfg, execution="padded")
     torch.manual_seed(1)
-    b = SeqModel("tag", 4, 3, cfg, execution="padded")
+    b = SeqModel("tag", 4, 3, **cfg, execution="padded")
     b.rnn._templates = a.rnn._templates  # what replicate() does: replicas share the module's plain attributes
     x, lengths = torch.randn(4, 12, 4), torch.tensor([12, 9, 5, 2])
     with torch.no_grad():
@@ -225,7 +224,7 @@ def test_real_dataparallel_with_padded_tensor_and_lengths_matches_one_device(tas
     batch = collate_dp(fetch(data, Share(np.arange(len(LENGTHS)), True, len(LENGTHS), sum(LENGTHS)))).to(
         torch.device("cuda", 0))
     torch.manual_seed(0)
-    model = SeqModel(task, 4, 3, ModelConfig(hidden=8, layers=2, bidirectional=bidirectional, embedding_dim=6),
+    model = SeqModel(task, 4, 3, hidden=8, layers=2, bidirectional=bidirectional, embedding_dim=6,
                      execution=execution).cuda()
     one = model(batch.inputs, batch.model_lengths)
     grads_one = torch.autograd.grad(one.square().sum(), list(model.parameters()))

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from helpers import DDP_SCENARIOS
 
+from ddp_seq.builders import build_seq_model
 from ddp_seq.config import load_config
 from ddp_seq.data.collate import collate, fetch
 from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
 from ddp_seq.data.sampler import Share, global_batches
-from ddp_seq.nn.seq_model import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def reference_step(cfg, before: dict, lr: float, groups_per_term: list[list[list
     """SGD (no momentum) step from ``before`` on ``mean over terms of (sum of loss / count)``,
     each term being a list of index groups; with global gradient-norm clipping if configured."""
     data = make_synthetic(cfg.data, "train")
-    model = build_model(cfg.data.task, data.num_features, num_outputs(cfg.data), cfg.model)
+    model = build_seq_model(cfg.data.task, data.num_features, num_outputs(cfg.data), cfg.model)
     model.load_state_dict(before)
     model.train()
     params = dict(model.named_parameters())

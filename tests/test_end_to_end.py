@@ -14,15 +14,15 @@ import pytest
 import torch
 from helpers import TINY_YAML, Proc, python, torchrun
 
+from ddp_seq.builders import build_seq_model, model_from_checkpoint
 from ddp_seq.cli import main
 from ddp_seq.config import from_dict, load_config
 from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
 from ddp_seq.data.sampler import global_batches
-from ddp_seq.nn.seq_model import build_model
 from ddp_seq.parallel.process_group import DistInfo
-from ddp_seq.train.checkpoint import load_checkpoint, model_from_checkpoint
+from ddp_seq.train.checkpoint import load_checkpoint
+from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.objective import METRICS
-from ddp_seq.train.trainer import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def check_checkpoints_reproduce_logged_metrics(run: Run) -> None:
 
         cfg = from_dict(state["config"])
         val = make_synthetic(cfg.data, "val")
-        model = build_model(cfg.data.task, state["num_inputs"], num_outputs(cfg.data), cfg.model)
+        model = build_seq_model(cfg.data.task, state["num_inputs"], num_outputs(cfg.data), cfg.model)
         model.load_state_dict(state["model"])
         got = {f"val_{k}": v for k, v in evaluate(model, val, cfg, SINGLE).items()}
         logged = epochs[epoch]

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from helpers import DDP_SCENARIOS
 
+from ddp_seq.builders import build_seq_model
 from ddp_seq.config import load_config
 from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
 from ddp_seq.data.sampler import global_batches
-from ddp_seq.nn.seq_model import build_model
 from ddp_seq.parallel.process_group import DistInfo
+from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.objective import METRICS, PER_CLASS, class_metrics
-from ddp_seq.train.trainer import evaluate
 
 REL = 1e-6
 #: Metrics compared with a relative tolerance; every other one (counts and what derives from them) exactly.
@@ -90,7 +90,7 @@ def test_evaluate_equals_naive_per_sample_loop(task, execution):
                                  "batching.eval_batch_size=8", "training.monitor=val_loss"])
     data = make_synthetic(cfg.data, "val")
     torch.manual_seed(3)
-    model = build_model(task, data.num_features, num_outputs(cfg.data), cfg.model)
+    model = build_seq_model(task, data.num_features, num_outputs(cfg.data), cfg.model)
     model.train()
     got = evaluate(model, data, cfg, SINGLE)
     assert model.training, "evaluate() must restore the module's training mode"
@@ -118,7 +118,7 @@ def test_two_ranks_evaluate_exactly_like_one(ddp_runs, name, when):
 def test_two_ranks_evaluate_like_the_naive_loop(ddp_runs, name):
     cfg = load_config(overrides=DDP_SCENARIOS[name])
     data = make_synthetic(cfg.data, "val")
-    model = build_model(cfg.data.task, data.num_features, num_outputs(cfg.data), cfg.model)
+    model = build_seq_model(cfg.data.task, data.num_features, num_outputs(cfg.data), cfg.model)
     model.load_state_dict(ddp_runs.state(name, 2)["before"])
     want = naive_metrics(model, data, cfg.data.task)
     assert_metrics_equal(ddp_runs.metrics(name, 2)["before"], want)
@@ -136,7 +136,7 @@ def test_filler_and_uneven_eval_split_in_process():
                                  "batching.eval_batch_size=4", "training.monitor=val_loss"])
     data = make_synthetic(cfg.data, "val")
     torch.manual_seed(0)
-    model = build_model("tag", data.num_features, 2, cfg.model).eval()
+    model = build_seq_model("tag", data.num_features, 2, cfg.model).eval()
     total = None
     tag = objective.TaskObjective("tag")
     with torch.no_grad():

@@ -26,13 +26,18 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from ddp_seq.builders import DataParts, build_model, checkpoint_extra  # noqa: E402
+from ddp_seq.builders import (  # noqa: E402
+    DataParts,
+    build_model,
+    checkpoint_extra,
+    model_from_checkpoint,  # noqa: E402
+)
 from ddp_seq.cli import main  # noqa: E402
 from ddp_seq.cli.export import ATOL, OPSET, RTOL, check_onnx, export_command, padded_copy  # noqa: E402
 from ddp_seq.config import Config, to_dict  # noqa: E402
 from ddp_seq.data.readers.encoding import Encoding  # noqa: E402
 from ddp_seq.errors import UserError  # noqa: E402
-from ddp_seq.train.checkpoint import model_from_checkpoint, save_atomic  # noqa: E402
+from ddp_seq.train.checkpoint import save_atomic  # noqa: E402
 
 VOCAB = ["<pad>", "<unk>", *"abcdefghij"]
 CLASSES = ["B-x", "I-x", "O"]

@@ -16,11 +16,10 @@ import pytest
 import torch
 from helpers import torchrun
 
+from ddp_seq.builders import encoding_of, model_from_checkpoint
 from ddp_seq.cli import main
-from ddp_seq.cli.inference import encoding_of
 from ddp_seq.data.readers.corpus import write_samples
 from ddp_seq.data.readers.sources import load_inputs
-from ddp_seq.train.checkpoint import model_from_checkpoint
 
 pytestmark = pytest.mark.slow
 

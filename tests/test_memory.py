@@ -19,15 +19,15 @@ import pytest
 import torch
 from helpers import python, torchrun
 
+from ddp_seq.builders import build_seq_model
 from ddp_seq.config import DistributedConfig, load_config
 from ddp_seq.data.collate import IGNORE_INDEX, collate, collate_dp, fetch
 from ddp_seq.data.loader import build_loader
 from ddp_seq.data.readers.synthetic import SequenceData, make_synthetic, num_outputs
 from ddp_seq.data.sampler import Share
-from ddp_seq.nn.seq_model import build_model
 from ddp_seq.parallel.process_group import DistInfo
-from ddp_seq.train.engine import make_sampler
-from ddp_seq.train.trainer import evaluate
+from ddp_seq.train.evaluation import evaluate
+from ddp_seq.train.loaders import make_sampler
 
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend=None)
 
@@ -111,7 +111,7 @@ def test_metrics_unchanged_by_padding_to_a_multiple(task, cell, bidirectional, p
     cfg = load_config(overrides=common)
     data = make_synthetic(cfg.data, "val")
     torch.manual_seed(5)
-    model = build_model(task, data.num_features, num_outputs(cfg.data), cfg.model)
+    model = build_seq_model(task, data.num_features, num_outputs(cfg.data), cfg.model)
     results = {}
     for multiple in (1, 16):
         loader = build_loader(data, make_sampler(data, cfg, SINGLE, train=False),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddp_seq.config import ModelConfig
 from ddp_seq.nn.seq_model import SeqModel
 
 ATOL = 1e-5
@@ -22,10 +21,10 @@ HEAD_IDS = [f"{t}-{p}" if t != "tag" else "tag" for t, p in HEADS]
 def make_model(task: str, pooling: str, cell: str, bidirectional: bool, layers: int, execution: str,
                vocab: int = 0, seed: int = 0) -> SeqModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(cell=cell, hidden=6, layers=layers, bidirectional=bidirectional, dropout=0.0,
-                      pooling=pooling, embedding_dim=7)
+    cfg = dict(cell=cell, hidden=6, layers=layers, bidirectional=bidirectional, dropout=0.0,
+               pooling=pooling, embedding_dim=7)
     outputs = {"classify": CLASSES, "regress": 1, "tag": 2}[task]
-    return SeqModel(task, FEATURES, outputs, cfg, vocab_size=vocab, execution=execution).eval()
+    return SeqModel(task, FEATURES, outputs, **cfg, vocab_size=vocab, execution=execution).eval()
 
 
 def make_sequences(vocab: int = 0, seed: int = 1) -> list[torch.Tensor]:
@@ -128,9 +127,9 @@ def test_packed_and_padded_paths_agree_on_outputs_and_gradients(task, pooling, c
 def test_last_pooling_is_the_state_at_the_last_valid_step():
     """Unidirectional 'last' equals the tag head's view of the output at step length-1."""
     torch.manual_seed(0)
-    cfg = ModelConfig(cell="lstm", hidden=6, layers=1, bidirectional=False, pooling="last", embedding_dim=7)
-    clf = SeqModel("classify", FEATURES, 2, cfg, execution="packed").eval()
-    tag = SeqModel("tag", FEATURES, 2, cfg, execution="packed").eval()
+    cfg = dict(cell="lstm", hidden=6, layers=1, bidirectional=False, pooling="last", embedding_dim=7)
+    clf = SeqModel("classify", FEATURES, 2, **cfg, execution="packed").eval()
+    tag = SeqModel("tag", FEATURES, 2, **cfg, execution="packed").eval()
     tag.load_state_dict(clf.state_dict())
     inputs, lengths = pad(make_sequences())
     with torch.no_grad():
@@ -140,8 +139,12 @@ def test_last_pooling_is_the_state_at_the_last_valid_step():
 
 
 def test_bad_arguments_are_refused():
-    cfg = ModelConfig(hidden=4, embedding_dim=4)
+    cfg = dict(hidden=4, embedding_dim=4)
     with pytest.raises(ValueError, match="task"):
-        SeqModel("translate", FEATURES, 2, cfg)
+        SeqModel("translate", FEATURES, 2, **cfg)
     with pytest.raises(ValueError, match="execution"):
-        SeqModel("classify", FEATURES, 2, cfg, execution="auto")
+        SeqModel("classify", FEATURES, 2, **cfg, execution="auto")
+    with pytest.raises(ValueError, match="cell"):
+        SeqModel("classify", FEATURES, 2, **cfg, cell="rnn")
+    with pytest.raises(ValueError, match="pooling"):
+        SeqModel("classify", FEATURES, 2, **cfg, pooling="sum")

@@ -18,7 +18,7 @@ import torch
 from helpers import Proc, python, ragged, torchrun
 
 from ddp_seq.cli import main
-from ddp_seq.config import ConfigError, ModelConfig, check_mode, load_config
+from ddp_seq.config import ConfigError, check_mode, load_config
 from ddp_seq.data.collate import collate, collate_dp, collate_for, fetch
 from ddp_seq.data.sampler import Share
 from ddp_seq.errors import UserError
@@ -121,7 +121,7 @@ class Recorder(NullLogger):
 
 
 def test_wrap_model_per_mode():
-    module = SeqModel("classify", 3, 2, ModelConfig(hidden=4, embedding_dim=4, layers=1))
+    module = SeqModel("classify", 3, 2, hidden=4, embedding_dim=4, layers=1)
     for mode in ("ddp", "single"):
         log = Recorder()
         assert wrap_model(module, mode, CPU_ONE, log) is module and log.lines == []

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ddp_seq.cli import main as ddp_seq_main
-from ddp_seq.loggers.report import main, report, table_columns
+from ddp_seq.cli.report import main
+from ddp_seq.loggers.report import report, table_columns
 from ddp_seq.loggers.runlog import format_table
 from ddp_seq.train.objective import METRICS
 

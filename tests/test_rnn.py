@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ddp_seq.config import ModelConfig
 from ddp_seq.nn.rnn import PackedGRU, PackedLSTM, resolve_execution
 from ddp_seq.nn.seq_model import SeqModel
 
@@ -178,8 +177,8 @@ def test_state_dicts_are_interchangeable_with_torch_modules():
 
 def test_seq_model_keeps_the_torch_parameter_names():
     """Checkpoints of SeqModel with a plain nn.LSTM under ``rnn`` load unchanged."""
-    cfg = ModelConfig(cell="lstm", hidden=HIDDEN, layers=2, bidirectional=True, embedding_dim=FEATURES)
-    model = SeqModel("classify", 3, 2, cfg, execution="padded")
+    model = SeqModel("classify", 3, 2, cell="lstm", hidden=HIDDEN, layers=2, bidirectional=True, embedding_dim=FEATURES,
+                     execution="padded")
     assert isinstance(model.rnn, PackedLSTM) and model.rnn.execution == "padded"
     plain = nn.LSTM(FEATURES, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
     rnn_keys = [k for k in model.state_dict() if k.startswith("rnn.")]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, TINY_YAML, child_env
 
-from ddp_seq.train.checkpoint import load_checkpoint, model_from_checkpoint
+from ddp_seq.builders import model_from_checkpoint
+from ddp_seq.train.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("sbatch") is None,

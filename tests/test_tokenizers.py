@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddp_seq.builders import encoding_of, model_from_checkpoint
 from ddp_seq.cli import main
 from ddp_seq.config import ConfigError, DataConfig, load_config
 from ddp_seq.data.readers.encoding import PAD, SPECIALS, UNK, Encoding
@@ -26,7 +27,7 @@ from ddp_seq.data.readers.sources import load_eval_data, load_inputs, load_split
 from ddp_seq.data.readers.text import read_tsv, tokenize_texts
 from ddp_seq.data.readers.tokenizers import SubwordTokenizer, load_tokenizer, trained_tokenizer
 from ddp_seq.errors import UserError
-from ddp_seq.train.checkpoint import check_encoding, encoding_of, model_from_checkpoint
+from ddp_seq.train.checkpoint import check_encoding
 
 tokenizers = pytest.importorskip("tokenizers")
 spm = pytest.importorskip("sentencepiece")

@@ -20,11 +20,11 @@ import pytest
 import torch
 from helpers import torchrun
 
+from ddp_seq.builders import build_seq_model
 from ddp_seq.cli import main
 from ddp_seq.config import from_dict, load_config
 from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
 from ddp_seq.data.sampler import BucketBatchSampler
-from ddp_seq.nn.seq_model import build_model
 from ddp_seq.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def initial_weights(ckpt: dict) -> dict:
     """The weights the Trainer starts from: the same seed, the same construction."""
     cfg = from_dict(ckpt["config"])
     torch.manual_seed(cfg.training.seed)
-    return build_model(cfg.data.task, ckpt["num_inputs"], num_outputs(cfg.data), cfg.model).state_dict()
+    return build_seq_model(cfg.data.task, ckpt["num_inputs"], num_outputs(cfg.data), cfg.model).state_dict()
 
 
 def max_diff(a: dict, b: dict) -> float:

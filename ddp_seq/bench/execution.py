@@ -29,7 +29,6 @@ def _execution_rows(repeats: int, quick: bool, rng, device) -> dict[str, dict[st
     import numpy as np
     import torch
 
-    from ddp_seq.config import ModelConfig
     from ddp_seq.nn.seq_model import SeqModel
 
     hidden, batches, batch_size = (16, 2, 8) if quick else (128, 6, 32)
@@ -50,8 +49,8 @@ def _execution_rows(repeats: int, quick: bool, rng, device) -> dict[str, dict[st
                 for _ in range(repeats):
                     for execution in speed:
                         torch.manual_seed(0)
-                        cfg = ModelConfig(cell=cell, hidden=hidden, layers=2, bidirectional=bidirectional)
-                        model = SeqModel("classify", 8, 4, cfg, execution=execution).to(device)
+                        model = SeqModel("classify", 8, 4, cell=cell, hidden=hidden, layers=2,
+                                         bidirectional=bidirectional, execution=execution).to(device)
                         start = time.perf_counter()
                         for x, lengths in data:
                             model(x, lengths).sum().backward()

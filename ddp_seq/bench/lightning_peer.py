@@ -30,12 +30,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ddp_seq.bench.reference import PackedLSTM, SequenceDataset, loss_and_hits, pad_collate
+from ddp_seq.builders import seq_model_kwargs
 from ddp_seq.config import Config, load_config
 from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
 from ddp_seq.nn.seq_model import SeqModel
 from ddp_seq.parallel.process_group import DistInfo, all_reduce_sum, env_int, peak_rss_mb, per_rank, usable_cores
 from ddp_seq.train import objective
-from ddp_seq.train.engine import make_loader, make_sampler
+from ddp_seq.train.loaders import make_loader, make_sampler
 
 
 def build(cfg: Config, setup: str, out: Path):
@@ -58,7 +59,8 @@ def build(cfg: Config, setup: str, out: Path):
         val_loader = DataLoader(val_set, batch_size=max(1, cfg.batching.eval_batch_size // world),
                                 collate_fn=pad_collate)
     else:
-        model = SeqModel(task, train_data.values.shape[1], num_outputs(cfg.data), cfg.model, execution="padded")
+        model = SeqModel(task, train_data.values.shape[1], num_outputs(cfg.data), **seq_model_kwargs(cfg.model),
+                         execution="padded")
         # ddp_seq's public sampler and loader, as the trainer builds them; Lightning calls set_epoch.
         train_loader = make_loader(train_data, make_sampler(train_data, cfg, info, train=True), cfg)
         val_loader = make_loader(val_data, make_sampler(val_data, cfg, info, train=False), cfg)
@@ -94,7 +96,7 @@ def build(cfg: Config, setup: str, out: Path):
             self.val_sums = [a + b for a, b in zip(self.val_sums, sums)]
 
         def configure_optimizers(self):
-            from ddp_seq.train.engine import build_optimizer, build_scheduler
+            from ddp_seq.train.optim import build_optimizer, build_scheduler
 
             optimizer = build_optimizer(self.parameters(), cfg)
             scheduler = build_scheduler(optimizer, cfg, total_steps)

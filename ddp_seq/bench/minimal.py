@@ -35,8 +35,10 @@ def train(cfg, out: Path, sync: str, ddp_kwargs: dict) -> None:
     from ddp_seq.builders import build_data
     from ddp_seq.data.sampler import straggler_ratio
     from ddp_seq.parallel.process_group import distributed, peak_rss_mb, per_rank
-    from ddp_seq.train.engine import build_scheduler, evaluate, make_loader, make_sampler
+    from ddp_seq.train.evaluation import evaluate
+    from ddp_seq.train.loaders import make_loader, make_sampler
     from ddp_seq.train.objective import TaskObjective
+    from ddp_seq.train.optim import build_scheduler
 
     with distributed(cfg.distributed) as info:
         torch.manual_seed(cfg.training.seed)

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["report"]:
-        from ddp_seq.loggers.report import main as report_main
+        from ddp_seq.cli.report import main as report_main
 
         return report_main(argv[1:])
     if argv[:1] == ["parity"]:

@@ -270,9 +270,9 @@ def export_command(checkpoint: str, output: str, fmt: str = "onnx", overrides: l
     problem is a one-line :class:`UserError`: unknown format, unwritable output, missing packages,
     unreadable checkpoint, a model that does not export, or a mismatch.
     """
+    from ddp_seq.builders import restore_model
     from ddp_seq.cli.inference import _check_output, _read
     from ddp_seq.fileio import write_bytes_atomic
-    from ddp_seq.train.checkpoint import restore_model
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: unknown; the formats are {', '.join(FORMATS)}")

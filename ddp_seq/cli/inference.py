@@ -6,7 +6,8 @@ the encoding -- vocabulary and classes -- so a new file is encoded exactly as tr
 its data, without the training file.
 
 * ``evaluate`` counts every sample exactly once whatever the world size: each rank evaluates its
-  shares of length-sorted global batches, and sums and counts are all-reduced (``engine.evaluate``).
+  shares of length-sorted global batches, and sums and counts are all-reduced
+  (:func:`ddp_seq.train.evaluation.evaluate`).
 * ``predict`` writes one JSON line per input sample, in input order although batches are sorted
   by length: each rank predicts its shares, rank 0 gathers the rows, orders them by their position
   in the input and writes a temporary file that is renamed over ``--output`` only when complete.
@@ -23,11 +24,12 @@ from typing import Any
 
 import torch
 
+from ddp_seq.builders import encoding_of, restore_model, trusted_config
 from ddp_seq.config import Config
 from ddp_seq.data.readers.encoding import Encoding
 from ddp_seq.data.readers.sequences import SequenceData
 from ddp_seq.errors import UserError
-from ddp_seq.train.checkpoint import encoding_of, load_checkpoint, restore_model, trusted_config
+from ddp_seq.train.checkpoint import load_checkpoint
 
 
 def _read(checkpoint: str, overrides: list[str], trust_target: bool) -> tuple[dict[str, Any], Config, Encoding]:
@@ -53,7 +55,7 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
     """
     from ddp_seq.data.readers.sources import load_eval_data
     from ddp_seq.parallel.process_group import distributed
-    from ddp_seq.train.engine import evaluate
+    from ddp_seq.train.evaluation import evaluate
 
     state, cfg, encoding = _read(checkpoint, overrides, trust_target)
     with distributed(cfg.distributed) as info:
@@ -101,7 +103,8 @@ def _coverage(data: SequenceData, index: int, truncate: str) -> dict[str, Any]:
 def _predict_rows(model: torch.nn.Module, data: SequenceData, cfg: Config, encoding: Encoding,
                   info) -> list[tuple[int, dict[str, Any]]]:
     """``(input position, output row)`` of this rank's samples (its shares of the sorted global batches)."""
-    from ddp_seq.train.engine import autocast, make_loader, make_sampler, resolve_amp
+    from ddp_seq.train.amp import autocast, resolve_amp
+    from ddp_seq.train.loaders import make_loader, make_sampler
 
     task, classes, truncate, rows = cfg.data.task, encoding.classes, cfg.data.truncate, []
     amp = resolve_amp(cfg.training.amp, info.device)  # once, not per batch

@@ -1,4 +1,6 @@
-"""``ddp-seq report RUN_DIR ...``: the end-of-run table of a run, rebuilt from its ``metrics.jsonl``.
+"""The end-of-run report: the epoch table, the step-time breakdown, the summary lines and the
+per-class table, printed by ``Trainer.fit`` and rebuilt from a run's ``metrics.jsonl`` by
+:func:`report` (``ddp-seq report RUN_DIR ...``).
 
 The table and the summary lines are the ones ``Trainer.fit`` prints when the run ends, so a run
 whose output scrolled away (or was never seen: a Slurm job) can be read again. A run without a
@@ -9,15 +11,14 @@ the last record of each epoch wins (the resumed attempt's, which the checkpointe
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ddp_seq.errors import UserError
+from ddp_seq.loggers.records import METRICS, PHASES
 from ddp_seq.loggers.runlog import format_table
 
 #: Summary keys that start with ``best_`` but are not the monitored metric.
@@ -26,8 +27,6 @@ _BEST_OTHER = ("best_epoch", "best_checkpoint")
 
 def table_columns(task: str) -> list[str]:
     """The columns of the end-of-run table for ``task`` (what ``Trainer.fit`` prints)."""
-    from ddp_seq.train.objective import METRICS  # imports torch: only when a task is known
-
     return columns_with([f"val_{k}" for k in METRICS[task]])
 
 
@@ -119,8 +118,6 @@ def summary_lines(summary: dict[str, Any], monitor: Any = None) -> list[str]:
 def breakdown_table(epochs: list[dict[str, Any]]) -> str | None:
     """Where each epoch's step time went: ms per step per phase (mean over ranks) and the share of
     synchronisation; None when the records carry no breakdown (runs from before it existed)."""
-    from ddp_seq.train.steptime import PHASES  # no torch needed for the names, but steptime imports it: only here
-
     rows = []
     for r in epochs:
         if not isinstance(r.get("step_ms"), list) or not r["step_ms"]:
@@ -139,7 +136,8 @@ MAX_PRINTED_CONFUSION = 20
 
 
 def class_report(metrics: dict[str, Any], classes: list | None = None) -> list[str]:
-    """Lines for the per-class results of ``metrics`` (``engine.evaluate``'s, classify or tag): a table
+    """Lines for the per-class results of ``metrics`` (what :func:`ddp_seq.train.evaluation.evaluate` returns, for
+    classify or tag): a table
     of class, precision, recall, F1 and support, then the confusion matrix (rows = true class,
     columns = predicted) when there are at most :data:`MAX_PRINTED_CONFUSION` classes. ``classes``:
     the names by class id (the encoding's); None or a list of another length = the ids. No lines
@@ -229,24 +227,4 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``ddp-seq report RUN_DIR [RUN_DIR ...]``: print each run's report; 2 if any could not be read."""
-    parser = argparse.ArgumentParser(prog="ddp-seq report", description="print the end-of-run table of training "
-                                     "runs again, from their metrics.jsonl")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path, help="run directory (logging.root/name)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    code, many = 0, len(args.run_dirs) > 1
-    for i, run_dir in enumerate(args.run_dirs):
-        try:
-            text = report(run_dir)
-        except UserError as e:
-            print(f"ddp-seq: error: {e}", file=sys.stderr, flush=True)
-            code = 2
-            continue
-        if many:
-            text = ("" if i == 0 else "\n") + f"==> {run_dir} <==\n{text}"
-        print(text, flush=True)
-    return code
-
-
-__all__ = ["breakdown_table", "class_report", "main", "report", "summary_lines", "table_columns"]
+__all__ = ["breakdown_table", "class_report", "report", "summary_lines", "table_columns"]

@@ -1,7 +1,7 @@
 """TensorBoard event files in the run directory (``logging.tensorboard=true``), written by rank 0 only.
 
 Each ``metrics.jsonl`` record becomes scalars named as wandb names them
-(:func:`ddp_seq.loggers.tracking.record_scalars`: ``train/train_loss``, ``epoch/val_accuracy``,
+(:func:`ddp_seq.loggers.records.record_scalars`: ``train/train_loss``, ``epoch/val_accuracy``,
 ``epoch/padded_tokens_per_rank/rank1``, ...) at the record's ``step`` (the optimizer step). The
 summary's numbers go under ``summary/...`` at the last step this process logged. Strings, None
 and nested lists are left out.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp_seq.errors import UserError, first_line
+from ddp_seq.loggers.records import record_scalars
 
 INSTALL = "pip install 'ddp-seq[tensorboard]'"
 SUBDIR = "tensorboard"  # <run_dir>/tensorboard/
@@ -62,8 +63,6 @@ class TensorBoardRun:
 
     def log(self, record: dict[str, Any]) -> None:
         """Write the scalars of one ``metrics.jsonl`` record (see the module docstring)."""
-        from ddp_seq.loggers.tracking import record_scalars
-
         start = time.perf_counter()
         kind = record.get("kind")
         if kind == "summary":

@@ -3,7 +3,8 @@ grouped) and TensorBoard event files (rank 0 only, :mod:`ddp_seq.loggers.tensorb
 trainer never asks; it hands every record to its logger, which forwards it here.
 
 The records are the ones written to ``metrics.jsonl``, named by one function (:func:`record_scalars`),
-so wandb, TensorBoard and the files agree.
+so wandb, TensorBoard and the files agree
+(:func:`ddp_seq.loggers.records.record_scalars`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from ddp_seq.config import Config, to_dict
 from ddp_seq.errors import UserError, first_line
-from ddp_seq.train.objective import PER_CLASS
+from ddp_seq.loggers.records import record_scalars
 
 
 def wandb_mode(cfg: Config) -> str:
@@ -27,36 +28,6 @@ def wandb_mode(cfg: Config) -> str:
     if mode not in ("disabled", "offline", "online"):
         raise UserError(f"WANDB_MODE={mode!r}: expected disabled, offline or online (or unset, then wandb.mode)")
     return mode
-
-
-def record_scalars(record: dict[str, Any]) -> dict[str, int | float]:
-    """The numbers of one ``metrics.jsonl`` record, named as wandb and TensorBoard show them.
-
-    ``<kind>/<key>`` for ``train`` and ``epoch`` records, ``<key>`` for the others (the summary).
-    A per-class list (``val_precision``, ``val_recall``, ``val_f1``, ``val_support``) gives
-    ``<name>/<class>`` for each class, named from ``val_classes`` when the record has it; any other
-    list (one value per rank, e.g. ``padded_tokens_per_rank``) gives ``<name>/rank<i>`` for each
-    element that is a number. Everything else -- ``kind`` and ``step`` themselves, None, strings,
-    dicts, the lists inside a nested list (a confusion matrix) -- is left out: trackers chart scalars.
-    """
-    kind = record.get("kind")
-    values: dict[str, int | float] = {}
-    for key, value in record.items():
-        # *_classes holds class names, which are integers when the labels were class indices: not metrics.
-        if key in ("kind", "step") or value is None or key.endswith("_classes"):
-            continue
-        name = f"{kind}/{key}" if kind in ("train", "epoch") else key
-        if isinstance(value, list):  # numbers only: not the confusion matrix (lists) nor class names
-            prefix, _, metric = key.partition("_")
-            if metric in PER_CLASS:
-                classes = record.get(f"{prefix}_classes") or []
-                labels = [str(classes[i]) if i < len(classes) else f"class{i}" for i in range(len(value))]
-            else:
-                labels = [f"rank{i}" for i in range(len(value))]
-            values.update({f"{name}/{label}": v for label, v in zip(labels, value) if isinstance(v, (int, float))})
-        elif isinstance(value, (int, float)):
-            values[name] = value
-    return values
 
 
 class WandbRun:

@@ -16,46 +16,62 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddp_seq.config import ModelConfig
 from ddp_seq.nn.rnn import EXECUTIONS, PackedGRU, PackedLSTM, resolve_execution, reverse_within_lengths
 
-__all__ = ["EXECUTIONS", "TASKS", "SeqModel", "build_model", "resolve_execution", "reverse_within_lengths"]
+__all__ = ["CELLS", "EXECUTIONS", "POOLINGS", "TASKS", "SeqModel", "resolve_execution", "reverse_within_lengths"]
 
 TASKS = ("classify", "regress", "tag")
+CELLS = ("lstm", "gru")
+POOLINGS = ("last", "mean", "max")
 
 
 class SeqModel(nn.Module):
     """A recurrent sequence model for classify (one label per sequence), regress (one value per
-    sequence) and tag (one label per time step).
+    sequence) and tag (one label per time step): input layer -> :class:`PackedLSTM` /
+    :class:`PackedGRU` -> dropout -> linear head.
 
     Args:
         task: ``classify``, ``regress`` or ``tag``.
         num_inputs: feature channels per step; ignored when ``vocab_size`` > 0.
         num_outputs: classes (classify, tag) or 1 (regress).
-        cfg: the model section of the config.
-        vocab_size: > 0 when the inputs are token ids (an Embedding replaces the input Linear).
-        execution: ``packed`` or ``padded`` (see the module doc); resolve ``auto`` first.
+        vocab_size: > 0 when the inputs are token ids (an Embedding, row 0 for padding, replaces the
+            input Linear).
+        embedding_dim: width of the input layer.
+        hidden: hidden units per direction.
+        layers: stacked recurrent layers.
+        cell: ``lstm`` or ``gru``.
+        bidirectional: run a second RNN over each sequence backwards.
+        dropout: between recurrent layers (when ``layers`` > 1) and before the head.
+        pooling: classify/regress: ``last`` (each sequence's own last valid state), ``mean`` or
+            ``max`` over its valid steps.
+        execution: ``packed`` or ``padded`` (see the module doc); resolve ``auto`` first
+            (:func:`resolve_execution`).
+
+    Raises:
+        ValueError: an unknown ``task``, ``cell``, ``pooling`` or ``execution``.
     """
 
-    def __init__(self, task: str, num_inputs: int, num_outputs: int, cfg: ModelConfig, vocab_size: int = 0,
+    def __init__(self, task: str, num_inputs: int, num_outputs: int, *, vocab_size: int = 0,
+                 embedding_dim: int = 64, hidden: int = 128, layers: int = 2, cell: str = "lstm",
+                 bidirectional: bool = False, dropout: float = 0.0, pooling: str = "last",
                  execution: str = "packed"):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        self.task, self.pooling, self.execution = task, cfg.pooling, execution
+        for name, value, allowed in (("task", task, TASKS), ("cell", cell, CELLS), ("pooling", pooling, POOLINGS),
+                                     ("execution", execution, EXECUTIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.task, self.pooling, self.execution = task, pooling, execution
         if vocab_size > 0:
-            self.input_layer: nn.Module = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=0)
+            self.input_layer: nn.Module = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         else:
-            self.input_layer = nn.Linear(num_inputs, cfg.embedding_dim)
-        rnn_cls = {"lstm": PackedLSTM, "gru": PackedGRU}[cfg.cell]
+            self.input_layer = nn.Linear(num_inputs, embedding_dim)
+        rnn_cls = {"lstm": PackedLSTM, "gru": PackedGRU}[cell]
         self.rnn: PackedLSTM | PackedGRU = rnn_cls(
-            cfg.embedding_dim, cfg.hidden, num_layers=cfg.layers, bidirectional=cfg.bidirectional,
-            dropout=cfg.dropout if cfg.layers > 1 else 0.0, execution=execution)
-        self.directions = 2 if cfg.bidirectional else 1
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(cfg.hidden * self.directions, num_outputs)
+            embedding_dim, hidden, num_layers=layers, bidirectional=bidirectional,
+            dropout=dropout if layers > 1 else 0.0, execution=execution)
+        self.directions = 2 if bidirectional else 1
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden * self.directions, num_outputs)
 
     def forward(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Run on a padded batch.
@@ -84,10 +100,3 @@ class SeqModel(nn.Module):
         y = self.head(self.dropout(pooled))
         return y.squeeze(-1) if self.task == "regress" else y
 
-
-def build_model(task: str, num_inputs: int, num_outputs: int, cfg: ModelConfig, vocab_size: int = 0,
-                device: torch.device | None = None) -> SeqModel:
-    """Construct a :class:`SeqModel` for ``device`` (the initial weights follow torch's global seed)."""
-    device = device or torch.device("cpu")
-    execution = resolve_execution(cfg.execution, device)
-    return SeqModel(task, num_inputs, num_outputs, cfg, vocab_size, execution).to(device)

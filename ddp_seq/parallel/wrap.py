@@ -9,18 +9,19 @@ the tests on machines without several GPUs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_seq.loggers.runlog import NullLogger
 from ddp_seq.parallel.process_group import DistInfo
 
 
-def wrap_model(module: nn.Module, mode: str, info: DistInfo, log: NullLogger) -> nn.Module:
+def wrap_model(module: nn.Module, mode: str, info: DistInfo, log: Any) -> nn.Module:
     """The module the trainer calls for ``training.mode``; ``module`` itself stays the unwrapped one.
 
-    ``dp`` logs once (through ``log``: rank 0's logger, and dp has only rank 0) how many GPUs
+    ``dp`` logs once (through ``log.info``: rank 0's logger, and dp has only rank 0) how many GPUs
     DataParallel splits over -- on a machine without GPUs DataParallel only calls the module.
     """
     if mode == "dp":

@@ -18,18 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ddp_seq.data.collate import IGNORE_INDEX, Batch
-
-#: Scalar metric names per task, in print order. ``loss`` is the training loss per sample (per
-#: token for tag); ``f1_macro`` is derived from the confusion counts, the others are sums / count.
-METRICS = {"classify": ("loss", "accuracy", "f1_macro"), "tag": ("loss", "accuracy", "f1_macro"),
-           "regress": ("loss", "mse", "mae")}
+from ddp_seq.loggers.records import METRICS, PER_CLASS  # noqa: F401 -- PER_CLASS: part of this module's API
 
 #: The metrics :func:`metric_sums` sums (each divided by the count in :func:`finalize`).
 SUMMED = {"classify": ("loss", "accuracy"), "tag": ("loss", "accuracy"), "regress": ("loss", "mse", "mae")}
-
-#: Per-class results of classify and tag besides :data:`METRICS`: lists indexed by class id, and
-#: ``confusion`` (rows = true class, columns = predicted class, as scikit-learn's ``confusion_matrix``).
-PER_CLASS = ("precision", "recall", "f1", "support", "confusion")
 
 #: Whether a larger value of the metric is better.
 HIGHER_IS_BETTER = {"loss": False, "accuracy": True, "f1_macro": True, "mse": False, "mae": False}

@@ -26,8 +26,8 @@ import time
 import torch
 from torch import nn
 
-#: The phases, in the order a step goes through them.
-PHASES = ("data", "forward", "backward", "sync", "optimizer", "other")
+from ddp_seq.loggers.records import PHASES
+
 #: On CUDA, one step in this many is timed (each mark synchronises the device on it).
 CUDA_EVERY = 10
 #: Advice is given when a phase takes at least this share of the step on average over ranks.

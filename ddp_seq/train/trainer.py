@@ -31,21 +31,16 @@ from ddp_seq.loggers.runlog import NullLogger, RunLogger, format_table
 from ddp_seq.loggers.tensorboard import start_tensorboard
 from ddp_seq.parallel.process_group import DistInfo, all_reduce_sum, current_info, peak_rss_mb, per_rank
 from ddp_seq.parallel.wrap import wrap_model
+from ddp_seq.train.amp import native_bf16, resolve_amp
 from ddp_seq.train.checkpoint import check_encoding, check_shapes, load_checkpoint
 from ddp_seq.train.checkpointing import CheckpointMixin
-from ddp_seq.train.engine import (
-    backward_global_mean,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    make_loader,
-    make_sampler,
-    native_bf16,
-    resolve_amp,
-)
+from ddp_seq.train.evaluation import evaluate
+from ddp_seq.train.loaders import make_loader, make_sampler
 from ddp_seq.train.objective import Objective, as_objective
+from ddp_seq.train.optim import build_optimizer, build_scheduler
 from ddp_seq.train.resume import StopFlag, stop_reason
 from ddp_seq.train.state import EpochCounters, EpochProgress, TrainState
+from ddp_seq.train.step import backward_global_mean
 from ddp_seq.train.steptime import PHASES, StepTimer, advice, breakdown_record
 
 __all__ = ["Trainer", "evaluate"]

@@ -29,7 +29,7 @@ from ddp_seq.data.collate import collate, fetch
 from ddp_seq.loggers.runlog import NullLogger
 from ddp_seq.parallel import process_group as ddist
 from ddp_seq.parallel.process_group import exit_worker
-from ddp_seq.train.trainer import evaluate
+from ddp_seq.train.evaluation import evaluate
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
