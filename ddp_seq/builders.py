@@ -243,10 +243,11 @@ def encoding_of(state: dict[str, Any], cfg):
     stored (synthetic and npz data, integer classes) get the one their shapes imply."""
     from ddp_seq.data.readers.encoding import Encoding
 
-    if state.get("encoding"):
-        return Encoding.from_state_dict(state["encoding"])
-    classes = None if cfg.data.task == "regress" else list(range(state["num_outputs"]))
-    return Encoding(None, classes, state["num_inputs"])
+    extra = state.get("extra") or {}
+    if extra.get("encoding"):
+        return Encoding.from_state_dict(extra["encoding"])
+    classes = None if cfg.data.task == "regress" else list(range(extra["num_outputs"]))
+    return Encoding(None, classes, extra["num_inputs"])
 
 
 #: Config keys that make ddp_seq import code; a checkpoint naming one is not enough to do so.
@@ -274,10 +275,10 @@ def trusted_config(state: dict[str, Any], overrides: list[str] | tuple[str, ...]
 def restore_model(state: dict[str, Any], cfg, source: str, device: torch.device | None = None) -> torch.nn.Module:
     """The model a checkpoint's ``state`` holds, built for ``cfg`` (see :func:`trusted_config`) on
     ``device`` with its weights loaded."""
-    encoding, task = encoding_of(state, cfg), cfg.data.task
-    vocab_size = state.get("vocab_size", encoding.vocab_size)
-    parts = DataParts(None, None, state.get("num_inputs", encoding.num_features),
-                      state.get("num_outputs", encoding.num_outputs(task)), vocab_size)
+    encoding, task, extra = encoding_of(state, cfg), cfg.data.task, state.get("extra") or {}
+    vocab_size = extra.get("vocab_size", encoding.vocab_size)
+    parts = DataParts(None, None, extra.get("num_inputs", encoding.num_features),
+                      extra.get("num_outputs", encoding.num_outputs(task)), vocab_size)
     model = build_model(cfg, parts, device)
     check_shapes(state["model"], model, source)
     model.load_state_dict(state["model"])

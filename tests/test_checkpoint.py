@@ -120,17 +120,17 @@ def test_model_from_checkpoint(tmp_path):
                                  "model.bidirectional=true"])
     torch.manual_seed(0)
     model = build_seq_model("classify", 8, 4, cfg.model)
-    path = save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "num_inputs": 8, "num_outputs": 4},
-                       tmp_path / "m.pt")
+    path = save_atomic({"model": model.state_dict(), "config": to_dict(cfg),
+                        "extra": {"num_inputs": 8, "num_outputs": 4}}, tmp_path / "m.pt")
     rebuilt, cfg2, state = model_from_checkpoint(path)
-    assert cfg2 == cfg and state["num_inputs"] == 8
+    assert cfg2 == cfg and state["extra"]["num_inputs"] == 8
     x, lengths = torch.randn(3, 7, 8), torch.tensor([7, 2, 5])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x, lengths), model.eval()(x, lengths), atol=0, rtol=0)
     # weights that do not fit the saved config: one line naming the file
     other = build_seq_model("classify", 8, 4, load_config(overrides=["model.hidden=5"]).model)
-    bad = save_atomic({"model": other.state_dict(), "config": to_dict(cfg), "num_inputs": 8, "num_outputs": 4},
-                      tmp_path / "bad.pt")
+    bad = save_atomic({"model": other.state_dict(), "config": to_dict(cfg),
+                       "extra": {"num_inputs": 8, "num_outputs": 4}}, tmp_path / "bad.pt")
     expected = r"bad.pt: .*parameter 'input_layer.weight' has shape \[64, 8\] in the checkpoint but \[8, 8\]"
     with pytest.raises(UserError, match=expected) as err:
         model_from_checkpoint(bad)

@@ -62,8 +62,9 @@ def make_checkpoint(path: Path, task: str, cell: str, bidirectional: bool, token
                       encoding.state_dict())
     torch.manual_seed(seed)
     model = build_model(cfg, parts)
-    return save_atomic({"model": model.state_dict(), "config": to_dict(cfg), **checkpoint_extra(parts),
-                        "epoch": 1, "step": 4, "metrics": {"val_loss": 1.0}}, path)
+    return save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "extra": checkpoint_extra(parts),
+                        "sampler": {"version": 1, "epoch": 1, "position": 0},
+                        "train_state": {"version": 2, "step": 4, "history": [{"val_loss": 1.0}]}}, path)
 
 
 def batch(tokens: bool, lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,7 +372,7 @@ def test_a_user_model_that_does_not_export_is_one_line(tmp_path, capsys, monkeyp
     encoding = Encoding(VOCAB, CLASSES, 0)
     parts = DataParts(None, None, 0, 3, len(VOCAB), encoding.state_dict())
     model = build_model(cfg, parts)
-    ckpt = save_atomic({"model": model.state_dict(), "config": to_dict(cfg), **checkpoint_extra(parts)},
+    ckpt = save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "extra": checkpoint_extra(parts)},
                        tmp_path / "user.pt")
     assert main(["export", "--checkpoint", str(ckpt), "--output", "m.onnx"]) == 2  # not trusted
     assert "model.target=user_model.py:Packed" in one_error_line(capsys)

@@ -199,7 +199,7 @@ def test_monitor_f1_macro_picks_the_best_checkpoint(tmp_path):
     from workers.user_parts import MeanPoolGRU, make_datasets
 
     from ddp_seq import Trainer, load_config
-    from ddp_seq.train.checkpoint import load_checkpoint
+    from ddp_seq.train.checkpoint import load_checkpoint, trained_at
 
     train, val = make_datasets(num_train=32, num_val=16)
     cfg = load_config(overrides=["training.epochs=3", "batching.batch_size=16", "training.lr=0.05",
@@ -213,7 +213,8 @@ def test_monitor_f1_macro_picks_the_best_checkpoint(tmp_path):
     best = max(range(3), key=lambda i: (f1[i], -i))  # the first of the highest
     assert summary["best_epoch"] == best + 1 and summary["best_val_f1_macro"] == f1[best]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert state["epoch"] == best + 1 and state["metrics"]["val_f1_macro"] == f1[best]
+    at = trained_at(state)
+    assert at["epoch"] == best + 1 and at["metrics"]["val_f1_macro"] == f1[best]
     assert "val_classes" not in epochs[0]  # a user's datasets: no encoding, no names
     assert class_metrics(epochs[best]["val_confusion"])["f1_macro"] == f1[best]
 

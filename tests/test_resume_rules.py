@@ -19,8 +19,9 @@ PLAN = BucketBatchSampler([2] * 10, 4, num_replicas=1, rank=0).plan_key()
 
 
 def saved(position: int, finished: bool = False, **plan) -> dict:
-    return {"epoch": 0, "position": position, "finished": finished, "plan": {**PLAN, **plan},
-            "config": {"batching": {}, "training": {}}}
+    """The parts of a checkpoint that ``check_plan`` reads."""
+    return {"sampler": {"version": 1, "epoch": 0, "position": position, "plan": {**PLAN, **plan}},
+            "train_state": {"finished": finished}, "config": {"batching": {}, "training": {}}}
 
 
 def test_a_changed_plan_is_refused_mid_epoch_only():
@@ -32,7 +33,7 @@ def test_a_changed_plan_is_refused_mid_epoch_only():
     with pytest.raises(UserError, match=r"training.seed 5 -> 0, the training data's sequences 11 -> 10"):
         check_plan(saved(1, seed=5, num_samples=11), PLAN, "ck.pt")
     # A checkpoint from before the plan was stored: its config's batching keys and seed decide.
-    old = {"epoch": 0, "position": 2, "finished": False,
+    old = {"sampler": {"version": 1, "epoch": 0, "position": 2}, "train_state": {"finished": False},
            "config": {"batching": {"batch_size": 4, "max_tokens": 0, "strategy": "bucket", "pool": 50,
                                    "padding_noise": 0.0}, "training": {"seed": 0}}}
     check_plan(old, PLAN, "ck.pt")

@@ -11,7 +11,7 @@ import torch
 from ddp_seq.cli.rundir import decide_run
 from ddp_seq.config import load_config
 from ddp_seq.errors import UserError
-from ddp_seq.train.checkpoint import check_shapes, link_latest, load_checkpoint, save_atomic
+from ddp_seq.train.checkpoint import RESUMABLE, check_shapes, link_latest, load_checkpoint, save_atomic
 from ddp_seq.train.resume import (
     capture_rng,
     job_identity,
@@ -24,14 +24,19 @@ from ddp_seq.train.resume import (
 )
 
 
+def resumable(step: int = 0) -> dict:
+    """A checkpoint with every part a resume needs (empty but for the step)."""
+    return {**{part: {} for part in RESUMABLE}, "train_state": {"step": step}}
+
+
 def write_steps(directory, steps):
     for step in steps:
-        save_atomic({"position": 0, "step": step}, step_path(directory, step))
+        save_atomic(resumable(step), step_path(directory, step))
 
 
 def test_prune_keeps_the_newest_and_never_best(tmp_path):
     write_steps(tmp_path, [3, 10, 7, 12])
-    save_atomic({"position": 0}, tmp_path / "best.pt")
+    save_atomic(resumable(), tmp_path / "best.pt")
     prune(tmp_path, keep_last=2)
     assert [s for s, _ in step_checkpoints(tmp_path)] == [10, 12]
     assert (tmp_path / "best.pt").exists()
@@ -52,7 +57,7 @@ def test_link_latest_points_at_the_target_and_replaces_atomically(tmp_path):
     write_steps(tmp_path, [1, 2])
     link_latest(step_path(tmp_path, 1), tmp_path / "last.pt")
     link_latest(step_path(tmp_path, 2), tmp_path / "last.pt")
-    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "last.pt")["train_state"]["step"] == 2
     assert (tmp_path / "last.pt").stat().st_ino == step_path(tmp_path, 2).stat().st_ino
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -127,7 +132,7 @@ def test_resume_modes(tmp_path, clean_env):
     with pytest.raises(UserError, match="already holds a run"):
         decide_run(load_config(overrides=[f"logging.root={tmp_path}", "logging.name=exp", "checkpoint.resume=none"]))
     elsewhere = tmp_path / "elsewhere.pt"
-    save_atomic({"position": 0}, elsewhere)
+    save_atomic(resumable(), elsewhere)
     by_path = load_config(overrides=[f"logging.root={tmp_path}", "logging.name=exp", f"checkpoint.resume={elsewhere}"])
     assert decide_run(by_path)[1] == elsewhere
     clean_env.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restart continues from the run's own newest

@@ -222,7 +222,7 @@ def test_a_changed_tokenizer_file_is_refused_at_resume(files, tmp_path):
     tok = tmp_path / "tok.model"
     tok.write_bytes(files["sentencepiece"].read_bytes())
     cfg = DataConfig(format="tsv", tokenizer=str(tok), train_path=str(path))
-    saved = {"encoding": load_splits(cfg).encoding.state_dict()}
+    saved = {"extra": {"encoding": load_splits(cfg).encoding.state_dict()}}
     check_encoding(saved, load_splits(cfg).encoding.state_dict(), "last.pt")  # the same file: resumes
     train_spm(tok, seed=1)  # another model under the same name
     with pytest.raises(UserError) as info:

@@ -45,6 +45,7 @@ from torch import nn
 
 from ddp_seq.config_fields import TEXT_FORMATS
 from ddp_seq.errors import UserError, first_line
+from ddp_seq.train.checkpoint import trained_at
 
 FORMATS = ("onnx",)
 #: The ONNX opset the model is written with (torch 2.13's default, pinned so a torch upgrade does not change it).
@@ -248,16 +249,16 @@ def metadata_of(state: dict[str, Any], cfg, encoding) -> dict[str, str]:
     """The ``metadata_props`` of an exported checkpoint: task, inputs, vocabulary, classes, the tokenizer where
     one cut the training text (:func:`tokenizer_metadata`); values are JSON text, or plain strings where
     docs/export.md says so."""
-    vocab_size = state.get("vocab_size", encoding.vocab_size)
+    extra = state.get("extra") or {}
+    vocab_size = extra.get("vocab_size", encoding.vocab_size)
     return {
         "ddp_seq.task": cfg.data.task,
         "ddp_seq.inputs": "tokens" if vocab_size > 0 else "features",
-        "ddp_seq.num_features": json.dumps(0 if vocab_size > 0 else state.get("num_inputs", encoding.num_features)),
+        "ddp_seq.num_features": json.dumps(0 if vocab_size > 0 else extra.get("num_inputs", encoding.num_features)),
         "ddp_seq.vocab": json.dumps(encoding.vocab, ensure_ascii=False),
         "ddp_seq.classes": json.dumps(encoding.classes, ensure_ascii=False),
         **tokenizer_metadata(cfg, encoding),
-        "ddp_seq.trained": json.dumps({"epoch": state.get("epoch"), "step": state.get("step"),
-                                       "metrics": state.get("metrics", {})}),
+        "ddp_seq.trained": json.dumps(trained_at(state)),
     }
 
 
@@ -282,8 +283,9 @@ def export_command(checkpoint: str, output: str, fmt: str = "onnx", overrides: l
     require_onnx()
     state, cfg, encoding = _read(checkpoint, list(overrides), trust_target)
     model = restore_model(state, cfg, checkpoint, torch.device("cpu")).eval()
-    vocab_size = int(state.get("vocab_size", encoding.vocab_size))
-    num_inputs = int(state.get("num_inputs", encoding.num_features))
+    extra = state.get("extra") or {}
+    vocab_size = int(extra.get("vocab_size", encoding.vocab_size))
+    num_inputs = int(extra.get("num_inputs", encoding.num_features))
     name = f"model.target: {cfg.model.target}" if cfg.model.target else "model: the built-in SeqModel"
     onnx_bytes = to_onnx(padded_copy(model), vocab_size, num_inputs, metadata_of(state, cfg, encoding), name)
     worst = check_onnx(onnx_bytes, model, cfg.data.task, vocab_size, num_inputs)

@@ -29,7 +29,7 @@ from ddp_seq.config import Config
 from ddp_seq.data.readers.encoding import Encoding
 from ddp_seq.data.readers.sequences import SequenceData
 from ddp_seq.errors import UserError
-from ddp_seq.train.checkpoint import load_checkpoint
+from ddp_seq.train.checkpoint import load_checkpoint, trained_at
 
 
 def _read(checkpoint: str, overrides: list[str], trust_target: bool) -> tuple[dict[str, Any], Config, Encoding]:
@@ -42,7 +42,8 @@ def _read(checkpoint: str, overrides: list[str], trust_target: bool) -> tuple[di
 
 
 def _trained_at(state: dict[str, Any]) -> str:
-    return f"epoch {state.get('epoch')}, step {state.get('step')}"
+    at = trained_at(state)
+    return f"epoch {at['epoch']}, step {at['step']}"
 
 
 def evaluate_command(checkpoint: str, overrides: list[str], output: str | None = None,
@@ -65,7 +66,7 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
 
             data, notes = build_data(cfg).val, []
         else:
-            data, notes = load_eval_data(cfg.data, encoding, state.get("fold"))
+            data, notes = load_eval_data(cfg.data, encoding, (state.get("extra") or {}).get("fold"))
         metrics = evaluate(model, data, cfg, info)
         source = getattr(data, "source", cfg.data.target)
         result = {"checkpoint": checkpoint, "data": source, "samples": len(data), **metrics}

@@ -138,9 +138,10 @@ MAX_PRINTED_CONFUSION = 20
 def class_report(metrics: dict[str, Any], classes: list | None = None) -> list[str]:
     """Lines for the per-class results of ``metrics`` (what :func:`ddp_seq.train.evaluation.evaluate`
     returns for classify or tag): a table of class, precision, recall, F1 and support, then the
-    confusion matrix (rows = true class, columns = predicted) when there are at most :data:`MAX_PRINTED_CONFUSION` classes. ``classes``:
-    the names by class id (the encoding's); None or a list of another length = the ids. No lines
-    when ``metrics`` has no per-class results (regress, a user objective)."""
+    confusion matrix (rows = true class, columns = predicted) when there are at most
+    :data:`MAX_PRINTED_CONFUSION` classes. ``classes``: the names by class id (the encoding's); None
+    or a list of another length = the ids. No lines when ``metrics`` has no per-class results
+    (regress, a user objective)."""
     if not isinstance(metrics.get("f1"), list):
         return []
     count = len(metrics["f1"])

@@ -28,14 +28,17 @@ class CheckpointMixin:
         return self.run_dir / "checkpoints" / name if self.run_dir and self.cfg.checkpoint.save else None
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs but the RNG states (a collective, see :meth:`_save`): the
-        unwrapped model's, optimizer's, scheduler's and scaler's states, the loop's
+        """Every part a resume needs but the RNG states (a collective, see :meth:`_save`), each under
+        its key of :data:`~ddp_seq.train.checkpoint.PARTS` as its own ``state_dict()`` returns it:
+        the unwrapped model, optimizer, LR scheduler, grad scaler, the sampler's position (the next
+        global batch, ``(epoch, position)``, and the plan it indexes), the loop's
         :class:`~ddp_seq.train.state.TrainState`, the config, and ``checkpoint_extra``."""
-        s = self.state
+        st = self.state
+        self.sampler.set_epoch(st.epoch)  # the same epoch mid-epoch; the next one at an epoch's end
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                **s.state_dict(), "plan": self.sampler.plan_key(), "config": to_dict(self.cfg), **self.extra,
-                "metrics": s.history[-1] if s.history else {}}
+                "sampler": self.sampler.state_dict(position=st.position), "train_state": st.state_dict(),
+                "config": to_dict(self.cfg), "extra": dict(self.extra)}
 
     def load_state_dict(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
         """Undo :meth:`state_dict` (the model's weights were loaded before DDP wrapped it)."""
@@ -43,8 +46,11 @@ class CheckpointMixin:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         check_plan(state, self.sampler.plan_key(), str(source))
-        self.state.load_state_dict(state)
         st, t = self.state, self.cfg.training
+        st.load_state_dict(state["train_state"])
+        # The data position is the sampler's: the trainer's loop loads it into the sampler at every
+        # epoch it starts (``_step_groups``), from (epoch, position).
+        st.epoch, st.position = state["sampler"]["epoch"], state["sampler"]["position"]
         self.stop_reason = stop_reason(st.epoch, st.stale, t.epochs, t.patience, t.monitor)
         st.finished = self.stop_reason is not None
         self.saved_step = st.step
@@ -54,10 +60,9 @@ class CheckpointMixin:
         saved_cfg, now = state["config"], to_dict(self.cfg)
         changed = [f"{s}.{k} {saved_cfg[s].get(k)!r} -> {v!r}" for s in ("data", "batching", "model", "training")
                    for k, v in now[s].items() if saved_cfg.get(s, {}).get(k) != v]
-        s = self.state
-        where = "the run had finished" if s.finished else \
-            f"epoch {s.epoch + 1}, global batch {s.position}/{self._batches_in(s.epoch)}"
-        self.log.info(f"resuming from {source}: {where}, step {s.step}, saved with world size {len(rng)}"
+        where = "the run had finished" if st.finished else \
+            f"epoch {st.epoch + 1}, global batch {st.position}/{self._batches_in(st.epoch)}"
+        self.log.info(f"resuming from {source}: {where}, step {st.step}, saved with world size {len(rng)}"
                       + (f"; config changed since: {', '.join(changed)}" if changed else ""))
 
     def _save(self, progress: EpochProgress, best: bool = False) -> Path | None:
@@ -73,7 +78,8 @@ class CheckpointMixin:
         self.saved_step = self.state.step
         if not info.is_main:
             return None
-        state = {**self.state_dict(), "progress": asdict(progress), "rng": rng}
+        state = {**self.state_dict(), "rng": rng}
+        state["train_state"]["progress"] = asdict(progress)
         directory = self.run_dir / "checkpoints"
         path = save_atomic(state, step_path(directory, self.state.step))
         link_latest(path, directory / "last.pt")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ddp_seq.errors import UserError
-from ddp_seq.train.checkpoint import load_checkpoint
+from ddp_seq.train.checkpoint import is_resumable, load_checkpoint
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 # Exit code of a process that stopped on SIGTERM after checkpointing (128 + SIGTERM, the shell's
@@ -59,7 +59,7 @@ def newest_valid(directory: Path, warn) -> Path | None:
         except UserError as e:
             warn(f"skipping {e}")
             continue
-        if "position" in state:
+        if is_resumable(state):
             return path
         warn(f"skipping {path}: not a resumable step checkpoint")
     return None
@@ -139,23 +139,27 @@ PLAN_SOURCES = {"batch_size": "batching.batch_size", "max_tokens": "batching.max
 def check_plan(state: dict[str, Any], plan: dict[str, Any], source: str) -> None:
     """Refuse a mid-epoch resume whose epoch would be cut into other batches than the saved run's.
 
+    ``state``: a loaded checkpoint (its ``sampler``, ``train_state`` and ``config`` parts); ``plan``:
+    the current sampler's ``plan_key()``.
+
     The saved position counts global batches of the epoch's plan; under another plan (another
     batch size, token budget, strategy, seed or data) the batches after it hold other samples, so
     the rest of the epoch would skip some and repeat others. An epoch-end checkpoint (position 0)
     is free to change them: the next epoch is planned anew. World size and ``grad_accum`` never
     change the plan.
     """
-    if state.get("finished") or not state.get("position"):
+    data = state["sampler"]
+    if state["train_state"].get("finished") or not data.get("position"):
         return
-    saved = state.get("plan")
+    saved = data.get("plan")
     if saved is None:  # checkpoints from before the plan was stored: compare the config keys it came from
         old = state["config"]
         saved = {k: old["batching"].get(k) for k in ("batch_size", "max_tokens", "strategy", "pool", "padding_noise")}
         saved["seed"] = old["training"].get("seed")
     changed = [f"{PLAN_SOURCES.get(k, k)} {v!r} -> {plan.get(k)!r}" for k, v in saved.items() if plan.get(k) != v]
     if changed:
-        raise UserError(f"checkpoint.resume: {source} stopped in epoch {state['epoch'] + 1} after global batch "
-                        f"{state['position']}, and that epoch's batches have changed since ({', '.join(changed)}): "
+        raise UserError(f"checkpoint.resume: {source} stopped in epoch {data['epoch'] + 1} after global batch "
+                        f"{data['position']}, and that epoch's batches have changed since ({', '.join(changed)}): "
                         "the rest of the epoch would skip or repeat samples. Resume with the saved values, or "
                         "from a checkpoint taken at an epoch end (checkpoint.resume=PATH)")
 

@@ -31,7 +31,9 @@ class TrainState:
     optimizer steps; ``history`` holds one record per finished epoch; ``best`` the best epoch's
     monitored value; ``stale`` epochs since it improved; ``finished`` whether the run is done."""
 
-    VERSION = 1
+    # 1: everything above, in a flat checkpoint (format 2). 2: without (epoch, position), which
+    # the checkpoint keeps as the sampler's part (the data position).
+    VERSION = 2
 
     step: int = 0
     epoch: int = 0
@@ -43,17 +45,18 @@ class TrainState:
     finished: bool = False
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain values only (a ``weights_only`` checkpoint holds them), with ``train_state_version``."""
-        return {"train_state_version": self.VERSION, "step": self.step, "epoch": self.epoch,
-                "position": self.position, "progress": asdict(self.progress), "history": self.history,
-                "best": self.best, "stale": self.stale, "finished": self.finished}
+        """Plain values only (a ``weights_only`` checkpoint holds them), with ``version``. ``epoch``
+        and ``position`` are not in it: they are the sampler's state (``BucketBatchSampler.state_dict``)."""
+        return {"version": self.VERSION, "step": self.step, "progress": asdict(self.progress),
+                "history": self.history, "best": self.best, "stale": self.stale, "finished": self.finished}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Undo :meth:`state_dict` (checkpoints from before the version key count as version 1)."""
-        version = state.get("train_state_version", 1)
+        """Undo :meth:`state_dict` (``epoch`` and ``position`` are left as they are: set them from
+        the sampler's state)."""
+        version = state.get("version")
         if version != self.VERSION:
             raise UserError(f"training state version {version!r}; this ddp_seq reads {self.VERSION}")
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step = state["step"]
         self.progress = EpochProgress(**state["progress"])
         self.history, self.best = state["history"], state["best"]
         self.stale, self.finished = state["stale"], state["finished"]
