@@ -1,0 +1,2 @@
+"""Recurrent layers (``PackedLSTM``, ``PackedGRU``) and the built-in ``SeqModel``: plain PyTorch
+modules, no config (see README.md)."""
