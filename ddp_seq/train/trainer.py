@@ -76,8 +76,9 @@ class Trainer(CheckpointMixin):
         run_dir: where checkpoints (``checkpoints/``) and the default logger's files go, created if
             missing; None = no checkpoints, no files.
         resume_from: a checkpoint of this trainer's kind to continue from.
-        checkpoint_extra: plain values stored in every checkpoint (the builders store the data's
-            encoding and the model's inputs and outputs there, to rebuild it for ``predict``).
+        checkpoint_extra: plain values stored in every checkpoint, as its ``extra`` part (the
+            builders store the data's encoding and the model's inputs and outputs there, to rebuild
+            it for ``predict``).
         notes: lines to log at the start (what the data readers did, say).
 
     Where training stands is ``(epoch, position)``: the next global batch to train is ``position``
