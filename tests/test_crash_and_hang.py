@@ -111,7 +111,7 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tm
     assert first.is_file(), sorted(p.name for p in checkpoints.iterdir())
     assert not (checkpoints / step_name(6)).exists(), "the killed write must not have been renamed into place"
     state = load_checkpoint(first)
-    assert state["step"] == 3
+    assert state["train_state"]["step"] == 3
     assert (checkpoints / "last.pt").read_bytes() == first.read_bytes(), "last.pt must still be the first checkpoint"
     load_checkpoint(checkpoints / "last.pt")
     leftovers = sorted(checkpoints.glob(".step-*.tmp-*"))
@@ -125,7 +125,7 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tm
     assert f"resuming from {first}:" in out, out
     assert not list(checkpoints.glob(".*.tmp-*")), sorted(p.name for p in checkpoints.iterdir())
     final = load_checkpoint(checkpoints / "last.pt")
-    assert final["step"] == STEPS and final["finished"]
+    assert final["train_state"]["step"] == STEPS and final["train_state"]["finished"]
     assert_same_bits(final["model"], load_checkpoint(uninterrupted / "checkpoints" / "last.pt")["model"])
 
 
@@ -151,7 +151,7 @@ def test_resume_skips_damaged_newest_checkpoints(tmp_path, yaml_path, uninterrup
         assert re.search(rf"skipping {re.escape(str(damaged))}\b", out), out
     assert f"resuming from {checkpoints / step_name(STEPS - 2)}:" in out, out
     final = load_checkpoint(checkpoints / "last.pt")
-    assert final["step"] == STEPS and final["finished"]
+    assert final["train_state"]["step"] == STEPS and final["train_state"]["finished"]
     assert_same_bits(final["model"], load_checkpoint(uninterrupted / "checkpoints" / "last.pt")["model"])
 
 

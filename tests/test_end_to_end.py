@@ -20,7 +20,7 @@ from ddp_seq.config import from_dict, load_config
 from ddp_seq.data.readers.synthetic import make_synthetic, num_outputs
 from ddp_seq.data.sampler import global_batches
 from ddp_seq.parallel.process_group import DistInfo
-from ddp_seq.train.checkpoint import load_checkpoint
+from ddp_seq.train.checkpoint import PARTS, load_checkpoint, trained_at
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.objective import METRICS
 
@@ -101,8 +101,8 @@ def check_checkpoints_reproduce_logged_metrics(run: Run) -> None:
         path = run.dir / "checkpoints" / f"{name}.pt"
         raw = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
         state = load_checkpoint(path)
-        assert raw.keys() == state.keys() and {"model", "config", "epoch", "metrics", "num_inputs"} <= raw.keys()
-        epoch = state["epoch"]
+        assert raw.keys() == state.keys() == {"format_version", *PARTS}
+        epoch, metrics = state["sampler"]["epoch"], trained_at(state)["metrics"]
         if name == "last":
             assert epoch == max(epochs)
         else:
@@ -111,16 +111,16 @@ def check_checkpoints_reproduce_logged_metrics(run: Run) -> None:
 
         cfg = from_dict(state["config"])
         val = make_synthetic(cfg.data, "val")
-        model = build_seq_model(cfg.data.task, state["num_inputs"], num_outputs(cfg.data), cfg.model)
+        model = build_seq_model(cfg.data.task, state["extra"]["num_inputs"], num_outputs(cfg.data), cfg.model)
         model.load_state_dict(state["model"])
         got = {f"val_{k}": v for k, v in evaluate(model, val, cfg, SINGLE).items()}
         logged = epochs[epoch]
         for key, value in got.items():
             if isinstance(value, list):  # per-class counts and what derives from them: exact
-                assert value == logged[key] == state["metrics"][key], (name, key, value, logged[key])
+                assert value == logged[key] == metrics[key], (name, key, value, logged[key])
                 continue
             assert abs(value - logged[key]) <= 1e-6, (name, key, value, logged[key])
-            assert abs(value - state["metrics"][key]) <= 1e-6, (name, key, value, state["metrics"][key])
+            assert abs(value - metrics[key]) <= 1e-6, (name, key, value, metrics[key])
 
         rebuilt, cfg2, _ = model_from_checkpoint(path)
         assert cfg2 == cfg

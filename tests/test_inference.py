@@ -186,7 +186,7 @@ def test_kfold_trains_each_fold_the_same_on_one_and_two_ranks_and_resumes(text_r
     assert one["std"]["val_accuracy"] == pytest.approx(np.std(accuracies))
     # each fold is a run of its own; its checkpoint knows its fold, so evaluate re-derives its val part
     fold2 = tmp_path / "one" / "fold-2" / "checkpoints" / "best.pt"
-    assert torch.load(fold2, weights_only=True)["fold"] == 1
+    assert torch.load(fold2, weights_only=True)["extra"]["fold"] == 1
     out = tmp_path / "fold2.json"
     assert main(["evaluate", "--checkpoint", str(fold2), "--output", str(out)]) == 0
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(one["folds"][1]["val_accuracy"], abs=1e-7)

@@ -44,7 +44,7 @@ def test_torchrun_sh_runs_two_ranks_and_passes_overrides(sh_run):
     proc, run = sh_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "world size 2" in proc.stdout and "epoch 1/1" in proc.stdout, proc.stdout
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["finished"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["train_state"]["finished"]
 
 
 def test_two_agents_with_c10d_rendezvous_train_like_one_agent_with_two_ranks(sh_run, tmp_path):
@@ -71,6 +71,7 @@ def test_two_agents_with_c10d_rendezvous_train_like_one_agent_with_two_ranks(sh_
     assert sh_proc.returncode == 0, sh_proc.stdout + sh_proc.stderr
     two_nodes = load_checkpoint(tmp_path / "nodes" / "checkpoints" / "last.pt")
     one_node = load_checkpoint(sh_dir / "checkpoints" / "last.pt")
-    assert two_nodes["finished"] and two_nodes["step"] == one_node["step"]
+    assert two_nodes["train_state"]["finished"]
+    assert two_nodes["train_state"]["step"] == one_node["train_state"]["step"]
     for name, tensor in one_node["model"].items():
         torch.testing.assert_close(two_nodes["model"][name], tensor, rtol=0, atol=1e-6)

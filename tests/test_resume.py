@@ -123,11 +123,11 @@ def test_step_checkpoints_hold_the_position_in_the_global_batch_list(reference):
     # every 5 steps mid-epoch, plus each epoch end (12 and 24)
     assert steps == [f"step-{n:08d}.pt" for n in (5, 10, 12, 15, 20, 24)]
     mid = load_checkpoint(reference[2] / "checkpoints" / "step-00000015.pt")
-    assert (mid["epoch"], mid["position"], mid["step"]) == (1, 3, 15)
+    assert (mid["sampler"]["epoch"], mid["sampler"]["position"], mid["train_state"]["step"]) == (1, 3, 15)
     assert len(mid["rng"]) == 2  # one RNG state per rank
     end = load_checkpoint(reference[2] / "checkpoints" / "step-00000012.pt")
-    assert (end["epoch"], end["position"], len(end["history"])) == (1, 0, 1)
-    assert final(reference[2])["finished"] and final(reference[2])["step"] == 24
+    assert (end["sampler"]["epoch"], end["sampler"]["position"], len(end["train_state"]["history"])) == (1, 0, 1)
+    assert final(reference[2])["train_state"]["finished"] and final(reference[2])["train_state"]["step"] == 24
 
 
 def test_every_epoch_counts_each_training_token_once(reference):
@@ -150,8 +150,9 @@ def test_mid_epoch_resume_is_bitwise(reference, tmp_path, world_size, step):
     assert f"resuming from {source}" in out
     resumed, uninterrupted = final(tmp_path / "resumed"), final(reference[world_size])
     assert_bitwise(resumed["model"], uninterrupted["model"])
-    assert resumed["step"] == uninterrupted["step"]
-    assert resumed["history"][-1]["val_accuracy"] == uninterrupted["history"][-1]["val_accuracy"]
+    assert resumed["train_state"]["step"] == uninterrupted["train_state"]["step"]
+    assert resumed["train_state"]["history"][-1]["val_accuracy"] == \
+        uninterrupted["train_state"]["history"][-1]["val_accuracy"]
 
 
 def test_dataloader_workers_resume_exactly(reference, tmp_path):
@@ -248,7 +249,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(long_reference, tmp_pa
     assert proc.returncode == (EXIT_PREEMPTED if world_size == 1 else 1), out
     assert "SIGTERM: stopped at epoch 1" in out, out
     stopped = load_checkpoint(tmp_path / "job" / "checkpoints" / "last.pt")
-    assert not stopped["finished"] and 0 < stopped["position"] < 188
+    assert not stopped["train_state"]["finished"] and 0 < stopped["sampler"]["position"] < 188
     assert "Traceback" not in out.split("SIGTERM: stopped")[0]
 
     if world_size == 1:  # what `python train.py ...` runs, in this process: it resumes like any run
@@ -257,9 +258,9 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(long_reference, tmp_pa
         rerun = subprocess.run(args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         again = rerun.stdout
-    assert f"step {stopped['step']}" in again and "resuming from" in again
+    assert f"step {stopped['train_state']['step']}" in again and "resuming from" in again
     resumed = final(tmp_path / "job")
-    assert resumed["finished"]
+    assert resumed["train_state"]["finished"]
     if world_size == 2:  # same world size as the reference: bitwise
         assert_bitwise(resumed["model"], final(long_reference)["model"])
 
@@ -286,7 +287,8 @@ def test_elastic_restart_after_a_worker_is_killed(long_reference, tmp_path):
     log = (runs[0] / "train.log").read_text()
     assert "resuming from" in log, log
     resumed, uninterrupted = final(runs[0]), final(long_reference)
-    assert resumed["finished"]
-    ours, theirs = resumed["history"][-1]["val_accuracy"], uninterrupted["history"][-1]["val_accuracy"]
+    assert resumed["train_state"]["finished"]
+    ours = resumed["train_state"]["history"][-1]["val_accuracy"]
+    theirs = uninterrupted["train_state"]["history"][-1]["val_accuracy"]
     assert abs(ours - theirs) <= 0.02, (ours, theirs)
     assert max_diff(resumed["model"], uninterrupted["model"]) < 1e-6

@@ -84,8 +84,9 @@ def test_sbatch_trains_on_two_ranks_and_completes(cluster, tmp_path):
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text
     assert "world size 2" in text and f"job {job} (restart 0) on 1 node(s) x 2 rank(s)" in text, text
     model, cfg, state = model_from_checkpoint(tmp_path / "runs" / "slurm" / "checkpoints" / "best.pt")
-    assert state["epoch"] >= 1 and cfg.logging.name == "slurm" and sum(p.numel() for p in model.parameters()) > 0
-    assert load_checkpoint(tmp_path / "runs" / "slurm" / "checkpoints" / "last.pt")["finished"]
+    assert state["sampler"]["epoch"] >= 1 and cfg.logging.name == "slurm"
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert load_checkpoint(tmp_path / "runs" / "slurm" / "checkpoints" / "last.pt")["train_state"]["finished"]
     # the rendezvous id is the job id: the run directory remembers it (how a requeued job finds it)
     assert (tmp_path / "runs" / "slurm" / ".job").read_text().strip() == job
 
@@ -129,4 +130,4 @@ def test_sigterm_checkpoints_requeues_and_the_job_resumes(cluster, tmp_path):
     assert len(runs) == 1, runs  # the requeued job found its run directory by the job id
     stopped = int(re.search(r"SIGTERM: stopped at epoch 1, step (\d+)", text).group(1))
     assert f"step {stopped}, saved with world size 2" in text, text  # resumed from the SIGTERM checkpoint
-    assert load_checkpoint(runs[0] / "checkpoints" / "last.pt")["finished"]
+    assert load_checkpoint(runs[0] / "checkpoints" / "last.pt")["train_state"]["finished"]

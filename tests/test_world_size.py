@@ -51,7 +51,7 @@ def initial_weights(ckpt: dict) -> dict:
     """The weights the Trainer starts from: the same seed, the same construction."""
     cfg = from_dict(ckpt["config"])
     torch.manual_seed(cfg.training.seed)
-    return build_seq_model(cfg.data.task, ckpt["num_inputs"], num_outputs(cfg.data), cfg.model).state_dict()
+    return build_seq_model(cfg.data.task, ckpt["extra"]["num_inputs"], num_outputs(cfg.data), cfg.model).state_dict()
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -162,4 +162,4 @@ def test_tiny_odd_datasets_finish(tmp_path):
                     nproc=3, timeout=90).check()
     assert "best checkpoint" in proc.stdout
     ckpt = torch.load(tmp_path / "tiny" / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2
+    assert ckpt["sampler"]["epoch"] == 2
