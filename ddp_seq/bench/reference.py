@@ -4,7 +4,9 @@ This is the loop a practitioner writes for variable-length sequences without a f
 ``DataLoader`` with shuffled (random) batches, a collate function that pads each batch, a model
 that packs the padded batch in ``forward`` (``pack_padded_sequence``), one process using every
 core. Only the data comes from ddp_seq (the same synthetic task, same seed, same split); the
-model, loss and loop are plain torch, written as the PyTorch tutorials teach them.
+model, loss and loop are plain torch, written as the PyTorch tutorials teach them. With a CUDA
+GPU it trains there (cuDNN runs the packed LSTM; lengths stay on the CPU, as packing needs), as a
+practitioner would: ``.to(device)`` per batch, ``loss.item()`` per step.
 
 It matches ddp_seq's model and recipe where they are not what is being measured: the same layers
 created in the same order (so the same seed gives the same initial weights), Adam at the same
@@ -104,8 +106,10 @@ def train(cfg, out: Path) -> None:
     val_loader = DataLoader(val_set, batch_size=cfg.batching.eval_batch_size, collate_fn=pad_collate)
 
     m = cfg.model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Created on the CPU, then moved: the same seed gives ddp_seq's initial weights on any device.
     model = PackedLSTM(train_data.values.shape[1], num_outputs(cfg.data), per_step, m.embedding_dim, m.hidden,
-                       m.layers)
+                       m.layers).to(device)
     t = cfg.training
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     total_steps = t.epochs * len(loader)
@@ -124,6 +128,7 @@ def train(cfg, out: Path) -> None:
             loss_sum = 0.0
             start = time.perf_counter()
             for inputs, lengths, targets in loader:
+                inputs, targets = inputs.to(device), targets.to(device)
                 loss, _, _ = loss_and_hits(model(inputs, lengths), targets)
                 optimizer.zero_grad()
                 loss.backward()
@@ -132,11 +137,14 @@ def train(cfg, out: Path) -> None:
                 scheduler.step()
                 loss_sum += loss.item() * len(lengths)
                 real, padded = real + int(lengths.sum()), padded + inputs.shape[0] * inputs.shape[1]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
             model.eval()
             val_loss = hits = count = 0
             with torch.no_grad():
                 for inputs, lengths, targets in val_loader:
+                    inputs, targets = inputs.to(device), targets.to(device)
                     loss, batch_hits, batch_count = loss_and_hits(model(inputs, lengths), targets)
                     val_loss, hits, count = val_loss + float(loss) * batch_count, hits + batch_hits, count + batch_count
             record = {"kind": "epoch", "epoch": epoch + 1, "train_loss": loss_sum / len(train_set),
