@@ -107,17 +107,51 @@ class _Ratios:
                  _at_least(self.speed(bf16, fp32), floor))
 
 
+#: Results that carry make gpu-check's GPU parts (``ddp-seq bench --suite gpu`` writes the same parts).
+GPU_SUITES = ("gpu", "gpu-check")
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets for 2 CPU cores, checked against the classify part and, when it ran, the
     short part (each check only where its rows are present, e.g. not on a GPU machine or without
-    Lightning). Rows marked informational have a floor to read them against, not a target."""
+    Lightning); for a GPU suite also the GPU targets (:func:`_gpu_targets`). Rows marked
+    informational have a floor to read them against, not a target."""
     checks: list[dict[str, Any]] = []
     parts = result.get("parts", {})
     if "classify" in parts:
         _classify_targets(_Ratios(parts["classify"], checks))
     if "short" in parts:
         _short_targets(_Ratios(parts["short"], checks))
+    if result.get("suite") in GPU_SUITES:
+        _gpu_targets(parts, checks)
     return checks
+
+
+def other_path(row: str) -> str:
+    """The same row on the other execution path (``... bucket+packed`` <-> ``... bucket+padded``)."""
+    return row.replace("+packed", "+@").replace("+padded", "+packed").replace("+@", "+padded")
+
+
+def _gpu_targets(parts: dict[str, Any], checks: list[dict[str, Any]]) -> None:
+    """Issue 28's GPU targets: ``execution=auto`` picks the faster path (the default row against the
+    same row on the other path), and bf16 >= 1.3x fp32 at equal val metric on the larger model.
+    (Single-GPU default >= 10x the reference is the classify part's first target.)"""
+    for name in ("classify", "large"):
+        if name not in parts:
+            continue
+        r = _Ratios(parts[name], checks)
+        default = r.part["default"]
+        r.ratio_at_least(f"{name}: execution=auto's choice ({default}) >= the other path", default,
+                         other_path(default), 1.0)
+    if "large" not in parts:
+        return
+    r = _Ratios(parts["large"], checks)
+    fp32, bf16 = r.part["default"], f"{r.part['default']}, bf16"
+    r.bf16("large: bf16 >= 1.3x fp32 tokens/s", bf16, fp32, floor=1.3)
+    if r.has(bf16, fp32):
+        ours, theirs = r.rows[bf16]["final_metric"], r.rows[fp32]["final_metric"]
+        r.add(f"... at equal {r.part['monitor']} after the fixed epochs (bf16 within 0.005 of fp32)",
+              f"{ours:.4f} vs {theirs:.4f}", _at_least(ours, theirs - 0.005))
 
 
 def _classify_targets(r: _Ratios) -> None:
@@ -133,7 +167,7 @@ def _classify_targets(r: _Ratios) -> None:
     peer, tuned = "lightning default", "lightning tuned"
     r.ratio_at_least("ddp >= 10x Lightning DDP (default setup) tokens/s", ddp, peer, 10)
     # Equal wall-clock: what the default, given more epochs, had reached when the other finished.
-    long = LONG if LONG in rows else ddp
+    long = LONG if LONG in rows else default
     for other in ("reference", peer):
         if r.has(other, long):
             other_time = rows[other]["curve"][-1][0]
@@ -211,6 +245,8 @@ def section(result: dict[str, Any], json_name: str) -> str:
     """One result as a BENCHMARKS.md section: the targets, a table per task, curves, execution paths."""
     machine = result["machine"]
     title = f"CPU ({machine['cores']} cores)" if machine["device"] == "cpu" else machine["device"]
+    if result.get("suite") == "gpu-check":
+        title += " (`make gpu-check`)"
     out = [f"## {title}", "", _machine_line(machine) + ".", "",
            f"Reproduce: `{result['command']}` ({result['repeats']} alternating repeats; every figure is a "
            f"median). Raw result: [`bench/results/{json_name}`](bench/results/{json_name}).", ""]
@@ -239,16 +275,35 @@ def section(result: dict[str, Any], json_name: str) -> str:
                           ["configuration", "packed tokens/s", "padded tokens/s", "padded / packed"]), ""]
     for key, reason in result.get("skipped", {}).items():
         out.append(f"- not run: {key} ({reason})")
+    if result.get("scaling"):
+        out += ["", scaling_section(result["scaling"], machine)]
     return "\n".join(out).rstrip() + "\n"
+
+
+def scaling_section(part: dict[str, Any], machine: dict[str, Any]) -> str:
+    """make gpu-check's CPU scaling part: the default workload on 1..8 gloo ranks of one node."""
+    epochs = [o.split("=")[1] for o in part["base_overrides"] if o.startswith("training.epochs=")][-1]
+    head = ["configuration", "real tokens/s", f"× {part['baseline']}", "sequences/s", "epoch s", "padding eff.",
+            "straggler", "peak RSS MiB per rank", f"{part['monitor']} after {epochs} epochs",
+            f"{part['monitor']} at {part['budget_s']:.1f} s"]
+    out = [f"## CPU scaling on {machine['cores']} cores (gloo, {machine['date']}, `{machine['host']}`)", "",
+           f"The default workload (`{' '.join(part['base_overrides'])}`) on the CPU with CUDA hidden, one "
+           "process or torchrun with N gloo ranks; each rank gets usable cores / N threads (the default "
+           "split), so every row uses the whole machine. One run each.", "",
+           _md_table(_rows(part), COLUMNS, head), ""]
+    steps = _step_rows(part)
+    if steps:
+        out += [f"#### scaling: {STEP_TITLE}", "", _md_table(steps, STEP_COLUMNS, STEP_HEADERS), ""]
+    return "\n".join(out)
 
 
 INTRO = """# Benchmarks
 
-Generated by `ddp-seq bench --suite default` (`make bench`) from the newest complete result per
-device in `bench/results/`; do not edit by hand. Every configuration trains the same model on the
-same data for the same number of epochs in its own processes, in alternation (A B C A B C ...);
-each figure is the median of the repeats. Ratios measured side by side in one run are the
-headline; absolute numbers depend on the machine and its load.
+Generated by `ddp-seq bench --suite default` (`make bench`) and by `make gpu-check` from the newest
+complete result of each, per device, in `bench/results/`; do not edit by hand. Every configuration
+trains the same model on the same data for the same number of epochs in its own processes, in
+alternation (A B C A B C ...); each figure is the median of the repeats. Ratios measured side by
+side in one run are the headline; absolute numbers depend on the machine and its load.
 
 - **reference**: the hand-written loop (`ddp_seq/bench/reference.py`): DataLoader with random
   batches, pad in collate, pack in forward, one process using every core.
@@ -268,6 +323,11 @@ headline; absolute numbers depend on the machine and its load.
 - **real tokens/s** counts sequence steps, not padding; **padding eff.** = real / padded steps;
   **straggler** = sum over steps of the slowest rank's padded cost over the mean rank's;
   **epoch s** is training time, evaluation excluded.
+- **GPU sections** (`make gpu-check`, one GPU, one run each): the reference on the GPU (cuDNN runs
+  its packed LSTM) against ddp_seq's default (`ddp` is one rank on one GPU) and its batching x
+  execution matrix on the default workload; a larger network (hidden 1024 x 3 layers) on both
+  execution paths in fp32 and bf16; the short workload; and the machine's CPU scaling with 1, 2, 4
+  and 8 gloo ranks.
 - **Accuracy**: every run starts from the same seed, so repeats agree and the median hides no
   spread. Configurations that compute the same thing (packed and padded paths, 1 or 2 ranks) still
   differ by float rounding, and on a short budget that decides when a run leaves its initial
@@ -280,19 +340,24 @@ def render_markdown(results: list[tuple[dict[str, Any], str]]) -> str:
     return INTRO + "".join("\n" + section(result, name) for result, name in results)
 
 
+#: The suites BENCHMARKS.md shows: make bench's and make gpu-check's.
+SHOWN_SUITES = ("default", "gpu-check")
+
+
 def newest_per_device(results_dir: Path) -> list[tuple[dict[str, Any], str]]:
-    """The newest complete, full-size default-suite result for each device, CPU first."""
-    newest: dict[str, tuple[str, dict[str, Any], str]] = {}
+    """The newest complete, full-size result of each shown suite (make bench's, make gpu-check's)
+    for each device, CPU first."""
+    newest: dict[tuple[str, str], tuple[str, dict[str, Any], str]] = {}
     for path in sorted(results_dir.glob("*.json")):
         try:
             result = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if result.get("suite") != "default" or not result.get("complete") or result.get("quick"):
+        if result.get("suite") not in SHOWN_SUITES or not result.get("complete") or result.get("quick"):
             continue
-        device = result["machine"]["device"]
+        key = (result["machine"]["device"], result["suite"])
         stamp = result["machine"].get("finished", result["machine"]["date"])
-        if device not in newest or stamp >= newest[device][0]:
-            newest[device] = (stamp, result, path.name)
-    order = sorted(newest, key=lambda device: (device != "cpu", device))
-    return [newest[device][1:] for device in order]
+        if key not in newest or stamp >= newest[key][0]:
+            newest[key] = (stamp, result, path.name)
+    order = sorted(newest, key=lambda key: (key[0] != "cpu", key[0], SHOWN_SUITES.index(key[1])))
+    return [newest[key][1:] for key in order]

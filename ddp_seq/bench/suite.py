@@ -126,6 +126,38 @@ SUITES: dict[str, dict[str, Part]] = {
         Variant("dp", "ddp_seq", 1, ("training.mode=dp",))), "ddp")},
 }
 
+#: A larger network, where a GPU is not starved by a hidden state of 128 (issue 28): hidden 1024 x 3
+#: layers, a smaller peak learning rate for its size, 3 epochs to fit make gpu-check's budget.
+LARGE = ("model.hidden=1024", "model.layers=3", "training.lr=2e-3", "training.epochs=3")
+#: ddp_seq's bucket rows on both execution paths, in fp32 and under bf16 autocast.
+BUCKET_PATHS = tuple(Variant(f"{DDP} bucket+{execution}{', bf16' if amp else ''}", "ddp_seq", 0,
+                             ("batching.strategy=bucket", f"model.execution={execution}", *amp))
+                     for amp in ((), (BF16,)) for execution in ("packed", "padded"))
+#: make gpu-check's benchmark part (``ddp-seq bench --suite gpu`` alone): on one GPU the ddp rows
+#: are one process (one rank per GPU). The parts run in this order, the most wanted figures first,
+#: so that a run cut short by its time cap still has them: the reference against ddp_seq's
+#: batching x execution matrix on the default workload, bf16 against fp32 on the larger model, and
+#: the short workload (one epoch: its 450 steps of 64 are bound by per-step overhead, not the GPU).
+SUITES["gpu"] = {
+    "classify": Part(CLASSIFY_BASE, (REFERENCE, *cells(DDP, 0)), "reference"),
+    "large": Part((*CLASSIFY_BASE, *LARGE), BUCKET_PATHS, f"{DDP} bucket+packed"),
+    "short": Part((*SHORT.base, "training.epochs=1"), (REFERENCE, *BUCKET_PATHS[:2]), "reference"),
+}
+
+
+def scaling_part(ranks: tuple[int, ...] = (1, 2, 4, 8)) -> Part:
+    """The default workload on the CPU with 1, 2, 4, 8 gloo ranks (threads: usable cores / ranks, the
+    default split), each row against one process: how ranks trade against threads on one node."""
+    rows = tuple(Variant(f"{n} gloo rank{'s' if n > 1 else ''}", "ddp_seq", n,
+                         ("distributed.backend=gloo", *PADDED_BUCKETS)) for n in ranks)
+    # 3 of the default workload's 5 epochs: tokens/s settles after the first, and 4 launches of
+    # up to 8 processes must fit make gpu-check's budget.
+    return Part((*CLASSIFY_BASE, "training.epochs=3"), rows, rows[0].name)
+
+
+#: CPU scaling (make gpu-check runs it with CUDA hidden, so that every rank is a CPU rank).
+SUITES["scaling"] = {"scaling": scaling_part()}
+
 #: A few seconds a run: exercises every runner and the whole summary in the test suite.
 QUICK = ("data.num_train=128", "data.num_val=64", "data.max_length=60", "model.hidden=16", "model.layers=1",
          "training.epochs=2", "batching.batch_size=32", "training.warmup_steps=2")
@@ -302,14 +334,19 @@ def quick_plan(parts: dict[str, Part]) -> set[tuple[str, str]]:
 
 
 def run_suite(suite: str, repeats: int, quick: bool, config: str,
-              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run every configuration of every part ``repeats`` times in alternation."""
+              on_progress: Callable[[dict[str, Any]], None] | None = None,
+              parts: dict[str, Part] | None = None, keep_going: bool = False) -> dict[str, Any]:
+    """Run every configuration of every part ``repeats`` times in alternation. ``parts``: these
+    instead of ``SUITES[suite]`` (make gpu-check's scaling part picks its rank counts).
+    ``keep_going``: a run that fails is recorded under ``failed`` (its command's last output) and
+    the others still run, as make gpu-check needs on a device nothing has run on yet; without it
+    the first failure stops the suite."""
     import torch
 
     from ddp_seq.config import load_config
 
     has_cuda, has_lightning = torch.cuda.is_available(), lightning_installed()
-    parts, skipped, plan, config_only = SUITES[suite], {}, [], {}
+    parts, skipped, plan, config_only = parts or SUITES[suite], {}, [], {}
     quick_rows = quick_plan(parts)
     for part_name, part in parts.items():
         for variant in part.variants:
@@ -328,24 +365,42 @@ def run_suite(suite: str, repeats: int, quick: bool, config: str,
     overrides = {name: [*part.base, *(QUICK if quick else ())] for name, part in parts.items()}
     monitors = {name: load_config(config, overrides[name]).training.monitor for name in parts}
     result: dict[str, Any] = {"suite": suite, "repeats": repeats, "quick": quick, "config": config,
-                              "skipped": skipped, "config_only": config_only, "complete": False}
+                              "skipped": skipped, "config_only": config_only, "complete": False,
+                              "base_overrides": overrides, "monitors": monitors, "failed": {}}
     with tempfile.TemporaryDirectory(prefix="ddp-seq-bench-") as tmp:
         for rep in range(repeats):
             for part_name, variant in plan:
                 monitor = monitors[part_name]
                 run_name = f"{part_name}-{variant.name.replace('+', '_').replace(' ', '_')}-{rep}"
-                summary = summarise(run_once(variant, overrides[part_name], Path(tmp), run_name, config), monitor)
+                try:
+                    records = run_once(variant, overrides[part_name], Path(tmp), run_name, config)
+                except RuntimeError as e:
+                    if not keep_going:
+                        raise
+                    result["failed"][f"{part_name}: {variant.name}"] = str(e)[-1500:]
+                    print(f"  {part_name} / {variant.name} #{rep + 1}: FAILED\n{e}", flush=True)
+                    continue
+                summary = summarise(records, monitor)
                 runs[part_name][variant.name].append(summary)
                 print(f"  {part_name} / {variant.name} #{rep + 1}: {summary['tokens_per_s']:,.0f} tok/s, "
                       f"{monitor} {summary['final_metric']:.4f}, {summary['curve'][-1][0]:.1f}s", flush=True)
                 if on_progress:
                     on_progress({**result, "runs": runs})
-    result["parts"] = {}
-    for part_name, part in parts.items():
-        if runs[part_name]:
-            result["parts"][part_name] = {
-                "base_overrides": overrides[part_name], "monitor": monitors[part_name],
-                **finish_part(runs[part_name], part.baseline, default_variant(part))}
+    result["parts"] = finish_parts(parts, runs, overrides, monitors)
     result["complete"] = True
     return result
+
+
+def finish_parts(parts: dict[str, Part], runs: dict[str, dict[str, list[dict[str, Any]]]],
+                 overrides: dict[str, list[str]], monitors: dict[str, str]) -> dict[str, Any]:
+    """Each part that has runs, summarised (:func:`finish_part`). Also what is left of a suite cut
+    short: ``on_progress``'s payload carries ``runs``, ``base_overrides`` and ``monitors``, so the
+    finished rows of a run killed at its time cap (make gpu-check) are not lost."""
+    finished = {}
+    for part_name, part in parts.items():
+        done = {name: results for name, results in runs.get(part_name, {}).items() if results}
+        if done:
+            finished[part_name] = {"base_overrides": overrides[part_name], "monitor": monitors[part_name],
+                                   **finish_part(done, part.baseline, default_variant(part))}
+    return finished
 
