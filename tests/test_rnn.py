@@ -11,6 +11,7 @@ reversed over the padding, a wrong layer's weights), which moves values by ~1e-2
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -223,3 +224,29 @@ def test_bad_arguments_are_refused():
         rnn(x, torch.tensor([4, 2, 1]))
     with pytest.raises(ValueError, match="padded must be"):
         rnn(x[0], torch.tensor([4]))
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cls", [PackedLSTM, PackedGRU])
+def test_lengths_as_pack_padded_sequence_takes_them(cls, bidirectional, execution):
+    """A list, a NumPy array (any integer dtype) or a tensor of another dtype: the same results as int64."""
+    torch.manual_seed(0)
+    rnn = cls(FEATURES, HIDDEN, num_layers=2, bidirectional=bidirectional, execution=execution)
+    x, lengths = torch.randn(3, 6, FEATURES), [6, 2, 4]
+    want = rnn(x, torch.tensor(lengths))
+    for given in (lengths, np.array(lengths), np.array(lengths, dtype=np.int32), torch.tensor(lengths).int()):
+        got = rnn(x, given)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), type(given)
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cls", [PackedLSTM, PackedGRU])
+def test_a_batch_of_no_sequences_gives_empty_outputs_on_both_paths(cls, bidirectional, execution):
+    """``pack_padded_sequence`` refuses an empty batch ("Cannot pack empty tensors"); the module does not."""
+    rnn = cls(FEATURES, HIDDEN, bidirectional=bidirectional, execution=execution)
+    width = HIDDEN * (2 if bidirectional else 1)
+    for lengths in ([], np.zeros(0, dtype=np.int64), torch.zeros(0, dtype=torch.int64)):
+        out, last = rnn(torch.randn(0, 5, FEATURES), lengths)
+        assert out.shape == (0, 5, width) and last.shape == (0, width)

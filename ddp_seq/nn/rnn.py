@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,15 +102,18 @@ class _PackedMixin:
                 self._cell(size, self.hidden_size, bias=self.bias, batch_first=True, device="meta", **extra)
                 for size in (self.input_size, out_size)[:min(self.num_layers, 2)])
 
-    def forward(self, padded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, padded: torch.Tensor,
+                lengths: torch.Tensor | list[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Run on a padded batch.
 
         Args:
             padded: ``[B, T, input_size]`` floating point (the module's dtype), padded after each
                 sequence's end. The padding is never read into a valid step's output; keep it finite
                 (on the padded path a NaN there would reach the gradients through ``0 * NaN``).
-            lengths: ``[B]`` int64 valid lengths in ``[1, T]``, on any device: moved to the CPU for
-                packing, to ``padded``'s device for the padded path.
+                ``B`` may be 0 (empty outputs, on both paths).
+            lengths: ``[B]`` valid lengths in ``[1, T]``, whatever ``pack_padded_sequence`` accepts:
+                a tensor on any device (moved to the CPU for packing, to ``padded``'s device for the
+                padded path), a list of ints or a NumPy array.
 
         Returns:
             ``(output, last)``: ``output`` ``[B, T, D*H_out]`` every step's top-layer output (both
@@ -128,9 +132,15 @@ class _PackedMixin:
         """
         if padded.dim() != 3:
             raise ValueError(f"padded must be [B, T, input_size], got shape {tuple(padded.shape)}")
+        if not isinstance(lengths, torch.Tensor):  # a list or an array, as pack_padded_sequence takes
+            lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64).reshape(-1) if len(lengths) else [],
+                                      dtype=torch.int64)
         if lengths.shape != padded.shape[:1]:
             raise ValueError(f"lengths must be [B] = [{padded.shape[0]}], got shape {tuple(lengths.shape)}")
         total_length = padded.shape[1]
+        if padded.shape[0] == 0:  # packing refuses an empty batch; the padded path needs no special case
+            width = self.directions * (self.proj_size or self.hidden_size)
+            return padded.new_zeros(0, total_length, width), padded.new_zeros(0, width)
         # Not while exporting (ddp-seq export): a check on the lengths' values cannot be traced.
         if lengths.device.type == "cpu" and lengths.numel() and not _is_exporting():
             low, high = int(lengths.min()), int(lengths.max())
