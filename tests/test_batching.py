@@ -238,3 +238,21 @@ def test_sampler_epochs_cache_and_iter_from():
     assert [x.indices.tolist() for x in s] == e0[3:]
     assert [x.indices.tolist() for x in s] == e0  # a resume position serves one iteration only
     assert len(s) == len(global_batches(lengths, batch_size=8, strategy="bucket", pool=2, seed=5, epoch=0))
+
+
+def test_steps_per_epoch_and_total_steps_plan_each_epoch_without_moving_the_sampler():
+    """``len()`` varies between epochs under a token budget; an LR schedule needs every epoch's count."""
+    lengths = np.random.default_rng(3).integers(1, 120, size=1000)
+    sampler = BucketBatchSampler(lengths, 64, max_tokens=2000, strategy="random", num_replicas=2, rank=1)
+    sampler.set_epoch(2)
+    counts = [sampler.steps_per_epoch(epoch) for epoch in range(5)]
+    assert sampler.epoch == 2 and len(sampler) == counts[2]  # asking about other epochs moves nothing
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        assert len(sampler) == counts[epoch] == len(list(sampler))
+    assert len(set(counts)) > 1, counts  # the case the docstring warns about
+    assert sampler.total_steps(5) == sum(counts)
+    assert sampler.total_steps(5, grad_accum=3) == sum(-(-c // 3) for c in counts)
+    assert sampler.total_steps(0) == 0
+    with pytest.raises(ValueError, match="grad_accum"):
+        sampler.total_steps(5, grad_accum=0)

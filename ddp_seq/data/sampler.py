@@ -266,8 +266,26 @@ class BucketBatchSampler(Sampler[list[int]]):
         return self._cache[1]
 
     def __len__(self) -> int:
-        """Global batches of the epoch = steps per rank (the same on every rank)."""
+        """Global batches of the epoch set by :meth:`set_epoch` = steps per rank (the same on every rank).
+
+        It can vary from epoch to epoch: with ``max_tokens > 0`` and ``strategy="random"`` (or any
+        strategy, when a pool's lengths vary) each epoch's batches are cut by the token budget from
+        another order, e.g. 119, 119, 118, 120 for 1,000 sequences. For an LR schedule use
+        :meth:`steps_per_epoch` or :meth:`total_steps`, which plan each epoch.
+        """
         return len(self.batches())
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Global batches of ``epoch`` (= steps per rank), without changing the epoch this sampler is set to."""
+        if epoch == self.epoch:
+            return len(self.batches())
+        return len(global_batches(self.lengths, epoch=int(epoch), **self.options))
+
+    def total_steps(self, epochs: int, grad_accum: int = 1) -> int:
+        """Optimizer steps of epochs ``0 .. epochs - 1`` with ``grad_accum`` global batches per step
+        (a last, shorter group of an epoch is a step): what an LR schedule's total should be."""
+        accum = _check_int("grad_accum", grad_accum, 1)
+        return sum(-(-self.steps_per_epoch(epoch) // accum) for epoch in range(_check_int("epochs", epochs, 0)))
 
     def share(self, position: int) -> Share:
         """This rank's share of global batch ``position`` of the epoch."""

@@ -155,15 +155,11 @@ class Trainer(CheckpointMixin):
 
     def _count_steps(self) -> int:
         """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
-        accum = self.cfg.training.grad_accum
-        total = sum(-(-self._batches_in(epoch) // accum) for epoch in range(self.cfg.training.epochs))
-        self.sampler.set_epoch(0)
-        return total
+        return self.sampler.total_steps(self.cfg.training.epochs, self.cfg.training.grad_accum)
 
     def _batches_in(self, epoch: int) -> int:
         """Global batches of ``epoch`` (a function of seed and epoch only)."""
-        self.sampler.set_epoch(epoch)
-        return len(self.sampler)
+        return self.sampler.steps_per_epoch(epoch)
 
     def _progress_now(self, counters: EpochCounters, segment_start: float) -> EpochProgress:
         """The epoch's global totals as of the counters' last reduce (carried ones plus this segment's)."""
