@@ -172,12 +172,15 @@ def build_model(cfg: Config, data: DataParts, device: torch.device | None = None
 def probe(model: nn.Module, data: DataParts, cfg: Config, device: torch.device, objective=None) -> None:
     """Run ``model`` forward and the loss on a tiny batch of the first training items (no gradient
     kept), so a model that does not fit the data stops here with one line, not in the middle of training."""
-    from ddp_seq.data.collate import collate_for
+    from ddp_seq.data.collate import collate_for, fetch
+    from ddp_seq.data.sampler import Share
     from ddp_seq.train.objective import as_objective
 
     key = "model.target" if cfg.model.target else "data.target" if cfg.data.target else "model"
-    items = [data.train[i] for i in range(min(2, len(data.train)))]
+    share = Share(range(min(2, len(data.train))))  # on every rank alike: no global batch to know
     try:
+        items = fetch(data.train, share)
+        share.global_count = len(items)
         batch = collate_for(cfg.training.mode)(items).to(device)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"data.target: the first training items do not collate ({type(e).__name__}: "
@@ -196,9 +199,11 @@ def probe(model: nn.Module, data: DataParts, cfg: Config, device: torch.device, 
 
 
 def checkpoint_extra(data: DataParts, fold: int | None = None) -> dict[str, Any]:
-    """What checkpoints store beside the weights to rebuild the model for evaluate and predict."""
+    """What checkpoints store beside the weights to rebuild the model for evaluate and predict.
+    ``data_from_config``: the data is what the checkpoint's config says (a library Trainer's
+    checkpoint has no such promise: ``evaluate`` then asks for the data)."""
     extra = {"num_inputs": data.num_inputs, "num_outputs": data.num_outputs, "vocab_size": data.vocab_size,
-             "fold": fold}
+             "fold": fold, "data_from_config": True}
     if data.encoding is not None:
         extra["encoding"] = data.encoding
     return extra
@@ -232,22 +237,28 @@ def build_trainer(cfg: Config, info, logger, run_dir: Path | None, resume_from: 
 
     parts = parts or build_parts(cfg, info, splits)
     data = parts.data
+    # claimed: the command line decided the run directory and what to resume (ddp_seq.cli.rundir).
     return Trainer(parts.model, data.train, data.val, cfg, info=info, logger=logger, run_dir=run_dir,
-                   resume_from=resume_from, checkpoint_extra=checkpoint_extra(data, fold), notes=data.notes)
+                   resume_from=resume_from, claimed=True, checkpoint_extra=checkpoint_extra(data, fold),
+                   notes=data.notes)
 
 
 # -- rebuilding a model from a checkpoint (evaluate, predict, export) ----------------------------
 
 def encoding_of(state: dict[str, Any], cfg):
-    """The checkpoint's :class:`~ddp_seq.data.readers.encoding.Encoding`; checkpoints from before encodings were
-    stored (synthetic and npz data, integer classes) get the one their shapes imply."""
+    """The checkpoint's :class:`~ddp_seq.data.readers.encoding.Encoding`; checkpoints without one
+    (synthetic and npz data before encodings were stored, a library Trainer's) get the one their
+    shapes imply: class ids as classes, token ids as tokens."""
     from ddp_seq.data.readers.encoding import Encoding
 
     extra = state.get("extra") or {}
     if extra.get("encoding"):
         return Encoding.from_state_dict(extra["encoding"])
     classes = None if cfg.data.task == "regress" else list(range(extra["num_outputs"]))
-    return Encoding(None, classes, extra["num_inputs"])
+    # A library Trainer's model of token ids has no vocabulary: ids are read as they are (an id at or
+    # past vocab_size, or 0, becomes <unk>).
+    vocab_size = int(extra.get("vocab_size") or 0)
+    return Encoding(list(range(vocab_size)) if vocab_size else None, classes, extra["num_inputs"])
 
 
 #: Config keys that make ddp_seq import code; a checkpoint naming one is not enough to do so.
@@ -269,7 +280,54 @@ def trusted_config(state: dict[str, Any], overrides: list[str] | tuple[str, ...]
         if value and not trust_target and key not in given:
             raise UserError(f"{source}: its config names {key}={value}, code that ddp_seq imports only on your say-so; "
                             f"pass {key}={value} on the command line if you trust it (or --trust-target)")
-    return from_dict(saved, overrides)
+    cfg = from_dict(saved, overrides)
+    return _library_checkpoint(state, cfg, given, source) if is_library_checkpoint(state) else cfg
+
+
+#: ``extra["model_class"]`` of the built-in model.
+SEQ_MODEL_CLASS = f"{SeqModel.__module__}:{SeqModel.__qualname__}"
+
+
+def is_library_checkpoint(state: dict[str, Any]) -> bool:
+    """Whether ``state`` was written by a Trainer a user built in their own code (not the config path)."""
+    extra = state.get("extra") or {}
+    return "model_class" in extra and not extra.get("data_from_config")
+
+
+def _library_checkpoint(state: dict[str, Any], cfg: Config, given: set[str], source: str) -> Config:
+    """A library Trainer's checkpoint names neither its model class nor its data in its config:
+    the user names them (``model.target``, ``model.args``; ``data.target`` or a data file), else one
+    line says which key to give. The objective it trained with becomes ``data.task``."""
+    extra = state["extra"]
+    model_class = extra["model_class"]
+    if model_class != SEQ_MODEL_CLASS and not cfg.model.target:
+        module, _, name = model_class.partition(":")
+        where = "a script" if module == "__main__" else f"module {module}"
+        raise UserError(f"{source}: written by the library Trainer from a {name} defined in {where}; name the class "
+                        f"to rebuild it: model.target=path/to/file.py:{name} (or package.module:{name}), plus "
+                        "model.args.NAME=value for constructor arguments other than num_inputs, num_outputs, "
+                        "vocab_size and task")
+    objective = extra.get("objective")
+    if "data.task" not in given:
+        if objective is None:
+            raise UserError(f"{source}: trained with a loss function of its own, which ddp-seq cannot score; pass "
+                            "data.task=classify, regress or tag to score its outputs as that task")
+        cfg.data.task = objective
+    return cfg
+
+
+def require_named_data(state: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str) -> None:
+    """``evaluate`` of a library Trainer's checkpoint: its config's data section is whatever config
+    the Trainer was given, so the data must be named on the command line.
+
+    Raises:
+        UserError: naming ``data.target`` and ``data.val_path``.
+    """
+    given = {item.partition("=")[0].strip() for item in overrides}
+    if is_library_checkpoint(state) and not given & {"data.target", "data.val_path", "data.train_path"}:
+        raise UserError(f"{source}: written by the library Trainer, so its config does not say which data it "
+                        "trained on; name the validation data: data.target=path/to/file.py:function (returning "
+                        "(train, val)), or data.format=jsonl (or npz, ...) data.val_path=FILE")
 
 
 def restore_model(state: dict[str, Any], cfg, source: str, device: torch.device | None = None) -> torch.nn.Module:

@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from ddp_seq.builders import encoding_of, restore_model, trusted_config
+from ddp_seq.builders import (
+    encoding_of,
+    is_library_checkpoint,
+    require_named_data,
+    restore_model,
+    trusted_config,
+)
 from ddp_seq.config import Config
 from ddp_seq.data.readers.encoding import Encoding
 from ddp_seq.data.readers.sequences import SequenceData
@@ -32,9 +38,19 @@ from ddp_seq.errors import UserError
 from ddp_seq.train.checkpoint import load_checkpoint, trained_at
 
 
-def _read(checkpoint: str, overrides: list[str], trust_target: bool) -> tuple[dict[str, Any], Config, Encoding]:
-    """The checkpoint's state, its config with ``overrides``, and its encoding."""
+def _read(checkpoint: str, overrides: list[str], trust_target: bool,
+          data_file: str | None = None) -> tuple[dict[str, Any], Config, Encoding]:
+    """The checkpoint's state, its config with ``overrides``, and its encoding.
+
+    ``data_file``: the file the command reads (predict's input), for a library Trainer's
+    checkpoint named in another ``data.format``: the config wants a training file for any file
+    format, and this one stands in for it (nothing is trained, so nothing reads it as such).
+    """
     state = load_checkpoint(checkpoint)
+    given = {item.partition("=")[0].strip(): item.partition("=")[2] for item in overrides}
+    stand_in = data_file or given.get("data.val_path")
+    if is_library_checkpoint(state) and "data.format" in given and "data.train_path" not in given and stand_in:
+        overrides = [*overrides, f"data.train_path={stand_in}"]
     cfg = trusted_config(state, overrides, checkpoint, trust_target)
     # One model per process, never wrapped: evaluation needs no gradient synchronisation.
     cfg.training.mode = "ddp"
@@ -59,6 +75,7 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
     from ddp_seq.train.evaluation import evaluate
 
     state, cfg, encoding = _read(checkpoint, overrides, trust_target)
+    require_named_data(state, overrides, checkpoint)
     with distributed(cfg.distributed) as info:
         model = restore_model(state, cfg, checkpoint, info.device).eval()
         if cfg.data.target:  # the user's own data function gives the validation set
@@ -145,7 +162,7 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
     from ddp_seq.parallel.process_group import distributed
 
     _check_output(output)
-    state, cfg, encoding = _read(checkpoint, overrides, trust_target)
+    state, cfg, encoding = _read(checkpoint, overrides, trust_target, data_file=input_path)
     if cfg.data.target:
         raise UserError(f"data.target: predict reads files of data.format; the checkpoint was trained on "
                         f"{cfg.data.target}'s datasets -- apply the model with your own code, or give "

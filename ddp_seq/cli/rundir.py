@@ -13,22 +13,9 @@ from pathlib import Path
 
 from ddp_seq.config import Config, dump_yaml
 from ddp_seq.errors import UserError
+from ddp_seq.train.run_dir import holds_run
 
 JOB_FILE = ".job"  # the torchrun rendezvous id of the job that created the run directory
-
-
-def holds_run(directory: Path) -> bool:
-    """A run directory counts as used once training recorded something: a checkpoint or a metric
-    (in itself or in one of its folds).
-
-    A run that failed at startup (bad device setting, say) leaves only its config and empty logs,
-    and does not block its name.
-    """
-    metrics = directory / "metrics.jsonl"
-    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
-    checkpoints = directory / "checkpoints"
-    return has_metrics or (checkpoints.is_dir() and any(checkpoints.iterdir())) or \
-        any(holds_run(fold) for fold in directory.glob("fold-*") if fold.is_dir())
 
 
 def _find_job_run(root: Path, identity: str) -> str:

@@ -13,11 +13,13 @@ batch the way the known DataParallel workaround does (see its doc).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from ddp_seq.data.sampler import Share
@@ -135,7 +137,7 @@ def collate(items: list, pad_value: float = 0.0, pad_to_multiple_of: int = 1) ->
             (value) or a per-step ``[T]`` array (int tags, or floats). A :class:`ShareItems` (from
             :class:`ShareDataset` or :func:`fetch`) also gives the global batch's counts, whether
             the share is a filler (weights 0), its position, and the samples' dataset indices; a
-            plain list is taken as the whole global batch (one process).
+            plain list is taken as the whole global batch, which only one process can know.
         pad_value: the value of padded input steps.
         pad_to_multiple_of: pad the time dimension up to a multiple of this (1: to the longest
             sequence exactly), as Hugging Face's ``pad_to_multiple_of``; pass it with
@@ -152,13 +154,17 @@ def collate(items: list, pad_value: float = 0.0, pad_to_multiple_of: int = 1) ->
 
     Raises:
         ValueError: an empty batch or sequence, mixed sequence kinds, a per-step target whose
-            length differs from its sequence's (naming the item), or ``pad_to_multiple_of < 1``.
+            length differs from its sequence's (naming the item), ``pad_to_multiple_of < 1``, or a
+            plain list on a job of several ranks (``WORLD_SIZE`` > 1 or a process group of more than
+            one): without its Share the global count is unknown -- use :class:`ShareDataset`.
     """
     if len(items) == 0:
         raise ValueError("collate: no items")
     if int(pad_to_multiple_of) != pad_to_multiple_of or pad_to_multiple_of < 1:
         raise ValueError(f"collate: pad_to_multiple_of should be an integer >= 1, got {pad_to_multiple_of!r}")
     share = getattr(items, "share", None)
+    if share is None:
+        _refuse_without_share(len(items))
     sequences = [_as_array(item[0]) for item in items]
     first = sequences[0]
     if first.ndim not in (1, 2):
@@ -184,6 +190,29 @@ def collate(items: list, pad_value: float = 0.0, pad_to_multiple_of: int = 1) ->
     return Batch(torch.from_numpy(inputs), torch.from_numpy(lengths), torch.from_numpy(targets),
                  torch.from_numpy(mask), torch.from_numpy(indices), torch.from_numpy(weights), global_count,
                  global_tokens, position=share.position if share is not None else -1)
+
+
+def _job_world_size() -> int:
+    """The ranks of this job: the process group's, else torchrun's ``WORLD_SIZE`` (which DataLoader
+    worker processes inherit even where they hold no process group), else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def _refuse_without_share(count: int) -> None:
+    """Items without their :class:`~ddp_seq.data.sampler.Share` are one process's whole global batch;
+    on a job of several ranks they are one rank's share, whose global count is unknown here -- and a
+    loss divided by the share's own count would make every gradient ``world_size`` times too large."""
+    world_size = _job_world_size()
+    if world_size > 1:
+        raise ValueError(f"collate: {count} items came without their Share on a job of {world_size} ranks, so the "
+                         "global batch's count is unknown (the loss would be divided by this rank's count); wrap the "
+                         "dataset: DataLoader(ShareDataset(dataset), batch_sampler=..., collate_fn=collate), or use "
+                         "ddp_seq.build_loader")
 
 
 def _pad_targets(targets: list[np.ndarray], lengths: np.ndarray, longest: int) -> np.ndarray:

@@ -208,6 +208,21 @@ def exit_worker(code: int) -> None:
         os._exit(code)
 
 
+def refuse_ungrouped(who: str) -> None:
+    """Refuse to go on as one process where torchrun started several (``WORLD_SIZE`` > 1) but no
+    process group is initialised: each rank would train alone on all the data, silently.
+
+    Raises:
+        UserError: naming ``who`` and what to do.
+    """
+    world_size = env_int("WORLD_SIZE", 1)
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise UserError(f"{who}: torchrun started {world_size} processes (WORLD_SIZE={world_size}) but no process "
+                        "group is initialized, so each rank would train alone on all the data; build it inside "
+                        "`with ddp_seq.distributed(cfg.distributed) as info:` (or call "
+                        "torch.distributed.init_process_group first)")
+
+
 def current_info() -> DistInfo:
     """:class:`DistInfo` of a process group the caller already started (``dist.init_process_group``),
     or of one process when there is none: the device is ``cuda:LOCAL_RANK`` with GPUs, else the CPU."""

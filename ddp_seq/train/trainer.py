@@ -29,16 +29,25 @@ from ddp_seq.errors import UserError
 from ddp_seq.loggers.report import breakdown_table, columns_with, summary_lines
 from ddp_seq.loggers.runlog import NullLogger, RunLogger, format_table
 from ddp_seq.loggers.tensorboard import start_tensorboard
-from ddp_seq.parallel.process_group import DistInfo, all_reduce_sum, current_info, peak_rss_mb, per_rank
+from ddp_seq.parallel.process_group import (
+    DistInfo,
+    all_reduce_sum,
+    current_info,
+    peak_rss_mb,
+    per_rank,
+    refuse_ungrouped,
+)
 from ddp_seq.parallel.wrap import wrap_model
 from ddp_seq.train.amp import native_bf16, resolve_amp
 from ddp_seq.train.checkpoint import check_encoding, check_shapes, load_checkpoint
 from ddp_seq.train.checkpointing import CheckpointMixin
+from ddp_seq.train.contract import check_classes, check_item, data_widths, probe
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.loaders import make_loader, make_sampler
-from ddp_seq.train.objective import Objective, as_objective
+from ddp_seq.train.objective import Objective, TaskObjective, as_objective
 from ddp_seq.train.optim import build_optimizer, build_scheduler
 from ddp_seq.train.resume import StopFlag, stop_reason
+from ddp_seq.train.run_dir import claim
 from ddp_seq.train.state import EpochCounters, EpochProgress, TrainState
 from ddp_seq.train.step import backward_global_mean
 from ddp_seq.train.steptime import PHASES, StepTimer, advice, breakdown_record
@@ -74,8 +83,16 @@ class Trainer(CheckpointMixin):
             ``logging.tensorboard``); the other ranks stay silent. A logger of your own gets wandb
             and TensorBoard from ``make_logger(..., tracker=tracking.start_tracking(...))``.
         run_dir: where checkpoints (``checkpoints/``) and the default logger's files go, created if
-            missing; None = no checkpoints, no files.
-        resume_from: a checkpoint of this trainer's kind to continue from.
+            missing; None = no checkpoints, no files. A directory that holds an earlier run
+            (checkpoints or metrics) is refused unless ``resume_from`` or ``overwrite`` says what
+            to do with it.
+        resume_from: a checkpoint of this trainer's kind to continue from, or ``"last"``: the newest
+            valid step checkpoint of ``run_dir`` (a new run when there is none yet), as Lightning's
+            ``ckpt_path="last"``.
+        overwrite: start a new run in a ``run_dir`` that holds an earlier one, removing that run's
+            checkpoints, metrics, logs and tracker files first (rank 0); nothing else there is touched.
+        claimed: the caller has already decided who owns ``run_dir`` and what to resume (the
+            config path does, by ``logging.name`` and ``checkpoint.resume``): take it as it is.
         checkpoint_extra: plain values stored in every checkpoint, as its ``extra`` part (the
             builders store the data's encoding and the model's inputs and outputs there, to rebuild
             it for ``predict``).
@@ -86,20 +103,24 @@ class Trainer(CheckpointMixin):
     world size resumes exactly under another.
 
     Raises:
-        UserError: a config that cannot work with these parts (fp16 on CPU, fewer training samples
-            than ranks, a monitored metric the objective does not produce), or a checkpoint that
-            does not fit the model.
+        UserError: before anything is written: a config that cannot work with these parts (fp16 on
+            CPU, fewer training samples than ranks, a monitored metric the objective does not
+            produce); items that are not ``(sequence, target)`` pairs of numbers, a model whose
+            forward fails or returns no single tensor, a class id the model's outputs cannot score
+            (:mod:`ddp_seq.train.contract`); a ``run_dir`` holding an earlier run without
+            ``resume_from`` / ``overwrite``; a checkpoint that does not fit the model; or -- without
+            ``info`` -- torchrun's processes without a process group (each would train alone).
     """
 
     def __init__(self, model: nn.Module, train_data, val_data, cfg: Config | None = None,
                  objective: str | Objective | Callable | None = None, *, info: DistInfo | None = None,
-                 logger: NullLogger | None = None, run_dir: Path | None = None, resume_from: Path | None = None,
+                 logger: NullLogger | None = None, run_dir: Path | str | None = None,
+                 resume_from: Path | str | None = None, overwrite: bool = False, claimed: bool = False,
                  checkpoint_extra: dict[str, Any] | None = None, notes: list[str] | tuple[str, ...] = ()) -> None:
         self.cfg = cfg = cfg or Config()
+        if info is None:
+            refuse_ungrouped("Trainer")
         self.info = info = info or current_info()
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._owns_log = logger is None  # closed at the end of fit()
-        self.log = logger or self._default_logger()
         self.objective = as_objective(cfg.data.task if objective is None else objective)
         self.mode, self.notes, self.extra = cfg.training.mode, list(notes), dict(checkpoint_extra or {})
         check_mode(self.mode, info.world_size)
@@ -110,11 +131,21 @@ class Trainer(CheckpointMixin):
             raise UserError(f"training.monitor: {cfg.training.monitor} is not among the metrics of objective "
                             f"{self.objective.name} ({', '.join('val_' + m for m in self.objective.metrics)})")
         self.train_data, self.val_data = train_data, val_data
+        for data, which in ((train_data, "train"), (val_data, "val")):
+            check_item(data, which)  # before anything reads an item's fields
         train_lengths, val_lengths = _lengths(train_data, "train"), _lengths(val_data, "val")
         if info.world_size > len(train_lengths):
             raise UserError(f"data: {len(train_lengths)} training sequences cannot feed {info.world_size} ranks; "
                             "use at least one per rank (data.num_train, or a bigger data.train_path)")
         self.module = model.to(info.device)
+        self._check_contract()
+        # Everything above can refuse the parts; nothing is written before this point.
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if not claimed:
+            resume_from, claim_notes = claim(self.run_dir, resume_from, overwrite, info)
+            self.notes += claim_notes
+        self._owns_log = logger is None  # closed at the end of fit()
+        self.log = logger or self._default_logger()
         state = load_checkpoint(resume_from) if resume_from is not None else None
         if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
             if "encoding" in self.extra:
@@ -141,6 +172,19 @@ class Trainer(CheckpointMixin):
         self.advice: str | None = None  # what the first epoch's step breakdown says would help
         if state is not None:
             self.load_state_dict(state, resume_from)
+
+    def _check_contract(self) -> None:
+        """Model and objective fit the items (:mod:`ddp_seq.train.contract`; the items' shape was checked
+        first), on a probe batch and over the targets, before anything is written; the checkpoint's ``extra`` part gets
+        what rebuilds the model for ``evaluate`` / ``predict`` where the caller did not give it."""
+        outputs = probe(self.module, self.train_data, self.objective, self.mode, self.info.device)
+        for data, which in ((self.train_data, "train"), (self.val_data, "val")):
+            check_classes(data, which, self.objective, outputs)
+        if any(key not in self.extra for key in ("num_inputs", "num_outputs", "vocab_size")):
+            self.extra = {**data_widths(self.train_data, outputs, self.objective), **self.extra}
+        builtin = isinstance(self.objective, TaskObjective)
+        self.extra.setdefault("objective", self.objective.name if builtin else None)
+        self.extra.setdefault("model_class", f"{type(self.module).__module__}:{type(self.module).__qualname__}")
 
     def _default_logger(self) -> NullLogger:
         """Rank 0 prints (and writes train.log, metrics.jsonl and, with ``logging.tensorboard``,

@@ -1,0 +1,145 @@
+"""What the Trainer expects of the parts it is handed, checked before the first step.
+
+A user's ``Dataset`` and ``nn.Module`` meet ddp_seq here, and each way they can miss the contract
+is one line naming what to change -- not a traceback deep in ``collate`` or ``cross_entropy``, and
+not a failure after a whole epoch:
+
+- every item is a ``(sequence, target)`` pair (a dict is not);
+- a target is a number (a class id, a value) or a per-step array of them, never a string label;
+- the model's ``forward(inputs, lengths)`` returns one tensor, which the objective can score;
+- a classify or tag target is a class id the model's outputs can score (``0 <= target < C``),
+  checked over every item of the training and validation data (one pass over the targets; a
+  ``targets`` attribute, as the built-in readers have, spares it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddp_seq.data.collate import IGNORE_INDEX, collate_for, fetch
+from ddp_seq.data.sampler import Share
+from ddp_seq.errors import UserError, first_line
+from ddp_seq.train.objective import Objective, TaskObjective
+
+#: What an item should be, said in every refusal of one.
+ITEM_SHAPE = ("(sequence, target) pairs: a sequence [T, F] of floats or [T] of token ids, a target that is a "
+              "class id, a value or a per-step [T] array")
+
+
+def check_item(dataset, which: str) -> None:
+    """Refuse a dataset whose first item is not a ``(sequence, target)`` pair of numbers.
+
+    Raises:
+        UserError: ``"<which> data: item 0 ..."``, one line saying what the item is and should be.
+    """
+    try:
+        item = dataset[0]
+    except Exception as e:  # noqa: BLE001 -- the user's __getitem__
+        raise UserError(f"{which} data: reading item 0 failed ({type(e).__name__}: {first_line(e)})") from None
+    if isinstance(item, Mapping):
+        keys = ", ".join(repr(k) for k in list(item)[:4])
+        raise UserError(f"{which} data: item 0 is a dict (keys {keys}); ddp_seq datasets return {ITEM_SHAPE} -- "
+                        "return (sequence, target) from __getitem__")
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        what = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+        raise UserError(f"{which} data: item 0 is {what}; ddp_seq datasets return {ITEM_SHAPE}")
+    target = item[1]
+    kind = np.asarray(target.detach().cpu() if isinstance(target, torch.Tensor) else target).dtype.kind
+    if kind in "USO":
+        raise UserError(f"{which} data: item 0's target is {target!r}, not a number; targets are class ids 0..C-1 "
+                        "(map each label to its index, e.g. {label: i for i, label in enumerate(sorted(labels))}) "
+                        "or values")
+
+
+def probe(model: nn.Module, dataset, objective: Objective, mode: str, device: torch.device,
+          key: str = "model") -> torch.Tensor:
+    """The model's outputs on a batch of the first (up to 2) training items, scored by ``objective``
+    (no gradient kept; the model's train/eval mode restored).
+
+    Raises:
+        UserError: the items do not collate, ``forward`` fails or returns no single tensor, or the
+            objective cannot score what it returns -- one line naming ``key``.
+    """
+    share = Share(range(min(2, len(dataset))))
+    try:
+        items = fetch(dataset, share)
+        share.global_count = len(items)
+        batch = collate_for(mode)(items).to(device)
+    except Exception as e:  # noqa: BLE001 -- the user's items
+        raise UserError(f"train data: the first items do not make a batch ({type(e).__name__}: {first_line(e)}); "
+                        f"items should be {ITEM_SHAPE}") from None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(batch.inputs, batch.model_lengths)
+            if not isinstance(outputs, torch.Tensor):
+                raise UserError(f"{key}: forward(inputs, lengths) returned a {type(outputs).__name__}, not a tensor; "
+                                "return the outputs the objective scores (classify [B, C] logits, regress [B], "
+                                "tag [B, T, C]) -- not a tuple such as (outputs, state)")
+            objective.loss(outputs, batch)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's forward or loss
+        raise UserError(f"{key}: failed on a probe batch of {len(items)} training sequence(s) "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _targets(dataset) -> tuple[np.ndarray, bool]:
+    """Every target of ``dataset`` as one array, and whether it is one per item (else per step)."""
+    saved = getattr(dataset, "targets", None)
+    if saved is not None:
+        array = np.asarray(saved)
+        return array, array.ndim == 1 and len(array) == len(dataset) and not getattr(dataset, "per_step", False)
+    targets = [np.asarray(dataset[i][1]) for i in range(len(dataset))]
+    if all(t.ndim == 0 for t in targets):
+        return np.array([t.item() for t in targets]), True
+    return np.concatenate([t.reshape(-1) for t in targets]), False
+
+
+def check_classes(dataset, which: str, objective: Objective, outputs: torch.Tensor) -> None:
+    """Refuse classify or tag targets the model cannot score: outside ``[0, C)``, ``C`` the last
+    dimension of the probe's ``outputs`` (``IGNORE_INDEX`` allowed per step). Other objectives pass.
+
+    Raises:
+        UserError: naming the item (or, for per-step targets, the value) and the model's classes.
+    """
+    if not isinstance(objective, TaskObjective) or objective.task == "regress":
+        return
+    classes = int(outputs.shape[-1])
+    targets, per_item = _targets(dataset)
+    if not np.issubdtype(targets.dtype, np.integer):
+        if not (np.all(np.isfinite(targets)) and np.all(targets == np.round(targets))):
+            raise UserError(f"{which} data: {objective.task} targets should be class ids (integers), got "
+                            f"{targets.dtype} values such as {targets.reshape(-1)[0]!r}")
+        targets = targets.astype(np.int64)
+    bad = (targets < 0) | (targets >= classes)
+    if not per_item:
+        bad &= targets != IGNORE_INDEX
+    if bad.any():
+        first = int(np.argmax(bad))
+        where = f"item {first} has target" if per_item else "a per-step target is"
+        raise UserError(f"{which} data: {where} {int(targets[first])}, outside the model's {classes} outputs "
+                        f"(class ids 0..{classes - 1}); give the model as many outputs as there are classes")
+
+
+def data_widths(dataset, outputs: torch.Tensor, objective: Objective) -> dict[str, Any]:
+    """What rebuilds a model for this data (``evaluate``/``predict`` on a library checkpoint): its
+    ``num_inputs`` (features per step, 0 for token ids), ``vocab_size`` (0 for features; the data's
+    ``vocab_size`` attribute, else the largest id + 1 over every item) and ``num_outputs``."""
+    first = np.asarray(dataset[0][0].detach().cpu() if isinstance(dataset[0][0], torch.Tensor) else dataset[0][0])
+    tokens = first.ndim == 1 and np.issubdtype(first.dtype, np.integer)
+    vocab = int(getattr(dataset, "vocab_size", 0) or 0)
+    if tokens and not vocab:
+        vocab = 1 + max(int(np.asarray(dataset[i][0]).max()) for i in range(len(dataset)))
+    regress = isinstance(objective, TaskObjective) and objective.task == "regress"
+    return {"num_inputs": 0 if tokens else int(first.shape[-1]), "vocab_size": vocab if tokens else 0,
+            "num_outputs": 1 if regress else int(outputs.shape[-1])}
