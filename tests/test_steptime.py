@@ -175,21 +175,39 @@ def test_breakdown_is_in_every_epoch_record_per_rank_and_adds_up(short_run):
     assert min(row["step_ms_forward"]) > 0 and min(row["step_ms_backward"]) > 0 and min(row["step_ms_sync"]) > 0
 
 
-def test_the_short_workload_on_2_ranks_gets_the_advice(short_run):
-    result, stdout = short_run
+# The figures of the two real 2-rank runs below (SHORT, DEFAULT), as their epoch records gave them
+# on this machine kind (2 cores, 2026-12-06, load average ~2): what the advice logic must conclude
+# from them. Fed to it, not re-measured: a run's shares move with the machine's load (a loaded CI run
+# measured the default workload's sync share at 17% once), and a test's verdict must not. The real
+# runs check what the trainer does with whatever it measured: the keys, the sums, and that it prints
+# what the logic says of its own record.
+MEASURED = {  # ms per step per rank: sync, data, step
+    "short": ([11.58, 11.38], [0.69, 0.89], [33.68, 33.64]),  # median 8 steps, hidden 256: sync 34%
+    "default": ([16.08, 18.75], [0.69, 1.60], [124.42, 124.14]),  # median 45 steps, 2 layers: sync 14%
+}
+
+
+@pytest.mark.parametrize("workload, advised", [("short", True), ("default", False)])
+def test_the_advice_logic_on_measured_figures(workload, advised):
+    sync, data, step = MEASURED[workload]
+    line = advice(_record(sync=sync, data=data, step=step), world_size=2)
+    assert (line is not None) == advised, line
+    if advised:
+        assert line.startswith("advice: synchronisation took 34% of each training step (11.5 of 33.7 ms")
+
+
+@pytest.mark.parametrize("workload", ["short", "default"])
+def test_a_run_prints_the_advice_its_own_record_calls_for(runs, workload):
+    result, stdout = runs[workload]
     (row,) = result["history"]
-    assert row["sync_share"] >= ADVICE_SHARE, row["sync_share"]
-    line = result["summary"]["advice"]
-    assert line.startswith("advice: synchronisation took") and line in stdout
-    assert stdout.count(line) == 2  # after the first epoch, and again in the summary
+    assert 0 <= row["sync_share"] <= 1 and 0 <= row["data_share"] <= 1
+    line = advice(row, world_size=2)
+    assert result["summary"]["advice"] == line
+    if line is None:
+        assert "advice:" not in stdout
+    else:
+        assert stdout.count(line) == 2  # after the first epoch, and again in the summary
     assert "where a step's time goes" in stdout
-
-
-def test_the_default_workload_gets_no_advice(runs):
-    result, stdout = runs["default"]
-    (row,) = result["history"]
-    assert row["sync_share"] < ADVICE_SHARE and result["summary"]["advice"] is None
-    assert "advice:" not in stdout and "where a step's time goes" in stdout  # its own output, and no advice
 
 
 def test_merged_collectives_one_per_sync_point_and_the_same_metrics(runs):
