@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-dp train-single test test-fast lint bench parity samples corpus slurm-up slurm-down slurm-submit clean
+.PHONY: help install train train-dp train-single test test-fast lint bench gpu-check parity samples corpus slurm-up slurm-down slurm-submit clean
 
 help:  ## list the targets
 	@echo "ddp_seq make targets (overrides: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='section.key=value ...'):"
@@ -58,10 +58,17 @@ test-fast: $(STAMP)  ## the tests not marked slow (no torchrun launches)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check ddp_seq tests train.py
+	$(BIN)/ruff check ddp_seq tests train.py launch
 
 bench: $(STAMP)  ## reference vs ddp_seq vs Lightning, side by side; bench/results/<date>-<host>.json + BENCHMARKS.md (~70 min)
 	$(BIN)/ddp-seq bench --suite default
+
+# The GPU machine has no .venv and no network (issue 28): there the check runs from the working
+# tree with plain python3, so this target installs nothing; here it uses the virtualenv if present.
+GPU_CHECK_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+GPU_CHECK_ARGS ?=
+gpu-check:  ## every CUDA path + the GPU benchmark (< 8 min): bench/results/<date>-<gpu>.json + BENCHMARKS.md; no CUDA: dry run
+	PYTHONPATH=. $(GPU_CHECK_PYTHON) launch/gpu_check.py $(GPU_CHECK_ARGS)
 
 parity: $(STAMP)  ## single vs dp vs ddp (2 ranks): same loss and gradients on a fixed batch, or exit 1
 	$(BIN)/torchrun --standalone --nproc_per_node=2 -m ddp_seq parity
