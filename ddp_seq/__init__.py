@@ -14,7 +14,7 @@ The library, usable without the config or the CLI::
   items into a :class:`Batch` that knows the global batch's count, which the loss divides by.
 - :class:`PackedLSTM` / :class:`PackedGRU`: ``nn.LSTM`` / ``nn.GRU`` that take ``(padded, lengths)``.
 - :class:`Trainer`: DDP training of your model on your datasets with your objective, resumable
-  at any step, under any world size.
+  at any step, under any world size; :func:`cross_validate`: k-fold of any dataset with it.
 
 Names are imported on first use, so ``python -m ddp_seq check-config`` never loads torch.
 """
@@ -43,6 +43,7 @@ _EXPORTS = {
     "TaskObjective": "ddp_seq.train.objective",
     "LossFunction": "ddp_seq.train.objective",
     "Trainer": "ddp_seq.train.trainer",
+    "cross_validate": "ddp_seq.train.cross_validation",
     "evaluate": "ddp_seq.train.evaluation",
     "Config": "ddp_seq.config",
     "load_config": "ddp_seq.config",

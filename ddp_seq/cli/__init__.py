@@ -77,12 +77,10 @@ def train(cfg: Config) -> dict:
 
     with distributed(cfg.distributed) as info:
         if cfg.data.folds:
-            from ddp_seq.cli.folds import train_folds
+            from ddp_seq.cli.folds import target_folds, train_folds
 
             if cfg.data.target:
-                raise UserError("data.folds: k-fold splits the built-in readers' data.train_path; with data.target, "
-                                "build the folds in your data function (data.args) and run one job per fold")
-
+                return target_folds(cfg, info, lambda fold_cfg, run_dir: _start_logger(fold_cfg, info, run_dir, []))
             return train_folds(cfg, info, _train_run)
         # Data and model first: a bad file or target is reported before a run directory is created for it.
         parts = build_parts(cfg, info, None if cfg.data.target else load_splits(cfg.data))
@@ -94,19 +92,28 @@ def _train_run(cfg: Config, info, run_dir: Path, resume_from: Path | None, notes
                fold: int | None = None, parts=None) -> dict:
     """Train one run (one fold of a k-fold job) in ``run_dir`` with its own logger and tracker."""
     from ddp_seq.builders import build_trainer
-    from ddp_seq.loggers.runlog import make_logger
 
-    logger = make_logger(info.is_main, run_dir, cfg.logging.progress, _start_tracking(cfg, run_dir, info))
+    logger = _start_logger(cfg, info, run_dir, notes)
     exit_code = 1
     try:
-        logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
-        for note in notes:
-            logger.info(note)
         summary = build_trainer(cfg, info, logger, run_dir, resume_from, splits, fold, parts).fit()
         exit_code = 0
         return summary
     finally:
         logger.close(exit_code)
+
+
+def _start_logger(cfg: Config, info, run_dir: Path, notes: list[str]):
+    """One run's logger (rank 0's files and trackers, silence elsewhere), which has logged where the
+    run goes, its resolved config and ``notes``."""
+    from ddp_seq.loggers.runlog import make_logger
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = make_logger(info.is_main, run_dir, cfg.logging.progress, _start_tracking(cfg, run_dir, info))
+    logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
+    for note in notes:
+        logger.info(note)
+    return logger
 
 
 def _start_tracking(cfg: Config, run_dir: Path, info):

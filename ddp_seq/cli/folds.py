@@ -1,5 +1,9 @@
 """k-fold cross-validation (``data.folds=k``): one job trains k models in turn.
 
+With ``data.target`` the user's training dataset is split by
+:func:`~ddp_seq.train.cross_validation.cross_validate` (:func:`target_folds`). The built-in readers'
+files go through :func:`train_folds`, below, because each fold encodes its own data:
+
 The training data is read once; fold ``i`` trains on every part but the i-th and validates on
 the i-th (``sources.fold_indices``: deterministic from ``data.seed``). Every fold's split is
 checked before the first fold trains (``sources.check_folds``): a class that some fold's training
@@ -20,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
 from ddp_seq.config import Config
 from ddp_seq.fileio import write_bytes_atomic
-from ddp_seq.loggers.runlog import format_table
+from ddp_seq.train.cross_validation import report_lines, summarize
 
 
 def _fold_config(cfg: Config, run: Path, fold: int) -> Config:
@@ -32,30 +36,6 @@ def _fold_config(cfg: Config, run: Path, fold: int) -> Config:
     w = cfg.wandb
     wandb = dataclasses.replace(w, group=w.group or run.name, name=f"{w.name or run.name}-fold-{fold + 1}")
     return dataclasses.replace(cfg, wandb=wandb)
-
-
-def summarize(summaries: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
-    """Per-fold rows (validation metrics at each fold's best epoch) and their mean and std over folds.
-
-    The std is the population one (``ddof=0``), as ``scikit-learn``'s ``cross_val_score(...).std()`` reads.
-    """
-    # scalars only: per-class lists (val_f1, val_confusion, ...) stay in each fold's metrics.jsonl
-    rows = [{"fold": i + 1, "best_epoch": s["best_epoch"],
-             **{k: v for k, v in s["best_metrics"].items() if isinstance(v, (int, float))}}
-            for i, s in enumerate(summaries)]
-    metrics = list(rows[0])[2:]
-    values = {m: np.array([r[m] for r in rows], dtype=np.float64) for m in metrics}
-    return {"folds": rows, "monitor": monitor, "mean": {m: float(v.mean()) for m, v in values.items()},
-            "std": {m: float(v.std()) for m, v in values.items()}}
-
-
-def report_lines(result: dict[str, Any], run: Path) -> list[str]:
-    """The table and the mean +- std line rank 0 prints at the end of a k-fold job."""
-    rows, metrics = result["folds"], list(result["mean"])
-    table = format_table(rows, ["fold", "best_epoch", *metrics])
-    spread = ", ".join(f"{m} {result['mean'][m]:.4f} +- {result['std'][m]:.4f}" for m in metrics)
-    return [f"cross-validation, {len(rows)} folds (each fold's metrics at its best {result['monitor']}), "
-            f"runs in {run}/fold-*:", table, f"mean +- std over folds: {spread}"]
 
 
 def train_folds(cfg: Config, info, train_run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
@@ -82,3 +62,29 @@ def train_folds(cfg: Config, info, train_run: Callable[..., dict[str, Any]]) -> 
         print("\n".join(report_lines(result, run)), flush=True)
         write_bytes_atomic(run / "folds.json", (json.dumps(result, indent=2) + "\n").encode("utf-8"))
     return result
+
+
+def target_folds(cfg: Config, info, start_logger: Callable[[Config, Path], Any]) -> dict[str, Any]:
+    """``data.folds`` with ``data.target``: :func:`~ddp_seq.train.cross_validation.cross_validate` over
+    the training dataset of the user's data function (its validation dataset is not used: each fold
+    validates on its own part). ``start_logger(cfg, run_dir)`` makes a fold's logger, as for one run."""
+    from ddp_seq.builders import build_data, build_model, probe
+    from ddp_seq.cli.rundir import choose_run_dir, on_rank0
+    from ddp_seq.train.cross_validation import cross_validate
+
+    data = build_data(cfg)
+    torch.manual_seed(cfg.training.seed)
+    probe(build_model(cfg, data, info.device), data, cfg, info.device)  # before any directory is made
+    run = on_rank0(info, lambda: choose_run_dir(cfg))
+
+    def fold_logger(fold_dir: Path, fold: int):
+        return start_logger(_fold_config(cfg, run, fold), fold_dir)
+
+    data.notes.append(f"data.folds={cfg.data.folds}: k-fold over the {len(data.train)} training items of "
+                      f"{cfg.data.target} (its validation dataset is not used)")
+    if info.is_main:
+        print("\n".join(data.notes), flush=True)
+    return cross_validate(lambda: build_model(cfg, data, info.device), data.train, cfg.data.folds, cfg, run_dir=run,
+                          info=info, make_logger=fold_logger,
+                          checkpoint_extra={"data_from_config": True, "vocab_size": data.vocab_size,
+                                            "num_inputs": data.num_inputs, "num_outputs": data.num_outputs})

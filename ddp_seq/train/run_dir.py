@@ -58,14 +58,19 @@ def _decide(run_dir: Path, resume_from: Path | str | None, overwrite: bool) -> t
     if not overwrite:
         raise UserError(f"Trainer: run_dir {run_dir} holds an earlier run (checkpoints or metrics.jsonl); pass "
                         "resume_from='last' to continue it, overwrite=True to replace it, or another run_dir")
+    clear(run_dir)
+    notes.append(f"overwrite=True: removed the earlier run's {', '.join(RUN_FILES[:3])} from {run_dir}")
+    return None, notes
+
+
+def clear(run_dir: Path) -> None:
+    """Remove what a run wrote into ``run_dir`` (:data:`RUN_FILES`); anything else there stays."""
     for name in RUN_FILES:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    notes.append(f"overwrite=True: removed the earlier run's {', '.join(RUN_FILES[:3])} from {run_dir}")
-    return None, notes
 
 
 def claim(run_dir: Path | None, resume_from: Path | str | None, overwrite: bool,

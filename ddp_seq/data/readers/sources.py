@@ -17,6 +17,7 @@ import numpy as np
 
 from ddp_seq.config import DataConfig
 from ddp_seq.config_fields import TEXT_FORMATS
+from ddp_seq.data.folds import fold_assignment, fold_indices
 from ddp_seq.data.readers import synthetic
 from ddp_seq.data.readers.encoding import Encoding, Parsed, _is_index, build_encoding, encode
 from ddp_seq.data.readers.files import read_npz
@@ -133,34 +134,6 @@ def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
     n_val = min(n - 1, max(1, round(fraction * n)))
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def fold_assignment(n: int, folds: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
-    """The fold (0-based) of each of ``n`` samples: the one whose validation part holds it.
-
-    The samples, shuffled by ``seed``, are dealt to the folds in turn, so fold sizes differ by at
-    most one (the first folds get the extra samples). With ``strata`` (the class of each sample)
-    they are shuffled within each class and dealt class after class: every fold holds each class in
-    about its overall proportion, as scikit-learn's ``StratifiedKFold`` does for classifiers. A
-    class of ``c`` samples lands in ``min(c, folds)`` different folds, so a class of one sample is
-    missing from the training part of the fold that validates on it, and only then.
-    """
-    rng = np.random.default_rng(seed)
-    if strata is None:
-        order = rng.permutation(n)
-    else:
-        order = np.concatenate([rng.permutation(np.flatnonzero(strata == c)) for c in np.unique(strata)])
-    assigned = np.empty(n, dtype=np.int64)
-    assigned[order] = np.arange(n) % folds
-    return assigned
-
-
-def fold_indices(n: int, folds: int, fold: int, seed: int,
-                 strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) sample indices of fold ``fold`` of ``folds`` (:func:`fold_assignment`); sorted,
-    like the hold-out."""
-    assigned = fold_assignment(n, folds, seed, strata)
-    return np.flatnonzero(assigned != fold), np.flatnonzero(assigned == fold)
 
 
 def _synthetic_encoding(cfg: DataConfig) -> Encoding:

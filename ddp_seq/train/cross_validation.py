@@ -1,0 +1,238 @@
+"""k-fold cross-validation of any map-style dataset and model factory: one job, k Trainers.
+
+``cross_validate(make_model, dataset, folds=k, cfg=..., run_dir=...)`` splits ``dataset`` into
+``k`` folds from ``data.seed`` alone (:func:`ddp_seq.data.folds.fold_assignment`: stratified by
+class for classify, by ``groups`` when given), so the folds are the same on every rank, on any
+world size and in a resumed job. Fold ``i`` trains a fresh ``make_model()`` (seeded with
+``training.seed``) on every other fold and validates on fold ``i`` with the :class:`Trainer`, in
+``run_dir/fold-<i>``. A finished fold leaves ``fold-<i>/result.json``; a job stopped in fold ``i``
+(killed, preempted) and started again with the same arguments skips the finished folds and
+resumes fold ``i`` from its newest checkpoint. The result -- each fold's validation metrics at its
+best epoch, their mean and standard deviation -- is returned and written to ``run_dir/folds.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from ddp_seq.config import Config
+from ddp_seq.data.folds import fold_assignment
+from ddp_seq.data.sampler import lengths_of
+from ddp_seq.errors import UserError
+from ddp_seq.fileio import write_bytes_atomic
+from ddp_seq.loggers.runlog import format_table
+from ddp_seq.parallel.process_group import DistInfo, broadcast_object, current_info, refuse_ungrouped
+from ddp_seq.train.objective import Objective, TaskObjective, as_objective
+from ddp_seq.train.resume import newest_valid, remove_partial_writes
+from ddp_seq.train.run_dir import clear, holds_run
+from ddp_seq.train.trainer import Trainer
+
+PLAN_FILE, RESULT_FILE, FOLDS_FILE = "cross_validation.json", "result.json", "folds.json"
+
+
+class FoldSubset(Subset):
+    """``Subset(dataset, indices)`` that keeps the ``lengths`` (and ``targets``) the sampler and the
+    Trainer's checks read, so a fold costs no pass over its items."""
+
+    def __init__(self, dataset, indices: np.ndarray, lengths: np.ndarray) -> None:
+        super().__init__(dataset, indices.tolist())
+        self.lengths = lengths[indices]
+        targets = getattr(dataset, "targets", None)
+        if targets is not None and not getattr(dataset, "per_step", False) and len(targets) == len(dataset):
+            self.targets = np.asarray(targets)[indices]
+
+
+def summarize(summaries: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
+    """Per-fold rows (validation metrics at each fold's best epoch) and their mean and std over folds.
+
+    The std is the population one (``ddof=0``), as ``scikit-learn``'s ``cross_val_score(...).std()`` reads.
+    """
+    # scalars only: per-class lists (val_f1, val_confusion, ...) stay in each fold's metrics.jsonl
+    rows = [{"fold": i + 1, "best_epoch": s["best_epoch"],
+             **{k: v for k, v in s["best_metrics"].items() if isinstance(v, (int, float))}}
+            for i, s in enumerate(summaries)]
+    metrics = list(rows[0])[2:]
+    values = {m: np.array([r[m] for r in rows], dtype=np.float64) for m in metrics}
+    return {"folds": rows, "monitor": monitor, "mean": {m: float(v.mean()) for m, v in values.items()},
+            "std": {m: float(v.std()) for m, v in values.items()}}
+
+
+def report_lines(result: dict[str, Any], run: Path | None) -> list[str]:
+    """The table and the mean +- std line printed at the end of a k-fold job."""
+    rows, metrics = result["folds"], list(result["mean"])
+    table = format_table(rows, ["fold", "best_epoch", *metrics])
+    spread = ", ".join(f"{m} {result['mean'][m]:.4f} +- {result['std'][m]:.4f}" for m in metrics)
+    where = f", runs in {run}/fold-*" if run is not None else ""
+    return [f"cross-validation, {len(rows)} folds (each fold's metrics at its best {result['monitor']}){where}:",
+            table, f"mean +- std over folds: {spread}"]
+
+
+def class_labels(dataset) -> np.ndarray:
+    """Each item's class (its target), for stratified folds: a ``targets`` attribute, else a pass over the items."""
+    saved = getattr(dataset, "targets", None)
+    if saved is not None and len(saved) == len(dataset) and not getattr(dataset, "per_step", False):
+        return np.asarray(saved)
+    return np.array([np.asarray(dataset[i][1]).item() for i in range(len(dataset))])
+
+
+def _plan(assigned: np.ndarray, folds: int, seed: int, stratified: bool, grouped: bool) -> dict[str, Any]:
+    """What the folds depend on, and a digest of the assignment itself: a resumed job must split alike."""
+    digest = hashlib.sha256(assigned.astype(np.int64).tobytes()).hexdigest()[:16]
+    return {"version": 1, "folds": folds, "seed": seed, "num_samples": len(assigned), "stratified": stratified,
+            "grouped": grouped, "assignment": digest}
+
+
+def _claim(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[str, Any] | None]:
+    """Rank 0: take ``run_dir`` for this job (refusing one of another plan unless ``overwrite``) and
+    return the finished folds' results (None for a fold still to train)."""
+    plan_file = run_dir / PLAN_FILE
+    if overwrite and run_dir.is_dir():
+        for path in [plan_file, run_dir / FOLDS_FILE, *run_dir.glob("fold-*")]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if plan_file.is_file():
+        saved = json.loads(plan_file.read_text(encoding="utf-8"))
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in plan.items() if saved.get(k) != v]
+        if changed:
+            raise UserError(f"cross_validate: {run_dir} holds a k-fold job of another split ({', '.join(changed)}); "
+                            "resume it with the same folds, seed and data, or pass overwrite=True or another run_dir")
+    elif holds_run(run_dir):
+        raise UserError(f"cross_validate: {run_dir} holds a run that is not a k-fold job of this split; pass "
+                        "overwrite=True to replace it, or another run_dir")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(plan_file, (json.dumps(plan, indent=2) + "\n").encode("utf-8"))
+    results = []
+    for fold in range(plan["folds"]):
+        done = run_dir / f"fold-{fold + 1}" / RESULT_FILE
+        results.append(json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None)
+    return results
+
+
+def _fold_start(fold_dir: Path) -> str | None:
+    """Rank 0: the checkpoint a fold that has not finished resumes from -- its newest valid one; with
+    none, the files of its own earlier attempt (if any) are removed and the fold starts anew."""
+    remove_partial_writes(fold_dir / "checkpoints")
+    found = newest_valid(fold_dir / "checkpoints", lambda line: None)
+    if found is not None:
+        return str(found)
+    clear(fold_dir)
+    return None
+
+
+def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5, cfg: Config | None = None,
+                   objective: str | Objective | Callable | None = None, run_dir: Path | str | None = None, *,
+                   groups=None, stratify: bool | None = None, info: DistInfo | None = None, overwrite: bool = False,
+                   make_logger: Callable[[Path | None, int], Any] | None = None,
+                   checkpoint_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and validate ``folds`` models, each on all folds but one; every rank calls it alike.
+
+    Args:
+        make_model: builds a fresh model (called once per fold, after ``torch.manual_seed(training.seed)``).
+        dataset: a map-style dataset of ``(sequence, target)`` items (see :class:`Trainer`).
+        folds: k >= 2.
+        cfg: the Trainer's config; ``data.seed`` fixes the folds, ``training.seed`` the initial weights.
+        objective: as for :class:`Trainer` (default ``data.task``).
+        run_dir: where ``fold-<i>/`` runs, ``folds.json`` and the split's plan go; None: no files
+            (and no resuming).
+        groups: a group id per item (``[N]``): each group stays in one fold.
+        stratify: split class by class (default: for the classify objective).
+        info: this process's place in the job (default the current process group).
+        overwrite: replace a ``run_dir`` that holds another job instead of refusing it.
+        make_logger: ``make_logger(fold_dir, fold)`` gives each fold's logger (closed after the
+            fold); default the Trainer's own.
+        checkpoint_extra: stored in every fold's checkpoints, as the Trainer's (``fold`` is added).
+
+    Returns:
+        ``{"folds": [{"fold", "best_epoch", "val_<metric>", ...}], "monitor", "mean": {...},
+        "std": {...}}`` -- each fold's scalar validation metrics at its best epoch, and their mean and
+        population standard deviation over the folds.
+
+    Raises:
+        UserError: before any fold trains: too few items or groups for ``folds``, a ``run_dir``
+            holding another job or another split; then whatever a :class:`Trainer` refuses.
+    """
+    cfg = cfg or Config()
+    if info is None:
+        refuse_ungrouped("cross_validate")
+    info = info or current_info()
+    run = Path(run_dir) if run_dir is not None else None
+    task = as_objective(cfg.data.task if objective is None else objective)
+    n = len(dataset)
+    if stratify is None:
+        stratify = isinstance(task, TaskObjective) and task.task == "classify" and groups is None
+    try:
+        assigned = fold_assignment(n, int(folds), cfg.data.seed, class_labels(dataset) if stratify else None,
+                                   None if groups is None else np.asarray(groups))
+    except ValueError as e:
+        raise UserError(f"cross_validate: {e}") from None
+    plan = _plan(assigned, int(folds), cfg.data.seed, bool(stratify), groups is not None)
+    results: list = [None] * int(folds)
+    if run is not None:
+        results = _decided_on_main(info, lambda: _claim(run, plan, overwrite))
+    lengths = lengths_of(dataset)
+    for fold in range(int(folds)):
+        if results[fold] is not None:
+            continue
+        results[fold] = _train_fold(make_model, dataset, lengths, assigned, fold, cfg, objective, run, info,
+                                    make_logger, dict(checkpoint_extra or {}))
+        gc.collect()  # the fold's model, optimizer and DDP wrapper go before the next are built
+    result = summarize(results, cfg.training.monitor)
+    if info.is_main:
+        print("\n".join(report_lines(result, run)), flush=True)
+        if run is not None:
+            write_bytes_atomic(run / FOLDS_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+    return result
+
+
+def _decided_on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on rank 0, its result on every rank -- or its :class:`UserError` on every rank."""
+    result, error = None, ""
+    if info.is_main:
+        try:
+            result = decide()
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error), info)
+    if error:
+        raise UserError(error)
+    return result
+
+
+def _train_fold(make_model, dataset, lengths: np.ndarray, assigned: np.ndarray, fold: int, cfg: Config, objective,
+                run: Path | None, info: DistInfo, make_logger, extra: dict[str, Any]) -> dict[str, Any]:
+    """Train fold ``fold`` (resuming its own checkpoint) and return what ``summarize`` reads of it."""
+    fold_dir = run / f"fold-{fold + 1}" if run is not None else None
+    resume_from = None
+    if fold_dir is not None:
+        resume_from = _decided_on_main(info, lambda: _fold_start(fold_dir))
+    train = FoldSubset(dataset, np.flatnonzero(assigned != fold), lengths)
+    val = FoldSubset(dataset, np.flatnonzero(assigned == fold), lengths)
+    torch.manual_seed(cfg.training.seed)  # every fold and every rank start from the same weights
+    logger = make_logger(fold_dir, fold) if make_logger is not None else None
+    exit_code = 1
+    try:
+        # claimed: this job owns fold_dir, and _fold_start decided what it resumes from
+        trainer = Trainer(make_model(), train, val, cfg, objective, info=info, logger=logger, run_dir=fold_dir,
+                          resume_from=resume_from, claimed=True, checkpoint_extra={**extra, "fold": fold},
+                          notes=[f"cross-validation: fold {fold + 1}, {len(train)} training and {len(val)} "
+                                 "validation items"])
+        summary = trainer.fit()
+        exit_code = 0
+    finally:
+        if logger is not None:
+            logger.close(exit_code)
+    done = {"best_epoch": summary["best_epoch"], "best_metrics": summary["best_metrics"]}
+    if fold_dir is not None and info.is_main:
+        write_bytes_atomic(fold_dir / RESULT_FILE, (json.dumps(done) + "\n").encode("utf-8"))
+    return done
