@@ -229,13 +229,14 @@ def _run_and_exit(job, timeout_s: int | None = None) -> int:
     """Run ``job()`` (training, evaluation, prediction); map preemption and lost peers to their exit
     codes (each with one line, no traceback). ``timeout_s``: the collective timeout, for the message."""
     from ddp_seq.parallel.process_group import exit_worker
-    from ddp_seq.train.resume import EXIT_PREEMPTED, Preempted
+    from ddp_seq.train.resume import Preempted, exit_code
 
     try:
         job()
-    except Preempted:
-        exit_worker(EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
+    except Preempted as stopped:  # SIGTERM (143) or Ctrl-C's SIGINT (130), after the checkpoint
+        code = exit_code(stopped.signum)
+        exit_worker(code)
+        return code
     except RuntimeError as e:
         if not _lost_peers(e):
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,8 @@ def build_loader(dataset, batch_sampler: BucketBatchSampler, collate_fn: Callabl
         prefetch_factor: batches each worker prepares ahead (``num_workers > 0`` only).
     """
     workers = num_workers > 0
+    # worker_init_fn: stop signals are the training process's to handle (it stops every rank at one
+    # step and checkpoints); a worker killed by Ctrl-C or SIGTERM first would only fail that.
     # Its own generator: each iter() of a DataLoader draws a base seed (for worker seeds) from the
     # generator it is given, else from torch's global RNG -- which would move the dropout masks of
     # the training that follows, and a resumed run (one more iter()) would not match the original.
@@ -36,4 +39,14 @@ def build_loader(dataset, batch_sampler: BucketBatchSampler, collate_fn: Callabl
                       num_workers=num_workers, generator=torch.Generator().manual_seed(0),
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                       persistent_workers=persistent_workers and workers,
-                      prefetch_factor=prefetch_factor if workers else None)
+                      prefetch_factor=prefetch_factor if workers else None,
+                      worker_init_fn=ignore_stop_signals if workers else None)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn``: a DataLoader worker ignores SIGINT and SIGTERM, which reach it with its
+    training process (a terminal's Ctrl-C goes to the whole process group; ``kill`` of a process
+    group too); the training process stops at a common step and shuts its workers down itself.
+    A worker still exits when its training process dies (torch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,10 +1,11 @@
 """How the :class:`~ddp_seq.train.trainer.Trainer` saves and resumes: its ``state_dict``, the collective
-checkpoint write, and what it logs when SIGTERM stops it. A mixin of the Trainer (it reads the
+checkpoint write, and what it logs when SIGTERM or SIGINT stops it. A mixin of the Trainer (it reads the
 trainer's model, optimizer, scheduler, sampler, state and logger), kept apart so each file stays short.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -92,13 +93,16 @@ class CheckpointMixin:
         return path
 
     def _preempted(self, where: str) -> Preempted:
-        """Log where SIGTERM stopped the run (its checkpoint is written) and build the exception."""
+        """Log where a stop signal stopped the run (its checkpoint is written) and build the exception.
+        A rank that did not get the signal itself (another rank did) stops as if on SIGTERM."""
         path = self._checkpoint_path("last.pt")
-        self.log.info(f"SIGTERM: stopped {where}; " + (f"checkpoint {path}. Run the same command again to resume."
-                                                        if path else "checkpoint.save=false: nothing saved."))
-        return Preempted(path)
+        signum = self.stop.signal or signal.SIGTERM
+        self.log.info(f"{signal.Signals(signum).name}: stopped {where}; " +
+                      (f"checkpoint {path}. Run the same command again to resume." if path else
+                       "checkpoint.save=false: nothing saved."))
+        return Preempted(path, signum)
 
     def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM. Every rank asks at the same steps, so they stop together."""
+        """Whether any rank got a stop signal. Every rank asks at the same steps, so they stop together."""
         flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0])
         return bool(all_reduce_sum(flag, self.info)[0] > 0)

@@ -24,6 +24,16 @@ STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 # Exit code of a process that stopped on SIGTERM after checkpointing (128 + SIGTERM, the shell's
 # convention for "terminated", so Slurm and shells read it as such). Rerun the command to resume.
 EXIT_PREEMPTED = 143
+#: The signals that stop training at the next common step with a checkpoint: SIGTERM (Slurm's time
+#: limit and preemption, ``kill``) and SIGINT (Ctrl-C, which a terminal sends to every process of
+#: the foreground group: torchrun and each of its workers).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_code(signum: int) -> int:
+    """What a process that stopped on ``signum`` exits with: 128 + the signal (143 for SIGTERM, 130
+    for SIGINT), the shell's convention for a process ended by that signal."""
+    return 128 + int(signum)
 
 
 def step_path(directory: Path, step: int) -> Path:
@@ -96,37 +106,45 @@ def job_identity() -> str:
 
 
 class StopFlag:
-    """Records SIGTERM instead of dying, so the training loop can finish its step and checkpoint.
+    """Records SIGTERM and SIGINT (:data:`STOP_SIGNALS`) instead of dying, so the training loop can
+    finish its step, stop with the other ranks at the same step and checkpoint.
 
     Slurm sends SIGTERM before a time limit or a preemption; torchrun forwards it to its workers
-    and waits (30 s by default) before SIGKILL. Installed for the duration of ``with``.
+    and waits (30 s by default) before SIGKILL. Ctrl-C in a terminal sends SIGINT to torchrun and
+    to every worker at once (torchrun forwards it again): without this flag each worker would die
+    in a ``KeyboardInterrupt`` traceback wherever it stood, with the work since the last
+    checkpoint lost. The first signal received is kept. Installed for the duration of ``with``.
     """
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        if self.signal is None:
+            self.signal = signum
 
     def __enter__(self) -> StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave the default behaviour
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave the default behaviour
+                break
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 class Preempted(Exception):
-    """Raised on every rank after the SIGTERM checkpoint is written; the CLI exits with ``EXIT_PREEMPTED``."""
+    """Raised on every rank after the checkpoint of a stop signal is written; the CLI exits with
+    :func:`exit_code` of ``signum`` (143 for SIGTERM, 130 for SIGINT)."""
 
-    def __init__(self, path: Path | None) -> None:
-        super().__init__(f"stopped on SIGTERM; checkpoint: {path}")
-        self.path = path
+    def __init__(self, path: Path | None, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"stopped on {signal.Signals(signum).name}; checkpoint: {path}")
+        self.path, self.signum = path, int(signum)
 
 
 #: What each entry of the sampler's plan key (``BucketBatchSampler.plan_key``) is set by.
