@@ -143,3 +143,23 @@ def data_widths(dataset, outputs: torch.Tensor, objective: Objective) -> dict[st
     regress = isinstance(objective, TaskObjective) and objective.task == "regress"
     return {"num_inputs": 0 if tokens else int(first.shape[-1]), "vocab_size": vocab if tokens else 0,
             "num_outputs": 1 if regress else int(outputs.shape[-1])}
+
+
+def check_parts(module: nn.Module, train_data, val_data, objective: Objective, mode: str, device: torch.device,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer's checks after :func:`check_item`: the probe batch and the targets of both
+    datasets. Returns ``extra`` completed with what rebuilds the model for ``evaluate`` /
+    ``predict`` where the caller did not give it: its widths (:func:`data_widths`), its objective
+    (a task name; None for the user's own) and its class (``module:QualName``).
+
+    Raises:
+        UserError: see :func:`probe` and :func:`check_classes`.
+    """
+    outputs = probe(module, train_data, objective, mode, device)
+    for data, which in ((train_data, "train"), (val_data, "val")):
+        check_classes(data, which, objective, outputs)
+    if any(key not in extra for key in ("num_inputs", "num_outputs", "vocab_size")):
+        extra = {**data_widths(train_data, outputs, objective), **extra}
+    builtin = isinstance(objective, TaskObjective)
+    return {"objective": objective.name if builtin else None,
+            "model_class": f"{type(module).__module__}:{type(module).__qualname__}", **extra}

@@ -41,10 +41,10 @@ from ddp_seq.parallel.wrap import wrap_model
 from ddp_seq.train.amp import native_bf16, resolve_amp
 from ddp_seq.train.checkpoint import check_encoding, check_shapes, load_checkpoint
 from ddp_seq.train.checkpointing import CheckpointMixin
-from ddp_seq.train.contract import check_classes, check_item, data_widths, probe
+from ddp_seq.train.contract import check_item, check_parts
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.loaders import make_loader, make_sampler
-from ddp_seq.train.objective import Objective, TaskObjective, as_objective
+from ddp_seq.train.objective import Objective, as_objective
 from ddp_seq.train.optim import build_optimizer, build_scheduler
 from ddp_seq.train.resume import StopFlag, stop_reason
 from ddp_seq.train.run_dir import claim
@@ -138,7 +138,8 @@ class Trainer(CheckpointMixin):
             raise UserError(f"data: {len(train_lengths)} training sequences cannot feed {info.world_size} ranks; "
                             "use at least one per rank (data.num_train, or a bigger data.train_path)")
         self.module = model.to(info.device)
-        self._check_contract()
+        # the model and the objective fit the items; what rebuilds the model goes into `extra`
+        self.extra = check_parts(self.module, train_data, val_data, self.objective, self.mode, info.device, self.extra)
         # Everything above can refuse the parts; nothing is written before this point.
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if not claimed:
@@ -172,19 +173,6 @@ class Trainer(CheckpointMixin):
         self.advice: str | None = None  # what the first epoch's step breakdown says would help
         if state is not None:
             self.load_state_dict(state, resume_from)
-
-    def _check_contract(self) -> None:
-        """Model and objective fit the items (:mod:`ddp_seq.train.contract`; the items' shape was checked
-        first), on a probe batch and over the targets, before anything is written; the checkpoint's ``extra`` part gets
-        what rebuilds the model for ``evaluate`` / ``predict`` where the caller did not give it."""
-        outputs = probe(self.module, self.train_data, self.objective, self.mode, self.info.device)
-        for data, which in ((self.train_data, "train"), (self.val_data, "val")):
-            check_classes(data, which, self.objective, outputs)
-        if any(key not in self.extra for key in ("num_inputs", "num_outputs", "vocab_size")):
-            self.extra = {**data_widths(self.train_data, outputs, self.objective), **self.extra}
-        builtin = isinstance(self.objective, TaskObjective)
-        self.extra.setdefault("objective", self.objective.name if builtin else None)
-        self.extra.setdefault("model_class", f"{type(self.module).__module__}:{type(self.module).__qualname__}")
 
     def _default_logger(self) -> NullLogger:
         """Rank 0 prints (and writes train.log, metrics.jsonl and, with ``logging.tensorboard``,
