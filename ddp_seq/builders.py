@@ -25,6 +25,7 @@ from ddp_seq.config import Config, ModelConfig, from_dict
 from ddp_seq.errors import UserError, first_line
 from ddp_seq.nn.seq_model import SeqModel, resolve_execution
 from ddp_seq.train.checkpoint import check_shapes, load_checkpoint
+from ddp_seq.train.contract import check_item
 
 #: What a model target may be called with (each passed only if its signature accepts it).
 MODEL_ARGS = ("task", "num_inputs", "num_outputs", "vocab_size")
@@ -117,6 +118,8 @@ def _target_data(cfg: Config) -> DataParts:
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__") or len(ds) == 0:
             raise UserError(f"{key}: the {name} dataset should be a non-empty map-style Dataset "
                             "(__len__ and __getitem__ returning (sequence, target))")
+    for name, ds in (("train", train), ("val", val)):
+        check_item(ds, f"{key}: {name}")  # (sequence, target) pairs of numbers, before reading their fields
     try:
         sequence, _ = train[0]
         sequence = np.asarray(sequence)
@@ -171,31 +174,15 @@ def build_model(cfg: Config, data: DataParts, device: torch.device | None = None
 
 def probe(model: nn.Module, data: DataParts, cfg: Config, device: torch.device, objective=None) -> None:
     """Run ``model`` forward and the loss on a tiny batch of the first training items (no gradient
-    kept), so a model that does not fit the data stops here with one line, not in the middle of training."""
-    from ddp_seq.data.collate import collate_for, fetch
-    from ddp_seq.data.sampler import Share
+    kept), so a model that does not fit the data stops here with one line naming the key, not in the
+    middle of training -- the Trainer's own probe (:func:`ddp_seq.train.contract.probe`), run before
+    the command line makes a run directory."""
+    from ddp_seq.train.contract import probe as probe_parts
     from ddp_seq.train.objective import as_objective
 
     key = "model.target" if cfg.model.target else "data.target" if cfg.data.target else "model"
-    share = Share(range(min(2, len(data.train))))  # on every rank alike: no global batch to know
-    try:
-        items = fetch(data.train, share)
-        share.global_count = len(items)
-        batch = collate_for(cfg.training.mode)(items).to(device)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"data.target: the first training items do not collate ({type(e).__name__}: "
-                        f"{first_line(e)}); items should be (sequence [T, F] or [T], target)") from None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = model(batch.inputs, batch.model_lengths)
-            as_objective(objective or cfg.data.task).loss(outputs, batch)
-    except Exception as e:  # noqa: BLE001 -- the user's forward
-        raise UserError(f"{key}: {cfg.model.target or 'the model'} failed on a probe batch of {len(items)} "
-                        f"training sequence(s) ({type(e).__name__}: {first_line(e)})") from None
-    finally:
-        model.train(was_training)
+    probe_parts(model, data.train, as_objective(objective or cfg.data.task), cfg.training.mode, device, key,
+                data_key="data.target" if cfg.data.target else "train data")
 
 
 def checkpoint_extra(data: DataParts, fold: int | None = None) -> dict[str, Any]:

@@ -151,6 +151,8 @@ def test_a_checkpoint_naming_a_target_never_imports_it(tmp_path, capsys):
     ([f"model.target={WORKER}:make_datasets", DATA], "model.target", "not a torch.nn.Module"),
     ([f"model.target={WORKER}:MeanPoolGRU", "model.args.hidden=0", DATA], "model.target", "hidden_size"),
     ([f"model.target={WORKER}:PerStepOutputs", DATA], "model.target", "failed on a probe batch"),
+    ([f"model.target={WORKER}:TupleOutputs", DATA], "model.target", "returned a tuple, not a tensor"),
+    ([f"data.target={WORKER}:dict_datasets"], "data.target", "train data: item 0 is a dict (keys 'x', 'y')"),
     ([f"data.target={WORKER}:ToySequences", "data.args.n=5"], "data.target", "should return (train_dataset, val"),
     (["data.target=tests/workers/missing.py:f"], "data.target", "not found"),
 ])

@@ -57,13 +57,13 @@ def check_item(dataset, which: str) -> None:
 
 
 def probe(model: nn.Module, dataset, objective: Objective, mode: str, device: torch.device,
-          key: str = "model") -> torch.Tensor:
+          key: str = "model", data_key: str = "train data") -> torch.Tensor:
     """The model's outputs on a batch of the first (up to 2) training items, scored by ``objective``
     (no gradient kept; the model's train/eval mode restored).
 
     Raises:
-        UserError: the items do not collate, ``forward`` fails or returns no single tensor, or the
-            objective cannot score what it returns -- one line naming ``key``.
+        UserError: the items do not collate (one line naming ``data_key``), ``forward`` fails or
+            returns no single tensor, or the objective cannot score what it returns (naming ``key``).
     """
     share = Share(range(min(2, len(dataset))))
     try:
@@ -71,7 +71,7 @@ def probe(model: nn.Module, dataset, objective: Objective, mode: str, device: to
         share.global_count = len(items)
         batch = collate_for(mode)(items).to(device)
     except Exception as e:  # noqa: BLE001 -- the user's items
-        raise UserError(f"train data: the first items do not make a batch ({type(e).__name__}: {first_line(e)}); "
+        raise UserError(f"{data_key}: the first items do not make a batch ({type(e).__name__}: {first_line(e)}); "
                         f"items should be {ITEM_SHAPE}") from None
     was_training = model.training
     model.eval()

@@ -73,6 +73,20 @@ class PerStepOutputs(MeanPoolGRU):
         return self.head(self.rnn(self.embed(inputs), lengths)[0])
 
 
+class TupleOutputs(MeanPoolGRU):
+    """A model whose forward returns ``(outputs, lengths)``, as models written for other loops do."""
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor):
+        return super().forward(inputs, lengths), lengths
+
+
+def dict_datasets():
+    """``data.target`` whose items are dicts, as Hugging Face datasets return them."""
+    train, val = make_datasets()
+    as_dict = [{"x": x, "y": y} for x, y in train.items]
+    return as_dict, [{"x": x, "y": y} for x, y in val.items]
+
+
 def cross_entropy_sum(outputs: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """A user's loss function: a weighted sum over this rank's samples and their count."""
     per_sample = F.cross_entropy(outputs, batch.targets, reduction="none")
