@@ -40,8 +40,9 @@ def _fold_config(cfg: Config, run: Path, fold: int) -> Config:
 
 def train_folds(cfg: Config, info, train_run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Train the ``data.folds`` folds in turn with ``train_run`` (``cli._train_run``); return the summary."""
-    from ddp_seq.cli.rundir import choose_run_dir, on_rank0, prepare_run
+    from ddp_seq.cli.rundir import choose_run_dir, prepare_run
     from ddp_seq.data.readers.sources import Splits, check_folds, load_splits, read_training
+    from ddp_seq.parallel.process_group import on_rank0
 
     training = read_training(cfg.data)  # every rank reads the file once, for all folds
     # Every fold's split, then the first fold's data, before any directory: a bad file, too few
@@ -69,7 +70,8 @@ def target_folds(cfg: Config, info, start_logger: Callable[[Config, Path], Any])
     the training dataset of the user's data function (its validation dataset is not used: each fold
     validates on its own part). ``start_logger(cfg, run_dir)`` makes a fold's logger, as for one run."""
     from ddp_seq.builders import build_data, build_model, probe
-    from ddp_seq.cli.rundir import choose_run_dir, on_rank0
+    from ddp_seq.cli.rundir import choose_run_dir
+    from ddp_seq.parallel.process_group import on_rank0
     from ddp_seq.train.cross_validation import cross_validate
 
     data = build_data(cfg)

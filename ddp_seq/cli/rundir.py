@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ddp_seq.config import Config, dump_yaml
 from ddp_seq.errors import UserError
+from ddp_seq.parallel.process_group import on_rank0
 from ddp_seq.train.run_dir import holds_run
 
 JOB_FILE = ".job"  # the torchrun rendezvous id of the job that created the run directory
@@ -107,22 +108,6 @@ def decide_run(cfg: Config, fold_of: Path | None = None, fold: int = 0) -> tuple
         run_dir = fold_of / f"fold-{fold + 1}"
         _create(run_dir, cfg)
     return (run_dir, *resume_point(cfg, run_dir))
-
-
-def on_rank0(info, decide):
-    """``decide()`` on rank 0 (a :class:`UserError` included); every rank gets its result or raises its error."""
-    from ddp_seq.parallel.process_group import broadcast_object
-
-    result, error = None, ""
-    if info.is_main:
-        try:
-            result = decide()
-        except UserError as e:
-            error = str(e)
-    result, error = broadcast_object((result, error), info)
-    if error:
-        raise UserError(error)
-    return result
 
 
 def prepare_run(cfg: Config, info, fold_of: Path | None = None, fold: int = 0) -> tuple[Path, Path | None, list[str]]:

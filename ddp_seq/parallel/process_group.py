@@ -208,6 +208,21 @@ def exit_worker(code: int) -> None:
         os._exit(code)
 
 
+def on_rank0(info: DistInfo, decide):
+    """``decide()`` on rank 0 -- a decision about files, which one process makes -- and its result
+    on every rank; a :class:`UserError` it raises is raised on every rank alike."""
+    result, error = None, ""
+    if info.is_main:
+        try:
+            result = decide()
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error), info)
+    if error:
+        raise UserError(error)
+    return result
+
+
 def refuse_ungrouped(who: str) -> None:
     """Refuse to go on as one process where torchrun started several (``WORLD_SIZE`` > 1) but no
     process group is initialised: each rank would train alone on all the data, silently.

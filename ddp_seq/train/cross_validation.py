@@ -32,7 +32,7 @@ from ddp_seq.data.sampler import lengths_of
 from ddp_seq.errors import UserError
 from ddp_seq.fileio import write_bytes_atomic
 from ddp_seq.loggers.runlog import format_table
-from ddp_seq.parallel.process_group import DistInfo, broadcast_object, current_info, refuse_ungrouped
+from ddp_seq.parallel.process_group import DistInfo, current_info, on_rank0, refuse_ungrouped
 from ddp_seq.train.objective import Objective, TaskObjective, as_objective
 from ddp_seq.train.resume import newest_valid, remove_partial_writes
 from ddp_seq.train.run_dir import clear, holds_run
@@ -179,7 +179,7 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
     plan = _plan(assigned, int(folds), cfg.data.seed, bool(stratify), groups is not None)
     results: list = [None] * int(folds)
     if run is not None:
-        results = _decided_on_main(info, lambda: _claim(run, plan, overwrite))
+        results = on_rank0(info, lambda: _claim(run, plan, overwrite))
     lengths = lengths_of(dataset)
     for fold in range(int(folds)):
         if results[fold] is not None:
@@ -195,27 +195,13 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
     return result
 
 
-def _decided_on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
-    """``decide()`` on rank 0, its result on every rank -- or its :class:`UserError` on every rank."""
-    result, error = None, ""
-    if info.is_main:
-        try:
-            result = decide()
-        except UserError as e:
-            error = str(e)
-    result, error = broadcast_object((result, error), info)
-    if error:
-        raise UserError(error)
-    return result
-
-
 def _train_fold(make_model, dataset, lengths: np.ndarray, assigned: np.ndarray, fold: int, cfg: Config, objective,
                 run: Path | None, info: DistInfo, make_logger, extra: dict[str, Any]) -> dict[str, Any]:
     """Train fold ``fold`` (resuming its own checkpoint) and return what ``summarize`` reads of it."""
     fold_dir = run / f"fold-{fold + 1}" if run is not None else None
     resume_from = None
     if fold_dir is not None:
-        resume_from = _decided_on_main(info, lambda: _fold_start(fold_dir))
+        resume_from = on_rank0(info, lambda: _fold_start(fold_dir))
     train = FoldSubset(dataset, np.flatnonzero(assigned != fold), lengths)
     val = FoldSubset(dataset, np.flatnonzero(assigned == fold), lengths)
     torch.manual_seed(cfg.training.seed)  # every fold and every rank start from the same weights

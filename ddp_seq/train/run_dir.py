@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ddp_seq.errors import UserError
-from ddp_seq.parallel.process_group import DistInfo, broadcast_object
+from ddp_seq.parallel.process_group import DistInfo, on_rank0
 from ddp_seq.train.resume import newest_valid, remove_partial_writes
 
 #: What a run writes into its directory (removed by ``overwrite=True``; anything else stays).
@@ -87,14 +87,5 @@ def claim(run_dir: Path | None, resume_from: Path | str | None, overwrite: bool,
         if resume_from == "last":
             raise UserError("Trainer: resume_from='last' needs a run_dir to find the newest checkpoint in")
         return (None if resume_from is None else Path(resume_from)), []
-    decision, error = (None, []), ""
-    if info.is_main:
-        try:
-            decision = _decide(run_dir, resume_from, overwrite)
-        except UserError as e:
-            error = str(e)
-    decision, error = broadcast_object((decision, error), info)
-    if error:
-        raise UserError(error)
-    path, notes = decision
+    path, notes = on_rank0(info, lambda: _decide(run_dir, resume_from, overwrite))
     return (None if path is None else Path(path)), notes
