@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -150,11 +151,16 @@ def _alive(pid: int) -> bool:
 
 def test_make_gpu_check_runs_the_script_with_plain_python3_where_there_is_no_venv(tmp_path):
     # The GPU machine has no .venv and nothing installed: the target must not depend on the install step.
-    dry_run = subprocess.run(["make", "-n", "gpu-check", f"VENV={tmp_path / 'none'}"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()
-    assert dry_run == ["PYTHONPATH=. python3 launch/gpu_check.py"]
-    here = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    # Not as a sub-make of `make test`: the parent's MAKEFLAGS would make it print directories.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+    def make_n(*args: str) -> list[str]:
+        out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    assert make_n(f"VENV={tmp_path / 'none'}") == ["PYTHONPATH=. python3 launch/gpu_check.py"]
+    here = " ".join(make_n("GPU_CHECK_ARGS=--dry"))
     if (REPO / ".venv" / "bin" / "python").exists():
         assert here == "PYTHONPATH=. .venv/bin/python launch/gpu_check.py --dry"
 
