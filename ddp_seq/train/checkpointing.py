@@ -62,7 +62,7 @@ class CheckpointMixin:
         changed = [f"{s}.{k} {saved_cfg[s].get(k)!r} -> {v!r}" for s in ("data", "batching", "model", "training")
                    for k, v in now[s].items() if saved_cfg.get(s, {}).get(k) != v]
         where = "the run had finished" if st.finished else \
-            f"epoch {st.epoch + 1}, global batch {st.position}/{self._batches_in(st.epoch)}"
+            f"epoch {st.epoch + 1}, global batch {st.position}/{self.sampler.steps_per_epoch(st.epoch)}"
         self.log.info(f"resuming from {source}: {where}, step {st.step}, saved with world size {len(rng)}"
                       + (f"; config changed since: {', '.join(changed)}" if changed else ""))
 

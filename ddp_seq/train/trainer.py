@@ -158,7 +158,8 @@ class Trainer(CheckpointMixin):
         self.loader = make_loader(train_data, self.sampler, cfg)
         self.val_loader = make_loader(val_data, make_sampler(val_lengths, cfg, info, train=False), cfg)
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
-        self.total_steps = self._count_steps()
+        # the LR schedule's length: every epoch's global batches (a function of seed and epoch only)
+        self.total_steps = self.sampler.total_steps(cfg.training.epochs, cfg.training.grad_accum)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         # training.amp=auto decided once for this device, not at every autocast of every step
         self.amp = resolve_amp(cfg.training.amp, info.device)
@@ -184,14 +185,6 @@ class Trainer(CheckpointMixin):
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         return RunLogger(self.run_dir, self.cfg.logging.progress, tracker=tensorboard)
-
-    def _count_steps(self) -> int:
-        """Optimizer steps of the whole job (for the LR schedule): global batches summed over epochs."""
-        return self.sampler.total_steps(self.cfg.training.epochs, self.cfg.training.grad_accum)
-
-    def _batches_in(self, epoch: int) -> int:
-        """Global batches of ``epoch`` (a function of seed and epoch only)."""
-        return self.sampler.steps_per_epoch(epoch)
 
     def _progress_now(self, counters: EpochCounters, segment_start: float) -> EpochProgress:
         """The epoch's global totals as of the counters' last reduce (carried ones plus this segment's)."""
