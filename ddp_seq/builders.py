@@ -43,6 +43,9 @@ def import_target(spec: str, key: str) -> Any:
             path = Path(module_part).resolve()
             if not path.is_file():
                 raise UserError(f"{key}: {spec!r}: file {module_part} not found")
+            # The file's folder is importable, as it is for `python file.py` (its sibling modules).
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
             module_name = f"ddp_seq_target_{path.stem}_{abs(hash(str(path)))}"
             module = sys.modules.get(module_name)
             if module is None:

@@ -89,9 +89,16 @@ def test_a_finished_job_is_not_trained_again_and_another_split_is_refused(one_ra
     before = (run_dir / "fold-2" / "metrics.jsonl").read_text()
     assert in_process(run_dir) == result  # every fold finished: read back, nothing trained
     assert (run_dir / "fold-2" / "metrics.jsonl").read_text() == before
-    cfg = load_config(overrides=OVERRIDES)
-    with pytest.raises(UserError, match="holds a k-fold job of another split \\(folds 3 -> 4"):
+    cfg = load_config(overrides=[*OVERRIDES, "checkpoint.every_steps=3", "training.epochs=2"])
+    with pytest.raises(UserError, match="holds a k-fold job of another split, config or model \\(folds 3 -> 4"):
         cross_validate(lambda: ReviewModel(50, 6), Reviews(300, 0), folds=4, cfg=cfg, run_dir=run_dir)
+    # the same split with another learning rate and a wider model: its stored folds are not this job's
+    cfg.training.lr = 0.5
+    with pytest.raises(UserError) as refused:
+        cross_validate(lambda: ReviewModel(50, 6, hidden=40), Reviews(300, 0), folds=3, cfg=cfg, run_dir=run_dir)
+    line = str(refused.value)
+    assert "off_road:ReviewModel" in line and "training.lr 0.02 -> 0.5" in line and "overwrite=True" in line, line
+    assert (run_dir / "fold-2" / "metrics.jsonl").read_text() == before  # nothing was trained or removed
 
 
 @pytest.mark.slow

@@ -83,3 +83,25 @@ def test_ctrl_c_of_one_process_exits_130_after_its_checkpoint(tmp_path):
     assert_stopped_once(out, tmp_path / "one")
     records = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kind"] == "train" for r in records)  # stopped mid-epoch: no epoch record, no summary
+
+
+LIBRARY_SCRIPT = """
+import sys
+sys.path.insert(0, {workers!r})
+from off_road import OVERRIDES, ReviewModel, Reviews
+from ddp_seq import Trainer, load_config
+
+cfg = load_config(overrides=[*OVERRIDES, "training.epochs=2", "training.log_every=5", "checkpoint.every_steps=0"])
+Trainer(ReviewModel(50, 6), Reviews(3000, 0), Reviews(64, 1), cfg, objective="classify", run_dir={run!r}).fit()
+"""
+
+
+def test_ctrl_c_of_a_library_trainer_exits_130_and_says_how_to_resume(tmp_path):
+    """``Trainer.fit`` raises Preempted, a SystemExit with the signal's code: no traceback, exit 130."""
+    script = tmp_path / "mine.py"
+    script.write_text(LIBRARY_SCRIPT.format(workers=str(REPO / "tests" / "workers"), run=str(tmp_path / "mine")))
+    code, out = ctrl_c_after_first_record([PYTHON, str(script)], tmp_path / "mine")
+    assert code == 130 and "Traceback" not in out, out[-4000:]
+    assert out.count("SIGINT: stopped at epoch 1, step ") == 1, out[-4000:]
+    assert "Resume with Trainer(..., resume_from='last')." in out, out[-4000:]
+    assert not load_checkpoint(tmp_path / "mine" / "checkpoints" / "last.pt")["train_state"]["finished"]

@@ -111,6 +111,11 @@ def test_evaluate_and_predict_serve_a_library_checkpoint(ranks, capsys, tmp_path
     metrics = json.loads(report.read_text())
     assert metrics["samples"] == 257 and metrics["accuracy"] == pytest.approx(ranks[0]["overwritten"]["best"])
     inputs = tmp_path / "new.jsonl"
+    inputs.write_text('{"tokens": [1, 2, 3, 4]}\n')
+    assert main(["predict", "--checkpoint", str(best), target, "--input", str(inputs), "--output",
+                 str(tmp_path / "x.jsonl")]) == 2  # the format is the user's to name: it was no file
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trained on your own datasets" in err and "data.format=jsonl" in err, err
     inputs.write_text('{"tokens": [1, 2, 3, 4], "label": 0}\n{"tokens": [41, 42, 43], "label": 5}\n')
     out = tmp_path / "p.jsonl"
     assert main(["predict", "--checkpoint", str(best), target, "data.format=jsonl", "--input", str(inputs),

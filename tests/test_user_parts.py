@@ -7,6 +7,7 @@ import the code its config names."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,13 @@ def test_the_trainer_prints_and_records_by_default(tmp_path, capsys):
     assert [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()][-2:] == \
         ["epoch", "summary"]
     assert "epoch 1/1" in (run / "train.log").read_text() and (run / "checkpoints" / "last.pt").exists()
+
+
+def test_a_target_file_imports_its_sibling_modules(tmp_path, monkeypatch):
+    """``path/to/file.py:Class`` runs as ``python path/to/file.py`` would: its folder is importable."""
+    from ddp_seq.builders import import_target
+
+    (tmp_path / "helper_layers.py").write_text("WIDTH = 7\n")
+    (tmp_path / "net.py").write_text("import helper_layers\n\nclass Net:\n    width = helper_layers.WIDTH\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the folder added is this test's only
+    assert import_target(f"{tmp_path / 'net.py'}:Net", "model.target").width == 7

@@ -168,8 +168,9 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
                         f"{cfg.data.target}'s datasets -- apply the model with your own code, or give "
                         "data.target= and data.format=FORMAT to read a file")
     if cfg.data.format == "synthetic":
-        raise UserError("data.format: the checkpoint was trained on synthetic data; give the input's format "
-                        "(data.format=npz, tsv, jsonl, ts, parquet or hf)")
+        trained_on = "your own datasets (the library Trainer)" if is_library_checkpoint(state) else "synthetic data"
+        raise UserError(f"data.format: the checkpoint was trained on {trained_on}; give the input's format "
+                        "(data.format=jsonl with 'tokens' or 'features' per line, npz, tsv, ts, parquet or hf)")
     with distributed(cfg.distributed) as info:
         model = restore_model(state, cfg, checkpoint, info.device).eval()
         data, count, notes = load_inputs(cfg.data, encoding, input_path)

@@ -105,7 +105,8 @@ def summary_lines(summary: dict[str, Any], monitor: Any = None) -> list[str]:
              f"wall time {wall:.1f}s"]
     count, seconds = summary.get("checkpoints"), summary.get("checkpoint_s")
     if _is_number(count) and count > 0 and _is_number(seconds):
-        lines.append(f"{count} checkpoints written in {seconds:.2f}s ({1000 * seconds / count:.0f} ms each, "
+        written = f"{count} checkpoint{'s' if count != 1 else ''} written"
+        lines.append(f"{written} in {seconds:.2f}s ({1000 * seconds / count:.0f} ms each, "
                      f"{100 * seconds / max(wall, 1e-9):.2f}% of the wall time)")
     if isinstance(summary.get("advice"), str):
         lines.append(summary["advice"])

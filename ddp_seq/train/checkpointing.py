@@ -97,9 +97,11 @@ class CheckpointMixin:
         A rank that did not get the signal itself (another rank did) stops as if on SIGTERM."""
         path = self._checkpoint_path("last.pt")
         signum = self.stop.signal or signal.SIGTERM
+        # The command line resumes by itself (checkpoint.resume=auto); a Trainer of the user's is told how.
+        again = "Run the same command again to resume." if self.claimed else \
+            "Resume with Trainer(..., resume_from='last')."
         self.log.info(f"{signal.Signals(signum).name}: stopped {where}; " +
-                      (f"checkpoint {path}. Run the same command again to resume." if path else
-                       "checkpoint.save=false: nothing saved."))
+                      (f"checkpoint {path}. {again}" if path else "checkpoint.save=false: nothing saved."))
         return Preempted(path, signum)
 
     def _stop_requested(self) -> bool:

@@ -7,7 +7,11 @@ world size and in a resumed job. Fold ``i`` trains a fresh ``make_model()`` (see
 ``training.seed``) on every other fold and validates on fold ``i`` with the :class:`Trainer`, in
 ``run_dir/fold-<i>``. A finished fold leaves ``fold-<i>/result.json``; a job stopped in fold ``i``
 (killed, preempted) and started again with the same arguments skips the finished folds and
-resumes fold ``i`` from its newest checkpoint. The result -- each fold's validation metrics at its
+resumes fold ``i`` from its newest checkpoint; a finished job started again returns its stored
+result. ``run_dir/cross_validation.json`` records what the results depend on (the split, the
+config's data, batching, model and training sections, the objective, the model's class and
+shapes): a job that differs in any of them is refused on that ``run_dir`` (``overwrite=True``
+replaces it). The result -- each fold's validation metrics at its
 best epoch, their mean and standard deviation -- is returned and written to ``run_dir/folds.json``.
 """
 
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from ddp_seq.config import Config
+from ddp_seq.config import Config, to_dict
 from ddp_seq.data.folds import fold_assignment
 from ddp_seq.data.sampler import lengths_of
 from ddp_seq.errors import UserError
@@ -86,11 +90,35 @@ def class_labels(dataset) -> np.ndarray:
     return np.array([np.asarray(dataset[i][1]).item() for i in range(len(dataset))])
 
 
-def _plan(assigned: np.ndarray, folds: int, seed: int, stratified: bool, grouped: bool) -> dict[str, Any]:
-    """What the folds depend on, and a digest of the assignment itself: a resumed job must split alike."""
+#: Config keys that change nothing a fold computes (how data is loaded, not which).
+_NOT_RESULTS = {"data": ("num_workers", "persistent_workers", "prefetch_factor")}
+
+
+def _plan(assigned: np.ndarray, folds: int, seed: int, stratified: bool, grouped: bool, cfg: Config,
+          objective: Objective, model: nn.Module) -> dict[str, Any]:
+    """What the job's results depend on: the split (its parameters and a digest of the assignment),
+    the config sections that shape training, the objective and the model (its class and parameter
+    shapes). A job started again on the same ``run_dir`` must match it, or its stored folds would
+    be returned for a job that was not run."""
     digest = hashlib.sha256(assigned.astype(np.int64).tobytes()).hexdigest()[:16]
-    return {"version": 1, "folds": folds, "seed": seed, "num_samples": len(assigned), "stratified": stratified,
-            "grouped": grouped, "assignment": digest}
+    sections = to_dict(cfg)
+    config = {name: {k: v for k, v in sections[name].items() if k not in _NOT_RESULTS.get(name, ())}
+              for name in ("data", "batching", "model", "training")}
+    shapes = hashlib.sha256(repr([(k, tuple(v.shape)) for k, v in model.state_dict().items()]).encode())
+    return {"version": 2, "folds": folds, "seed": seed, "num_samples": len(assigned), "stratified": stratified,
+            "grouped": grouped, "assignment": digest, "objective": objective.name,
+            "model": f"{type(model).__module__}:{type(model).__qualname__} {shapes.hexdigest()[:12]}",
+            "config": config}
+
+
+def _changes(saved: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for each entry of ``plan`` (config keys one by one) that ``saved`` differs in."""
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in plan.items() if k != "config" and saved.get(k) != v]
+    old = saved.get("config") or {}
+    for section, values in plan["config"].items():
+        changed += [f"{section}.{k} {old.get(section, {}).get(k)!r} -> {v!r}" for k, v in values.items()
+                    if old.get(section, {}).get(k) != v]
+    return changed
 
 
 def _claim(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[str, Any] | None]:
@@ -101,11 +129,12 @@ def _claim(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[st
         for path in [plan_file, run_dir / FOLDS_FILE, *run_dir.glob("fold-*")]:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if plan_file.is_file():
-        saved = json.loads(plan_file.read_text(encoding="utf-8"))
-        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in plan.items() if saved.get(k) != v]
+        changed = _changes(json.loads(plan_file.read_text(encoding="utf-8")), plan)
         if changed:
-            raise UserError(f"cross_validate: {run_dir} holds a k-fold job of another split ({', '.join(changed)}); "
-                            "resume it with the same folds, seed and data, or pass overwrite=True or another run_dir")
+            shown = ", ".join(changed[:6]) + (f", ... ({len(changed)} in all)" if len(changed) > 6 else "")
+            raise UserError(f"cross_validate: {run_dir} holds a k-fold job of another split, config or model "
+                            f"({shown}); its folds would not be this job's: resume it unchanged, or pass "
+                            "overwrite=True or another run_dir")
     elif holds_run(run_dir):
         raise UserError(f"cross_validate: {run_dir} holds a run that is not a k-fold job of this split; pass "
                         "overwrite=True to replace it, or another run_dir")
@@ -176,7 +205,8 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
                                    None if groups is None else np.asarray(groups))
     except ValueError as e:
         raise UserError(f"cross_validate: {e}") from None
-    plan = _plan(assigned, int(folds), cfg.data.seed, bool(stratify), groups is not None)
+    torch.manual_seed(cfg.training.seed)
+    plan = _plan(assigned, int(folds), cfg.data.seed, bool(stratify), groups is not None, cfg, task, make_model())
     results: list = [None] * int(folds)
     if run is not None:
         results = on_rank0(info, lambda: _claim(run, plan, overwrite))

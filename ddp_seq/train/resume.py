@@ -138,13 +138,21 @@ class StopFlag:
         self._previous = {}
 
 
-class Preempted(Exception):
-    """Raised on every rank after the checkpoint of a stop signal is written; the CLI exits with
-    :func:`exit_code` of ``signum`` (143 for SIGTERM, 130 for SIGINT)."""
+class Preempted(SystemExit):
+    """Raised by ``Trainer.fit`` on every rank after the checkpoint of a stop signal is written.
+
+    A ``SystemExit`` whose ``code`` is :func:`exit_code` of ``signum`` (143 for SIGTERM, 130 for
+    SIGINT): uncaught, the process exits with it and no traceback, as the signal's own default
+    would have ended it -- only later, with the work saved. ``except Exception`` does not catch it;
+    ``except Preempted`` does (``path``: the checkpoint; ``signum``: the signal).
+    """
 
     def __init__(self, path: Path | None, signum: int = signal.SIGTERM) -> None:
-        super().__init__(f"stopped on {signal.Signals(signum).name}; checkpoint: {path}")
+        super().__init__(exit_code(signum))
         self.path, self.signum = path, int(signum)
+
+    def __str__(self) -> str:
+        return f"stopped on {signal.Signals(self.signum).name}; checkpoint: {self.path}"
 
 
 #: What each entry of the sampler's plan key (``BucketBatchSampler.plan_key``) is set by.

@@ -141,7 +141,7 @@ class Trainer(CheckpointMixin):
         # the model and the objective fit the items; what rebuilds the model goes into `extra`
         self.extra = check_parts(self.module, train_data, val_data, self.objective, self.mode, info.device, self.extra)
         # Everything above can refuse the parts; nothing is written before this point.
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir, self.claimed = (Path(run_dir) if run_dir is not None else None), claimed
         if not claimed:
             resume_from, claim_notes = claim(self.run_dir, resume_from, overwrite, info)
             self.notes += claim_notes
