@@ -35,10 +35,12 @@ class CheckpointMixin:
         global batch, ``(epoch, position)``, and the plan it indexes), the loop's
         :class:`~ddp_seq.train.state.TrainState`, the config, and ``checkpoint_extra``."""
         st = self.state
-        self.sampler.set_epoch(st.epoch)  # the same epoch mid-epoch; the next one at an epoch's end
+        # The loop's (epoch, position) is the next global batch, the next epoch's after an epoch end:
+        # the sampler's state with that epoch (its plan does not depend on the epoch).
+        sampler = {**self.sampler.state_dict(position=st.position), "epoch": st.epoch}
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "sampler": self.sampler.state_dict(position=st.position), "train_state": st.state_dict(),
+                "sampler": sampler, "train_state": st.state_dict(),
                 "config": to_dict(self.cfg), "extra": dict(self.extra)}
 
     def load_state_dict(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:

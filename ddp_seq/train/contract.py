@@ -49,7 +49,7 @@ def check_item(dataset, which: str) -> None:
         what = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
         raise UserError(f"{which} data: item 0 is {what}; ddp_seq datasets return {ITEM_SHAPE}")
     target = item[1]
-    kind = np.asarray(target.detach().cpu() if isinstance(target, torch.Tensor) else target).dtype.kind
+    kind = _as_array(target).dtype.kind
     if kind in "USO":
         raise UserError(f"{which} data: item 0's target is {target!r}, not a number; targets are class ids 0..C-1 "
                         "(map each label to its index, e.g. {label: i for i, label in enumerate(sorted(labels))}) "
@@ -93,13 +93,18 @@ def probe(model: nn.Module, dataset, objective: Objective, mode: str, device: to
     return outputs
 
 
-def _targets(dataset) -> tuple[np.ndarray, bool]:
-    """Every target of ``dataset`` as one array, and whether it is one per item (else per step)."""
+def _as_array(value) -> np.ndarray:
+    return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+
+
+def item_targets(dataset) -> tuple[np.ndarray, bool]:
+    """Every target of ``dataset`` as one array, and whether it is one per item (else per step):
+    its ``targets`` attribute (the built-in readers', a fold's), else one pass over the items."""
     saved = getattr(dataset, "targets", None)
     if saved is not None:
         array = np.asarray(saved)
         return array, array.ndim == 1 and len(array) == len(dataset) and not getattr(dataset, "per_step", False)
-    targets = [np.asarray(dataset[i][1]) for i in range(len(dataset))]
+    targets = [_as_array(dataset[i][1]) for i in range(len(dataset))]
     if all(t.ndim == 0 for t in targets):
         return np.array([t.item() for t in targets]), True
     return np.concatenate([t.reshape(-1) for t in targets]), False
@@ -115,7 +120,7 @@ def check_classes(dataset, which: str, objective: Objective, outputs: torch.Tens
     if not isinstance(objective, TaskObjective) or objective.task == "regress":
         return
     classes = int(outputs.shape[-1])
-    targets, per_item = _targets(dataset)
+    targets, per_item = item_targets(dataset)
     if not np.issubdtype(targets.dtype, np.integer):
         if not (np.all(np.isfinite(targets)) and np.all(targets == np.round(targets))):
             raise UserError(f"{which} data: {objective.task} targets should be class ids (integers), got "
@@ -135,11 +140,11 @@ def data_widths(dataset, outputs: torch.Tensor, objective: Objective) -> dict[st
     """What rebuilds a model for this data (``evaluate``/``predict`` on a library checkpoint): its
     ``num_inputs`` (features per step, 0 for token ids), ``vocab_size`` (0 for features; the data's
     ``vocab_size`` attribute, else the largest id + 1 over every item) and ``num_outputs``."""
-    first = np.asarray(dataset[0][0].detach().cpu() if isinstance(dataset[0][0], torch.Tensor) else dataset[0][0])
+    first = _as_array(dataset[0][0])
     tokens = first.ndim == 1 and np.issubdtype(first.dtype, np.integer)
     vocab = int(getattr(dataset, "vocab_size", 0) or 0)
     if tokens and not vocab:
-        vocab = 1 + max(int(np.asarray(dataset[i][0]).max()) for i in range(len(dataset)))
+        vocab = 1 + max(int(_as_array(dataset[i][0]).max()) for i in range(len(dataset)))
     regress = isinstance(objective, TaskObjective) and objective.task == "regress"
     return {"num_inputs": 0 if tokens else int(first.shape[-1]), "vocab_size": vocab if tokens else 0,
             "num_outputs": 1 if regress else int(outputs.shape[-1])}

@@ -37,6 +37,7 @@ from ddp_seq.errors import UserError
 from ddp_seq.fileio import write_bytes_atomic
 from ddp_seq.loggers.runlog import format_table
 from ddp_seq.parallel.process_group import DistInfo, current_info, on_rank0, refuse_ungrouped
+from ddp_seq.train.contract import item_targets
 from ddp_seq.train.objective import Objective, TaskObjective, as_objective
 from ddp_seq.train.resume import newest_valid, remove_partial_writes
 from ddp_seq.train.run_dir import clear, holds_run
@@ -46,15 +47,14 @@ PLAN_FILE, RESULT_FILE, FOLDS_FILE = "cross_validation.json", "result.json", "fo
 
 
 class FoldSubset(Subset):
-    """``Subset(dataset, indices)`` that keeps the ``lengths`` (and ``targets``) the sampler and the
-    Trainer's checks read, so a fold costs no pass over its items."""
+    """``Subset(dataset, indices)`` that keeps the ``lengths`` (and per-item ``targets``) the sampler
+    and the Trainer's checks read, read once for the whole dataset: a fold costs no pass over its items."""
 
-    def __init__(self, dataset, indices: np.ndarray, lengths: np.ndarray) -> None:
+    def __init__(self, dataset, indices: np.ndarray, lengths: np.ndarray, targets: np.ndarray | None) -> None:
         super().__init__(dataset, indices.tolist())
         self.lengths = lengths[indices]
-        targets = getattr(dataset, "targets", None)
-        if targets is not None and not getattr(dataset, "per_step", False) and len(targets) == len(dataset):
-            self.targets = np.asarray(targets)[indices]
+        if targets is not None:
+            self.targets = targets[indices]
 
 
 def summarize(summaries: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
@@ -80,14 +80,6 @@ def report_lines(result: dict[str, Any], run: Path | None) -> list[str]:
     where = f", runs in {run}/fold-*" if run is not None else ""
     return [f"cross-validation, {len(rows)} folds (each fold's metrics at its best {result['monitor']}){where}:",
             table, f"mean +- std over folds: {spread}"]
-
-
-def class_labels(dataset) -> np.ndarray:
-    """Each item's class (its target), for stratified folds: a ``targets`` attribute, else a pass over the items."""
-    saved = getattr(dataset, "targets", None)
-    if saved is not None and len(saved) == len(dataset) and not getattr(dataset, "per_step", False):
-        return np.asarray(saved)
-    return np.array([np.asarray(dataset[i][1]).item() for i in range(len(dataset))])
 
 
 #: Config keys that change nothing a fold computes (how data is loaded, not which).
@@ -200,8 +192,14 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
     n = len(dataset)
     if stratify is None:
         stratify = isinstance(task, TaskObjective) and task.task == "classify" and groups is None
+    # Per-item targets, read once: the stratified split and every fold's class check use them.
+    classes = isinstance(task, TaskObjective) and task.task != "regress"
+    targets, per_item = item_targets(dataset) if stratify or classes else (None, False)
+    targets = targets if per_item else None
+    if stratify and targets is None:
+        raise UserError("cross_validate: stratify=True needs one class per item; split a per-step task unstratified")
     try:
-        assigned = fold_assignment(n, int(folds), cfg.data.seed, class_labels(dataset) if stratify else None,
+        assigned = fold_assignment(n, int(folds), cfg.data.seed, targets if stratify else None,
                                    None if groups is None else np.asarray(groups))
     except ValueError as e:
         raise UserError(f"cross_validate: {e}") from None
@@ -214,7 +212,7 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
     for fold in range(int(folds)):
         if results[fold] is not None:
             continue
-        results[fold] = _train_fold(make_model, dataset, lengths, assigned, fold, cfg, objective, run, info,
+        results[fold] = _train_fold(make_model, dataset, lengths, targets, assigned, fold, cfg, objective, run, info,
                                     make_logger, dict(checkpoint_extra or {}))
         gc.collect()  # the fold's model, optimizer and DDP wrapper go before the next are built
     result = summarize(results, cfg.training.monitor)
@@ -225,15 +223,16 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
     return result
 
 
-def _train_fold(make_model, dataset, lengths: np.ndarray, assigned: np.ndarray, fold: int, cfg: Config, objective,
-                run: Path | None, info: DistInfo, make_logger, extra: dict[str, Any]) -> dict[str, Any]:
+def _train_fold(make_model, dataset, lengths: np.ndarray, targets: np.ndarray | None, assigned: np.ndarray, fold: int,
+                cfg: Config, objective, run: Path | None, info: DistInfo, make_logger,
+                extra: dict[str, Any]) -> dict[str, Any]:
     """Train fold ``fold`` (resuming its own checkpoint) and return what ``summarize`` reads of it."""
     fold_dir = run / f"fold-{fold + 1}" if run is not None else None
     resume_from = None
     if fold_dir is not None:
         resume_from = on_rank0(info, lambda: _fold_start(fold_dir))
-    train = FoldSubset(dataset, np.flatnonzero(assigned != fold), lengths)
-    val = FoldSubset(dataset, np.flatnonzero(assigned == fold), lengths)
+    train = FoldSubset(dataset, np.flatnonzero(assigned != fold), lengths, targets)
+    val = FoldSubset(dataset, np.flatnonzero(assigned == fold), lengths, targets)
     torch.manual_seed(cfg.training.seed)  # every fold and every rank start from the same weights
     logger = make_logger(fold_dir, fold) if make_logger is not None else None
     exit_code = 1
