@@ -1,4 +1,5 @@
-"""Command line: ``ddp-seq train|evaluate|predict|export|check-config|config-reference|make-data|bench|parity|report``.
+"""Command line: ``ddp-seq train|evaluate|predict|export|check-config|config-reference|make-data|bench|parity|report``
+and ``plan``.
 
 ``train.py`` calls ``train``.
 
@@ -21,7 +22,7 @@ EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 1  # a collective failed: another rank died or hung past the timeout
 PEER_ERROR_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on a user error
 COMMANDS = ("train", "check-config", "config-reference", "bench", "parity", "report", "evaluate", "predict",
-            "export", "make-data")
+            "export", "make-data", "plan")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("report", "the end-of-run tables of a run directory again, from its metrics.jsonl"),
                        ("make-data", "write the sample files (samples) or the stdlib corpus (stdlib)"),
                        ("bench", "the benchmark suite: reference vs ddp_seq vs Lightning, side by side"),
-                       ("parity", "single vs dp vs ddp on a fixed batch: same loss and gradients (under torchrun)")):
+                       ("parity", "single vs dp vs ddp on a fixed batch: same loss and gradients (under torchrun)"),
+                       ("plan", "what the batching does per epoch on --world-size N ranks, before booking them")):
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     ref = sub.add_parser("config-reference", help="print every config key as a Markdown table")
     ref.add_argument("--update", metavar="FILE", help="rewrite the table between the config-reference "
@@ -169,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         from ddp_seq.cli.parity import main as parity_main
 
         return parity_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from ddp_seq.cli.plan import main as plan_main
+
+        return plan_main(argv[1:])
     if argv[:1] == ["make-data"]:
         from ddp_seq.data.readers.corpus import main as make_data_main
 

@@ -293,6 +293,24 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
     return Splits(whole, val, encoding, notes + val_notes)
 
 
+def training_lengths(cfg: DataConfig, fold: int | None = None) -> np.ndarray:
+    """The lengths ``[n]`` int64 of the training split :func:`load_splits` gives (of fold ``fold``), in
+    its order, without encoding anything: the synthetic task's lengths are drawn without its steps; a
+    file is parsed and its length policies applied (a parser is the only way to its lengths), but no
+    vocabulary or classes are built.
+
+    Raises:
+        UserError: as :func:`load_splits` does for the file, its length policies or the split (the
+            label checks apart: they need the encoding).
+    """
+    if cfg.format == "synthetic" and fold is None:
+        return synthetic.split_lengths(cfg, "train")
+    parsed, _ = read_training(cfg)
+    if cfg.val_path and fold is None:
+        return parsed.data.lengths
+    return parsed.data.lengths[_split(cfg, parsed, fold)[0]]
+
+
 def _trained_tokenizer(cfg: DataConfig, encoding: Encoding) -> str | SubwordTokenizer | None:
     """The tokenizer a trained model's text is cut with (None where the format reads no text)."""
     return trained_tokenizer(cfg.tokenizer, encoding.tokenizer) if cfg.format in TEXT_FORMATS else None
