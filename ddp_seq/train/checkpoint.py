@@ -133,20 +133,26 @@ def is_resumable(state: dict[str, Any]) -> bool:
     return all(key in state for key in RESUMABLE)
 
 
-def check_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, source: str) -> None:
-    """Refuse weights that do not fit ``module``, naming the first mismatching parameter."""
+def check_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, source: str,
+                 changed: list[str] | tuple[str, ...] = ()) -> None:
+    """Refuse weights that do not fit ``module``, naming the config keys that changed since the
+    checkpoint and shape the model (``changed``, e.g. ``["model.hidden 128 -> 64"]``) when there are
+    any, else the first mismatching parameter."""
     expected = module.state_dict()
+    why = (f"the model's shape changed since the checkpoint ({', '.join(changed)}); resume with the saved "
+           "values, or start a new run (another logging.name)") if changed else ""
     for name, tensor in expected.items():
         if name not in saved:
-            raise UserError(f"{source}: checkpoint has no parameter {name!r}: it was saved from a different model "
-                            "(compare the model.* keys)")
+            raise UserError(f"{source}: " + (why or f"checkpoint has no parameter {name!r}: it was saved from a "
+                                             "different model (compare the model.* keys)"))
         if tuple(saved[name].shape) != tuple(tensor.shape):
-            raise UserError(f"{source}: parameter {name!r} has shape {list(saved[name].shape)} in the checkpoint "
-                            f"but {list(tensor.shape)} for this config (compare the model.* and data.* keys)")
+            raise UserError(f"{source}: " + (why or f"parameter {name!r} has shape {list(saved[name].shape)} in "
+                            f"the checkpoint but {list(tensor.shape)} for this config (compare the model.* and "
+                            "data.* keys)"))
     extra = sorted(set(saved) - set(expected))
     if extra:
-        raise UserError(f"{source}: checkpoint has parameter {extra[0]!r} that this config's model lacks "
-                        "(compare the model.* keys)")
+        raise UserError(f"{source}: " + (why or f"checkpoint has parameter {extra[0]!r} that this config's model "
+                                         "lacks (compare the model.* keys)"))
 
 
 def check_encoding(state: dict[str, Any], encoding: dict[str, Any], source: str) -> None:

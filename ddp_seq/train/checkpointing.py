@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ddp_seq.config import to_dict
 from ddp_seq.parallel.process_group import all_reduce_sum
 from ddp_seq.train.checkpoint import link_latest, save_atomic
+from ddp_seq.train.config_change import RULES, RUN, changed_keys, reapply
 from ddp_seq.train.resume import Preempted, capture_rng, check_plan, prune, restore_rng, step_path, stop_reason
 from ddp_seq.train.state import EpochProgress
 
@@ -44,11 +45,18 @@ class CheckpointMixin:
                 "config": to_dict(self.cfg), "extra": dict(self.extra)}
 
     def load_state_dict(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
-        """Undo :meth:`state_dict` (the model's weights were loaded before DDP wrapped it)."""
+        """Undo :meth:`state_dict` (the model's weights were loaded before DDP wrapped it).
+
+        The optimizer's hyperparameters and the LR schedule are the current config's afterwards,
+        not the saved ones (:func:`~ddp_seq.train.config_change.reapply`); the keys no resume can
+        change were refused before (:func:`~ddp_seq.train.config_change.refused`)."""
+        check_plan(state, self.sampler.plan_key(), str(source))
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        check_plan(state, self.sampler.plan_key(), str(source))
+        reapply(self.optimizer, self.scheduler, fresh)
+        if state["scaler"]:  # empty when saved without fp16: a scaler enabled now starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         st, t = self.state, self.cfg.training
         st.load_state_dict(state["train_state"])
         # The data position is the sampler's: the trainer's loop loads it into the sampler at every
@@ -60,13 +68,13 @@ class CheckpointMixin:
         # Ranks that did not exist in the saved job (resumed on more ranks) take rank 0's states.
         rng = state["rng"]
         restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
-        saved_cfg, now = state["config"], to_dict(self.cfg)
-        changed = [f"{s}.{k} {saved_cfg[s].get(k)!r} -> {v!r}" for s in ("data", "batching", "model", "training")
-                   for k, v in now[s].items() if saved_cfg.get(s, {}).get(k) != v]
+        # Every change listed here is in effect: the others were refused before anything loaded.
+        changed = [f"{k} {old!r} -> {new!r}" for k, (old, new) in changed_keys(state["config"], self.cfg).items()
+                   if RULES.get(k) != RUN]
         where = "the run had finished" if st.finished else \
             f"epoch {st.epoch + 1}, global batch {st.position}/{self.sampler.steps_per_epoch(st.epoch)}"
         self.log.info(f"resuming from {source}: {where}, step {st.step}, saved with world size {len(rng)}"
-                      + (f"; config changed since: {', '.join(changed)}" if changed else ""))
+                      + (f"; config changed since, in effect from here: {', '.join(changed)}" if changed else ""))
 
     def _save(self, progress: EpochProgress, best: bool = False) -> Path | None:
         """Every rank calls this at the same step; rank 0 writes ``step-<N>.pt`` and updates ``last.pt``."""

@@ -41,6 +41,7 @@ from ddp_seq.parallel.wrap import wrap_model
 from ddp_seq.train.amp import native_bf16, resolve_amp
 from ddp_seq.train.checkpoint import check_encoding, check_shapes, load_checkpoint
 from ddp_seq.train.checkpointing import CheckpointMixin
+from ddp_seq.train.config_change import refused, weights_keys
 from ddp_seq.train.contract import check_item, check_parts
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.loaders import make_loader, make_sampler
@@ -149,9 +150,10 @@ class Trainer(CheckpointMixin):
         self.log = logger or self._default_logger()
         state = load_checkpoint(resume_from) if resume_from is not None else None
         if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
+            refused(state, cfg, str(resume_from))  # a changed key no resume can honour
             if "encoding" in self.extra:
                 check_encoding(state, self.extra["encoding"], str(resume_from))
-            check_shapes(state["model"], self.module, str(resume_from))
+            check_shapes(state["model"], self.module, str(resume_from), weights_keys(state, cfg))
             self.module.load_state_dict(state["model"])
         self.model = wrap_model(self.module, self.mode, info, self.log)
         self.sampler = make_sampler(train_lengths, cfg, info, train=True)
