@@ -20,6 +20,8 @@ from ddp_seq.cli import main
 from ddp_seq.train.checkpoint import FORMAT_VERSION, PARTS, RESUMABLE, load_checkpoint, trained_at
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v2"
+#: How far float32 weights of the same 16 steps may differ between CPUs (4e-7 measured; 10x margin).
+CROSS_CPU_ATOL = 4e-6
 
 
 def run_args(root: Path, name: str) -> list[str]:
@@ -89,21 +91,27 @@ def test_a_format_2_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path):
     reference = torch.load(FIXTURES / "last.pt", weights_only=True)  # the uninterrupted run, format 2
     assert resumed["format_version"] == 3 and set(resumed) == {"format_version", *PARTS}
     assert resumed["model"].keys() == reference["model"].keys()
+    # The fixture was computed on another CPU: the same float32 ops round differently across CPUs
+    # (an uninterrupted run here differs from the fixture's by up to 4e-7, measured on an AMD EPYC),
+    # so the comparison across machines has a tolerance; bit-identity is checked on one machine below.
     for name, tensor in reference["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=CROSS_CPU_ATOL, msg=name)
     assert (resumed["sampler"]["epoch"], resumed["train_state"]["step"]) == (reference["epoch"], reference["step"])
     assert [r["train_loss"] for r in resumed["train_state"]["history"]] == \
-        [r["train_loss"] for r in reference["history"]]
+        pytest.approx([r["train_loss"] for r in reference["history"]], rel=1e-5)
 
 
 def test_a_format_3_checkpoint_resumes_from_its_own_parts(tmp_path):
-    """Written now, mid-epoch, then resumed: the same weights as the fixture's uninterrupted run."""
+    """Written now, mid-epoch, then resumed: bit for bit the weights of the uninterrupted run on this
+    machine, and those of the fixture's uninterrupted run up to the rounding of another CPU."""
     assert main(["train", *run_args(tmp_path, "first")]) == 0  # 8 steps an epoch; every_steps=3: step 6 is saved
     mid = load_checkpoint(tmp_path / "first" / "checkpoints" / "step-00000006.pt")
     assert (mid["sampler"]["epoch"], mid["sampler"]["position"]) == (0, 6)
     assert main(["train", *run_args(tmp_path, "second"), f"checkpoint.resume={tmp_path / 'first' / 'checkpoints'}"
                  "/step-00000006.pt"]) == 0
     resumed = load_checkpoint(tmp_path / "second" / "checkpoints" / "last.pt")
+    uninterrupted = load_checkpoint(tmp_path / "first" / "checkpoints" / "last.pt")
     reference = torch.load(FIXTURES / "last.pt", weights_only=True)
     for name, tensor in reference["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
+        assert torch.equal(resumed["model"][name], uninterrupted["model"][name]), name
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=CROSS_CPU_ATOL, msg=name)
