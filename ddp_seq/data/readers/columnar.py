@@ -14,6 +14,12 @@ sample, ``lines`` holds its 1-based row number (``SequenceData.unit`` is ``"row"
   ``ClassLabel`` column (or a list of ``ClassLabel``, e.g. CoNLL ``ner_tags``) is read as its *names*
   (:mod:`~ddp_seq.data.readers.classlabel`), so the classes are the sorted names, not ``ClassLabel``'s ids.
 
+"A string" and "a list" mean every Arrow layout of one: ``string``, ``large_string``, ``string_view``
+and dictionary-encoded strings (pandas ``category``, Polars ``Categorical``); ``list``, ``large_list``,
+``fixed_size_list``, ``list_view``, ``large_list_view`` (Polars writes the views); integers and floats
+of every width, and decimals for regress targets. Bytes (``binary`` and its layouts) are refused:
+they need not be text.
+
 Lists are flattened with Arrow (offsets and child arrays), never row by row in Python. Feature values
 of an Arrow file (``hf``) stay views of its memory map when the column is float32 and either one
 record batch, or record batches whose value buffers lie whole rows apart in the file (always for one
@@ -197,25 +203,59 @@ class _Table:
         return f"{self.path} row {row + 1} column {column!r}"
 
     def plain(self, column: Any) -> Any:
-        """``column`` (a ChunkedArray) without extension or dictionary types: their storage or values."""
+        """``column`` (a ChunkedArray) without extension or dictionary types: their storage or decoded values.
+
+        Dictionary-encoded columns are what pandas' ``category`` and Polars' ``Categorical`` /
+        ``Enum`` write; they are decoded chunk by chunk (each record batch may carry its own
+        dictionary), also inside lists (:meth:`lists` passes the flat values through here).
+        ``string_view`` (Polars' strings) becomes ``large_string``: Arrow's kernels do not all take
+        views yet (``take`` does not in pyarrow 26), and the strings are copied into Python anyway.
+        """
         pa = self.pa
         if isinstance(column.type, pa.ExtensionType):
             column = pa.chunked_array([c.storage for c in column.chunks], type=column.type.storage_type)
         if pa.types.is_dictionary(column.type):
-            column = column.cast(column.type.value_type)
+            value_type = self._unviewed(column.type.value_type)
+            column = pa.chunked_array([pa.DictionaryArray.from_arrays(c.indices, c.dictionary.cast(value_type))
+                                       .dictionary_decode() for c in column.chunks], type=value_type)
+        if pa.types.is_string_view(column.type):
+            column = column.cast(pa.large_string())
         return column
+
+    def _unviewed(self, t: Any) -> Any:
+        return self.pa.large_string() if self.pa.types.is_string_view(t) else t
 
     def no_null_rows(self, column: Any, name: str, what: str) -> None:
         if column.null_count:
             row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
             raise UserError(f"{self.at(row, name)}: null (every row needs {what})")
 
+    # Arrow has several layouts of one logical type; every one of them is accepted, as pandas, Polars
+    # (views: string_view, list_view), datasets and pyarrow each write another. Reading goes through
+    # list_value_length / flatten / dictionary_encode / to_pylist, which take every layout, never
+    # through offsets buffers (a list_view's offsets may be out of order or overlap).
     def is_list(self, t: Any) -> bool:
+        """list, large_list, fixed_size_list, list_view, large_list_view."""
         types = self.pa.types
-        return types.is_list(t) or types.is_large_list(t) or types.is_fixed_size_list(t)
+        return types.is_list(t) or types.is_large_list(t) or types.is_fixed_size_list(t) or \
+            types.is_list_view(t) or types.is_large_list_view(t)
 
     def is_string(self, t: Any) -> bool:
-        return self.pa.types.is_string(t) or self.pa.types.is_large_string(t)
+        """string, large_string, string_view (dictionary-encoded strings are decoded by :meth:`plain`)."""
+        types = self.pa.types
+        return types.is_string(t) or types.is_large_string(t) or types.is_string_view(t)
+
+    def is_binary(self, t: Any) -> bool:
+        """Bytes (binary, large_binary, binary_view, fixed_size_binary): refused, they need not be text."""
+        types = self.pa.types
+        return types.is_binary(t) or types.is_large_binary(t) or types.is_binary_view(t) or \
+            types.is_fixed_size_binary(t)
+
+    def refuse_binary(self, t: Any, name: str) -> None:
+        """Bytes are not text: say so (and how to fix it) instead of listing what the column may hold."""
+        if self.is_binary(t) or (self.is_list(t) and self.is_binary(t.value_type)):
+            raise UserError(f"{self.path} column {name!r}: holds {t}: bytes, not text; write the column as "
+                            "strings (UTF-8), e.g. pandas .str.decode('utf-8') or Polars .cast(pl.String)")
 
     def is_number(self, t: Any) -> bool:
         return self.pa.types.is_integer(t) or self.pa.types.is_floating(t)
@@ -225,7 +265,7 @@ class _Table:
         (a ChunkedArray, a chunk per record batch) with a null entry reported by row and step."""
         lengths = np.concatenate([self.pc.list_value_length(c).to_numpy(zero_copy_only=False)
                                   for c in column.chunks] or [np.zeros(0)]).astype(np.int64)
-        flat = self.pa.chunked_array([c.flatten() for c in column.chunks], type=column.type.value_type)
+        flat = self.plain(self.pa.chunked_array([c.flatten() for c in column.chunks], type=column.type.value_type))
         if flat.null_count:
             row, step = _locate(offsets_of(lengths), int(np.argmax(flat.is_null().to_numpy(zero_copy_only=False))))
             raise UserError(f"{self.at(row, name)}: step {step} is null (lists must hold no nulls)")
@@ -243,6 +283,7 @@ class _Table:
         id outside ``0..len(names)-1`` (Hugging Face's -1 = no label) is refused.
         """
         t = flat.type
+        self.refuse_binary(t, name)
         if self.is_string(t):
             encoded = self.pc.dictionary_encode(flat.combine_chunks() if flat.num_chunks else
                                                 self.pa.array([], type=t))
@@ -295,6 +336,7 @@ def parse_table(table: Any, path: str, *, task: str, input_column: str = "", tar
     t = _Table(pa, path)
     column = t.plain(table.column(source))
     t.no_null_rows(column, source, "an input")
+    t.refuse_binary(column.type, source)
     token_symbols: list | None = None
     feature_view: tuple[np.ndarray, np.ndarray] | None = None
     if t.is_string(column.type):
@@ -333,8 +375,11 @@ def _targets(t: _Table, column: Any, name: str, task: str, lengths: np.ndarray, 
              names: list[str] | None = None) -> tuple[np.ndarray, list | None]:
     """``(targets, label_symbols)`` of the target column (see :func:`parse_table`; ``names``: its ClassLabel's)."""
     t.no_null_rows(column, name, "a target")
+    t.refuse_binary(column.type, name)
     kind = column.type
     if task == "regress":
+        if t.pa.types.is_decimal(kind):  # exact decimals (pandas' Decimal objects, SQL exports): values are floats
+            column, kind = column.cast(t.pa.float64()), t.pa.float64()
         if not t.is_number(kind):
             raise UserError(f"{t.path} column {name!r}: holds {kind}; task regress needs numbers")
         raw = column.to_numpy().astype(np.float64)
