@@ -39,6 +39,7 @@ from ddp_seq.config_fields import (
     name_sections,
     opt,
     plain_scalar,
+    yaml_entries,
 )
 from ddp_seq.config_fields import choices_of as choices_of  # re-exported: importers take it from here
 from ddp_seq.errors import UserError as UserError  # re-exported: importers take it from here
@@ -344,20 +345,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
         try:
-            tree = yaml.safe_load(text) or {}
+            entries = yaml_entries(path, text, lambda dotted: _is_string_key(cfg, dotted))
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{path}{_yaml_line(e)}: invalid YAML ({problem})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        for section_name, section in tree.items():
-            if not isinstance(section, dict):
-                raise ConfigError(f"{path}: {section_name}: expected a mapping of keys")
-            for key, value in section.items():
-                try:
-                    _set(cfg, f"{section_name}.{key}", value)
-                except ConfigError as e:
-                    raise ConfigError(f"{path}: {e}") from None
+        for dotted, value, line in entries:
+            try:
+                _set(cfg, dotted, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path} line {line}: {e}") from None
     return validate(apply_overrides(cfg, overrides))
 
 

@@ -3,7 +3,8 @@
 :func:`opt` declares a field (its one-line doc and bounds), :func:`field_specs` reads what each
 field accepts back from its annotation (``Literal[...]`` choices) and metadata, :func:`coerce`
 and :func:`check_section` check values against it, and :class:`Section` is the base that makes a
-section dataclass check its own fields when it is constructed. None of it knows which sections or
+section dataclass check its own fields when it is constructed; :func:`yaml_entries` reads a config
+file's keys (string keys keep their text). None of it knows which sections or
 keys exist: kept apart so that ``config.py`` holds the schema (every key with its doc), the
 cross-field rules and the loading, not the checking that serves all of them. It imports
 ``config.py`` nowhere (a section learns its name through :func:`name_sections`), and, like it,
@@ -21,6 +22,8 @@ import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import field
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
+
+import yaml
 
 from ddp_seq.errors import UserError
 
@@ -221,3 +224,45 @@ def check_section(section: Any, section_name: str) -> None:
     for name, spec in field_specs(type(section)).items():
         setattr(section, name, _check_field(f"{section_name}.{name}", spec, getattr(section, name)))
 
+
+_NULL = "tag:yaml.org,2002:null"
+
+
+def yaml_entries(path: str, text: str, is_string_key: Callable[[str], bool]) -> list[tuple[str, Any, int]]:
+    """``(section.key, value, line)`` of every key of a config file's text, in file order.
+
+    The value of a string key (``is_string_key(section.key)``: ``logging.name``, ``data.train_path``,
+    ...) written as a scalar is the text the user wrote, as on the command line: YAML 1.1 would have
+    turned ``1.10`` into 1.1, ``0755`` into 493, ``1_000`` into 1000, ``12:30`` into 750 and
+    ``yes``/``off`` into booleans before the schema's type applied (so a rerun with the same value on
+    the command line would not find the same run). Every other key gets YAML's value, which its type
+    then checks (``0755`` is still 493 for an integer key, as on the command line). ``~``/``null``/
+    nothing stays null, which a string key refuses. Merge keys (``<<: *base``) and anchors work as in
+    ``yaml.safe_load``. Raises ``yaml.YAMLError`` for bad YAML, :class:`ConfigError` for a file that is
+    no mapping of sections.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return []
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        loader.flatten_mapping(root)
+        entries = []
+        for name_node, section in root.value:
+            section_name = loader.construct_object(name_node, deep=True)
+            if not isinstance(section, yaml.MappingNode):
+                raise ConfigError(f"{path} line {name_node.start_mark.line + 1}: {section_name}: expected a mapping "
+                                  "of keys")
+            loader.flatten_mapping(section)
+            for key_node, node in section.value:
+                dotted = f"{section_name}.{loader.construct_object(key_node, deep=True)}"
+                if is_string_key(dotted) and isinstance(node, yaml.ScalarNode) and node.tag != _NULL:
+                    value = node.value  # the text as written (a quoted scalar's text without its quotes)
+                else:
+                    value = loader.construct_object(node, deep=True)
+                entries.append((dotted, value, node.start_mark.line + 1))
+        return entries
+    finally:
+        loader.dispose()

@@ -343,7 +343,7 @@ def test_args_round_trip_through_dict_and_yaml(tmp_path):
     bad = write(tmp_path, "model:\n  target: a:B\n  args: [1, 2]\n", "bad.yaml")
     with pytest.raises(ConfigError) as err:
         load_config(str(bad))
-    assert str(err.value).startswith(f"{bad}: model.args:"), str(err.value)
+    assert str(err.value).startswith(f"{bad} line 3: model.args:"), str(err.value)
 
 
 def test_data_target_makes_format_and_train_path_unneeded():
