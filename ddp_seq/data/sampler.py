@@ -17,64 +17,27 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-
-def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch])
-
-
-def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.ndarray]:
-    """Cut ``order`` into consecutive batches of at most ``batch_size`` sequences and, when
-    ``max_tokens`` > 0, at most ``max_tokens`` padded tokens (count x longest). A sequence longer
-    than the token budget still gets a batch of its own: nothing is dropped."""
-    batches, start, longest = [], 0, 0
-    for pos, idx in enumerate(order):
-        n_after = pos - start + 1
-        longest_after = max(longest, int(lengths[idx]))
-        if n_after > 1 and (n_after > batch_size or (max_tokens and n_after * longest_after > max_tokens)):
-            batches.append(order[start:pos])
-            start, longest_after = pos, int(lengths[idx])
-        longest = longest_after
-    if start < len(order):
-        batches.append(order[start:])
-    return batches
+from ddp_seq.data.cuts import Plan, narrow_dtype, plan_epoch, share_bounds, sort_batch
 
 
 def global_batches(lengths: np.ndarray, *, batch_size: int, max_tokens: int = 0, strategy: str = "random",
                    pool: int = 50, padding_noise: float = 0.0, seed: int = 0, epoch: int = 0,
                    shuffle: bool = True) -> list[np.ndarray]:
-    """The epoch's global batches (arrays of sample indices); every index appears exactly once.
+    """The epoch's global batches (int64 arrays of sample indices); every index appears exactly once.
 
     ``random``: shuffle, cut. ``bucket``: shuffle, sort by length inside pools of ``pool`` batches
     (by ``length * U(1 - padding_noise, 1 + padding_noise)``, as AllenNLP does, so that batches mix
     neighbouring lengths), cut, then shuffle the batches so that lengths do not come in order.
-    ``shuffle=False`` (evaluation) sorts everything by length for the least padding.
+    ``shuffle=False`` (evaluation) sorts everything by length for the least padding. A batch ends
+    before ``batch_size`` sequences or, when ``max_tokens`` > 0, before its count x longest passes
+    ``max_tokens``; a sequence longer than the budget still gets a batch of its own.
+    ``lengths`` ``[N]``: any integer dtype. Vectorised (:mod:`ddp_seq.data.cuts`); the same batches as
+    the original per-sequence loop (``tests/sampler_reference.py``).
     """
-    n = len(lengths)
-    if not shuffle:
-        order = np.argsort(-lengths, kind="stable")
-        return _cut(order, lengths, batch_size, max_tokens)
-    rng = _epoch_rng(seed, epoch)
-    order = rng.permutation(n)
-    if strategy == "random":
-        return _cut(order, lengths, batch_size, max_tokens)
-    pool_size = batch_size * pool
-    sort_key = lengths * rng.uniform(1 - padding_noise, 1 + padding_noise, size=n) if padding_noise else lengths
-    batches: list[np.ndarray] = []
-    for start in range(0, n, pool_size):
-        chunk = order[start:start + pool_size]
-        chunk = chunk[np.argsort(-sort_key[chunk], kind="stable")]
-        batches.extend(_cut(chunk, lengths, batch_size, max_tokens))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def _segments_within(costs_len: np.ndarray, cap: int) -> list[int]:
-    """Greedy cut points of a length-descending array into segments of padded cost <= cap."""
-    cuts, start = [], 0
-    for pos in range(1, len(costs_len) + 1):
-        if pos == len(costs_len) or (pos + 1 - start) * int(costs_len[start]) > cap:
-            cuts.append(pos)
-            start = pos
-    return cuts
+    plan = plan_epoch(np.asarray(lengths), batch_size=batch_size, max_tokens=max_tokens, strategy=strategy,
+                      pool=pool, padding_noise=padding_noise, seed=seed, epoch=epoch, shuffle=shuffle)
+    plan.order = plan.order.astype(np.int64, copy=False)
+    return plan.batches()
 
 
 def split_shares(batch: np.ndarray, lengths: np.ndarray, world_size: int) -> list[np.ndarray]:
@@ -84,42 +47,43 @@ def split_shares(batch: np.ndarray, lengths: np.ndarray, world_size: int) -> lis
     inside each share. The largest segment cost is minimised by binary search over the cap with a
     greedy fill (optimal for contiguous segments); if that yields fewer segments than ranks, the
     costliest ones are halved. Shares may be empty only when the batch has fewer sequences than ranks.
+    Returns ``world_size`` arrays of ``batch``'s dtype (see :func:`~ddp_seq.data.cuts.share_bounds`).
     """
-    order = batch[np.argsort(-lengths[batch], kind="stable")]
-    sorted_len = lengths[order]
-    if world_size == 1 or len(order) == 0:
-        return [order] + [order[:0]] * (world_size - 1)
-    lo, hi = int(sorted_len[0]), int(sorted_len[0]) * len(order)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(_segments_within(sorted_len, mid)) <= world_size:
-            hi = mid
-        else:
-            lo = mid + 1
-    bounds = [0] + _segments_within(sorted_len, lo)
-    segments = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    while len(segments) < world_size and any(len(s) > 1 for s in segments):
-        costs = [len(s) * int(lengths[s[0]]) if len(s) > 1 else -1 for s in segments]
-        i = int(np.argmax(costs))
-        seg = segments[i]
-        segments[i:i + 1] = [seg[: len(seg) // 2], seg[len(seg) // 2:]]
-    segments += [order[:0]] * (world_size - len(segments))
-    return segments
+    order, sorted_len = sort_batch(np.asarray(batch), lengths)
+    bounds = share_bounds(sorted_len, world_size).tolist()
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def padded_cost(share: np.ndarray, lengths: np.ndarray) -> int:
-    """Padded tokens of a share: its size times its longest sequence."""
-    return int(len(share) * lengths[share].max()) if len(share) else 0
+    """Padded tokens of a share: its size times its longest sequence (int64 arithmetic)."""
+    return len(share) * int(lengths[share].max()) if len(share) else 0
+
+
+def share_costs(batches: list[np.ndarray], lengths: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's share of every batch, as figures: ``(sizes, padded)``, both ``[len(batches),
+    world_size]`` int64 -- sequences and padded tokens (size x longest) of rank ``r``'s share of
+    batch ``k``. The same shares as :func:`split_shares`, without building them (one call per epoch
+    where a rank only needs its own: ``ddp-seq plan``, the bench, the straggler ratio)."""
+    sizes = np.zeros((len(batches), world_size), dtype=np.int64)
+    padded = np.zeros_like(sizes)
+    for k, batch in enumerate(batches):
+        _, sorted_len = sort_batch(np.asarray(batch), lengths)
+        bounds = share_bounds(sorted_len, world_size)
+        sizes[k] = np.diff(bounds)
+        first = np.minimum(bounds[:-1], max(len(sorted_len) - 1, 0))
+        padded[k] = sizes[k] * (sorted_len[first] if len(sorted_len) else 0)
+    return sizes, padded
 
 
 def straggler_ratio(batches: list[np.ndarray], lengths: np.ndarray, world_size: int) -> float:
     """How long ranks wait on the slowest, if time is proportional to padded tokens:
     ``sum over steps of max_r cost / sum over steps of mean_r cost`` (1.0 = perfectly balanced)."""
+    _, padded = share_costs(batches, lengths, world_size)
     slowest = mean = 0.0
-    for batch in batches:
-        costs = [padded_cost(share, lengths) for share in split_shares(batch, lengths, world_size)]
-        slowest += max(costs)
-        mean += sum(costs) / world_size
+    # Summed step by step in Python floats, as the original did: the same float to the last bit.
+    for top, total in zip(padded.max(axis=1, initial=0).tolist(), padded.sum(axis=1).tolist()):
+        slowest += top
+        mean += total / world_size
     return slowest / mean if mean else 1.0
 
 
@@ -141,7 +105,7 @@ class Share(list):
 
     def __init__(self, indices, real: bool = True, global_count: int = 0, global_tokens: int = 0,
                  epoch: int = 0, position: int = 0) -> None:
-        super().__init__(int(i) for i in indices)
+        super().__init__(indices.tolist() if isinstance(indices, np.ndarray) else (int(i) for i in indices))
         self.real, self.global_count, self.global_tokens = real, global_count, global_tokens
         self.epoch, self.position = epoch, position
 
@@ -162,9 +126,9 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def lengths_of(source) -> np.ndarray:
-    """Sequence lengths ``[N]`` int64 of a lengths array or of a Dataset: its ``lengths`` attribute if
-    it has one, else ``len(dataset[i][0])`` for every item (one pass over the data)."""
+def _checked_lengths(source) -> np.ndarray:
+    """The lengths ``[N]`` of a lengths array or a Dataset, checked, in their own integer dtype (a
+    memory-mapped array stays mapped)."""
     array_like = getattr(source, "ndim", None) == 1 and hasattr(source, "__array__")  # ndarray, tensor
     numbers = isinstance(source, (list, tuple)) and all(isinstance(x, (int, np.integer)) for x in source)
     if array_like or numbers:
@@ -181,7 +145,24 @@ def lengths_of(source) -> np.ndarray:
         i = int(np.argmin(lengths))
         raise ValueError(f"sample {i} has length {int(lengths[i])}: every sequence needs at least one step "
                          "(pack_padded_sequence rejects empty ones)")
-    return lengths.astype(np.int64, copy=False)
+    return lengths
+
+
+def lengths_of(source) -> np.ndarray:
+    """Sequence lengths ``[N]`` int64 of a lengths array or of a Dataset: its ``lengths`` attribute if
+    it has one, else ``len(dataset[i][0])`` for every item (one pass over the data)."""
+    return _checked_lengths(source).astype(np.int64, copy=False)
+
+
+def compact_lengths(source) -> np.ndarray:
+    """The lengths ``[N]`` of :func:`lengths_of` in the narrowest signed integer dtype that holds the
+    longest (int8 up to 127 steps, int16 up to 32,767, ...): 1-2 bytes a sequence instead of 8. An
+    array already that narrow (e.g. memory-mapped with ``np.load(path, mmap_mode="r")``, which the
+    ranks of a node then share through the page cache) is kept as it is, not copied.
+    Products and sums of these must be taken in int64 (``int(...)`` or ``.astype(np.int64)``)."""
+    lengths = _checked_lengths(source)
+    narrow = narrow_dtype(int(lengths.max()))
+    return lengths if lengths.dtype.itemsize <= narrow.itemsize else lengths.astype(narrow)
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -242,7 +223,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             raise ValueError(f"padding_noise should be in [0, 1], but got padding_noise={padding_noise!r}")
         if not isinstance(shuffle, bool):
             raise ValueError(f"shuffle should be a boolean value, but got shuffle={shuffle!r}")
-        self.lengths = lengths_of(data_source)
+        self.lengths = compact_lengths(data_source)  # narrow: a length's bytes times N per rank
         self.num_replicas, self.rank = num_replicas, int(rank)
         self.options = dict(batch_size=_check_int("batch_size", batch_size, 1),
                             max_tokens=_check_int("max_tokens", max_tokens, 0), strategy=strategy,
@@ -251,7 +232,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self._start = 0  # where the next __iter__ begins (load_state_dict sets it)
         self._yielded = 0  # global batches of this epoch handed out so far
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._cache: tuple[int, Plan] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose plan the next ``__iter__`` yields (as ``DistributedSampler.set_epoch``)."""
@@ -259,11 +240,17 @@ class BucketBatchSampler(Sampler[list[int]]):
             self._start = self._yielded = 0
         self.epoch = epoch
 
-    def batches(self) -> list[np.ndarray]:
-        """This epoch's global batches (the same on every rank)."""
+    def plan(self) -> Plan:
+        """This epoch's plan of global batches (the same on every rank), computed once per epoch;
+        global batch ``k`` is ``plan().batch(k)`` (:class:`~ddp_seq.data.cuts.Plan`)."""
         if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, global_batches(self.lengths, epoch=self.epoch, **self.options))
+            self._cache = (self.epoch, plan_epoch(self.lengths, epoch=self.epoch, **self.options))
         return self._cache[1]
+
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's global batches (the same on every rank): the arrays of :func:`global_batches`,
+        as int32 views of the plan (int64 from 2**31 samples)."""
+        return self.plan().batches()
 
     def __len__(self) -> int:
         """Global batches of the epoch set by :meth:`set_epoch` = steps per rank (the same on every rank).
@@ -273,13 +260,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         another order, e.g. 119, 119, 118, 120 for 1,000 sequences. For an LR schedule use
         :meth:`steps_per_epoch` or :meth:`total_steps`, which plan each epoch.
         """
-        return len(self.batches())
+        return len(self.plan())
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Global batches of ``epoch`` (= steps per rank), without changing the epoch this sampler is set to."""
         if epoch == self.epoch:
-            return len(self.batches())
-        return len(global_batches(self.lengths, epoch=int(epoch), **self.options))
+            return len(self.plan())
+        if not self.options["max_tokens"]:  # batch_size-long batches (pools hold whole batches): no draw needed
+            return -(-len(self.lengths) // self.options["batch_size"])
+        return len(plan_epoch(self.lengths, epoch=int(epoch), **self.options))
 
     def total_steps(self, epochs: int, grad_accum: int = 1) -> int:
         """Optimizer steps of epochs ``0 .. epochs - 1`` with ``grad_accum`` global batches per step
@@ -288,12 +277,17 @@ class BucketBatchSampler(Sampler[list[int]]):
         return sum(-(-self.steps_per_epoch(epoch) // accum) for epoch in range(_check_int("epochs", epochs, 0)))
 
     def share(self, position: int) -> Share:
-        """This rank's share of global batch ``position`` of the epoch."""
-        batch = self.batches()[position]
-        share = split_shares(batch, self.lengths, self.num_replicas)[self.rank]
+        """This rank's share of global batch ``position`` of the epoch: only this rank's bounds are
+        read, from one sort of the batch (none for a bucket batch) and the greedy fill's search."""
+        plan = self.plan()
+        if not -len(plan) <= position < len(plan):
+            raise IndexError(f"position {position} is outside the epoch's {len(plan)} global batches")
+        batch = plan.batch(position % len(plan))
+        order, sorted_len = sort_batch(batch, self.lengths)
+        bounds = share_bounds(sorted_len, self.num_replicas)
+        share = order[int(bounds[self.rank]):int(bounds[self.rank + 1])]
         real = len(share) > 0
-        return Share(share if real else batch[:1], real, len(batch), int(self.lengths[batch].sum()),
-                     self.epoch, position)
+        return Share(share if real else batch[:1], real, len(batch), int(sorted_len.sum()), self.epoch, position)
 
     def __iter__(self) -> Iterator[Share]:
         start, self._start = self._start, 0
