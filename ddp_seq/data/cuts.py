@@ -58,23 +58,45 @@ class Plan:
     """An epoch's global batches without a Python object per batch.
 
     Global batch ``k`` is ``order[bounds[b]:bounds[b + 1]]`` with ``b = batch_order[k]`` (or ``b = k``
-    when ``batch_order`` is None).
+    when ``batch_order`` is None). With ``pool_size`` > 0 the pools of ``order`` are sorted by
+    ``keys`` (longest first) when a batch in them is first read: a bucket plan without a token budget
+    knows its cuts before any sort, so the first batch waits for one pool's sort, not all of them.
     """
 
     order: np.ndarray  # [N] sample indices (int32 below 2**31 samples) in cut order
     bounds: np.ndarray  # [num_batches + 1] int64 cut points into ``order``
     batch_order: np.ndarray | None  # [num_batches] int64: the shuffled order of the batches, or None
+    pool_size: int = 0  # > 0: pools still to sort on first use
+    keys: np.ndarray | None = None  # [N] what the pools sort by (the lengths)
+    pending: np.ndarray | None = None  # [num_pools] bool: not sorted yet
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
+    def _sort_pools(self, first: int, last: int) -> None:
+        """Sort the pools ``first .. last`` (inclusive) that are not sorted yet."""
+        for p in np.flatnonzero(self.pending[first:last + 1]).tolist():
+            chunk = self.order[(first + p) * self.pool_size:(first + p + 1) * self.pool_size]
+            chunk[:] = chunk[descending(self.keys[chunk])]
+        self.pending[first:last + 1] = False
+
+    def finish(self) -> Plan:
+        """Sort every pool still pending; ``order`` is then final."""
+        if self.pool_size:
+            self._sort_pools(0, len(self.pending) - 1)
+        return self
+
     def batch(self, position: int) -> np.ndarray:
         """Global batch ``position`` (a view of ``order``)."""
         b = int(self.batch_order[position]) if self.batch_order is not None else int(position)
-        return self.order[int(self.bounds[b]):int(self.bounds[b + 1])]
+        a, z = int(self.bounds[b]), int(self.bounds[b + 1])
+        if self.pool_size:  # a batch never spans pools
+            self._sort_pools(a // self.pool_size, a // self.pool_size)
+        return self.order[a:z]
 
     def batches(self) -> list[np.ndarray]:
         """Every global batch, in plan order (views of ``order``)."""
+        self.finish()
         cuts = self.bounds.tolist()
         ids = range(len(self)) if self.batch_order is None else self.batch_order.tolist()
         return [self.order[cuts[b]:cuts[b + 1]] for b in ids]
@@ -85,20 +107,27 @@ class Plan:
         return sizes if self.batch_order is None else sizes[self.batch_order]
 
 
-def cut_bounds(lens: np.ndarray, pool_starts: np.ndarray, batch_size: int, max_tokens: int,
+def even_bounds(n: int, pool_starts: np.ndarray, batch_size: int) -> np.ndarray:
+    """Cut points without a token budget: ``batch_size``-long batches from each pool's start (the last
+    of a pool may be shorter), whatever the lengths."""
+    ends = np.append(pool_starts[1:], n).astype(np.int64)
+    per_pool = -(-(ends - pool_starts) // batch_size)
+    first = np.repeat(pool_starts, per_pool)
+    step = np.arange(len(first), dtype=np.int64) - np.repeat(np.cumsum(per_pool) - per_pool, per_pool)
+    return np.append(first + step * batch_size, n)
+
+
+def cut_bounds(lengths: np.ndarray, order: np.ndarray, pool_starts: np.ndarray, batch_size: int, max_tokens: int,
                pools_sorted: bool) -> np.ndarray:
-    """Cut points ``[num_batches + 1]`` (int64) of ``lens`` (the lengths in cut order), cut inside each
-    pool ``[pool_starts[i], pool_starts[i + 1])`` (``pool_starts`` starts with 0, without the end).
+    """Cut points ``[num_batches + 1]`` (int64) into ``order``, cut inside each pool ``[pool_starts[i],
+    pool_starts[i + 1])`` (``pool_starts`` starts with 0, without the end).
 
     ``pools_sorted``: each pool is length-descending, so a batch's longest is its first."""
-    n = len(lens)
-    ends = np.append(pool_starts[1:], n).astype(np.int64)
+    n = len(order)
     if not max_tokens:
-        # batch_size-long batches from each pool's start; the last of a pool may be shorter.
-        per_pool = -(-(ends - pool_starts) // batch_size)
-        first = np.repeat(pool_starts, per_pool)
-        step = np.arange(len(first), dtype=np.int64) - np.repeat(np.cumsum(per_pool) - per_pool, per_pool)
-        return np.append(first + step * batch_size, n)
+        return even_bounds(n, pool_starts, batch_size)
+    lens = lengths[order]
+    ends = np.append(pool_starts[1:], n).astype(np.int64)
     if pools_sorted:
         # A batch's longest is its first: it holds min(batch_size, max_tokens // length[s]) (>= 1).
         room = np.maximum(np.minimum(max_tokens // lens.astype(np.int64), batch_size), 1)
@@ -140,20 +169,25 @@ def plan_epoch(lengths: np.ndarray, *, batch_size: int, max_tokens: int = 0, str
     n = len(lengths)
     if not shuffle:
         order = descending(lengths).astype(index_dtype(n), copy=False)
-        return Plan(order, cut_bounds(lengths[order], np.zeros(1, np.int64), batch_size, max_tokens, True), None)
+        return Plan(order, cut_bounds(lengths, order, np.zeros(1, np.int64), batch_size, max_tokens, True), None)
     rng = np.random.default_rng([seed, epoch])
     # rng.permutation(n) is arange(n) shuffled in place: the same draws shuffle a narrower arange.
     order = np.arange(n, dtype=index_dtype(n))
     rng.shuffle(order)
     if strategy == "random":
-        return Plan(order, cut_bounds(lengths[order], np.zeros(1, np.int64), batch_size, max_tokens, False), None)
+        return Plan(order, cut_bounds(lengths, order, np.zeros(1, np.int64), batch_size, max_tokens, False), None)
     pool_size = batch_size * pool
+    pool_starts = np.arange(0, n, pool_size, dtype=np.int64) if n else np.zeros(1, np.int64)
+    if not max_tokens and not padding_noise:
+        # Cuts every batch_size whatever the pools' order: sort each pool when it is first read.
+        bounds = even_bounds(n, pool_starts, batch_size)
+        return Plan(order, bounds, rng.permutation(len(bounds) - 1), pool_size, lengths,
+                    np.ones(len(pool_starts) if n else 0, dtype=bool))
     sort_key = lengths * rng.uniform(1 - padding_noise, 1 + padding_noise, size=n) if padding_noise else lengths
     for start in range(0, n, pool_size):
         chunk = order[start:start + pool_size]
         chunk[:] = chunk[descending(sort_key[chunk])]
-    pool_starts = np.arange(0, n, pool_size, dtype=np.int64) if n else np.zeros(1, np.int64)
-    bounds = cut_bounds(lengths[order], pool_starts, batch_size, max_tokens, not padding_noise)
+    bounds = cut_bounds(lengths, order, pool_starts, batch_size, max_tokens, not padding_noise)
     return Plan(order, bounds, rng.permutation(len(bounds) - 1))
 
 

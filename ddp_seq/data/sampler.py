@@ -36,7 +36,7 @@ def global_batches(lengths: np.ndarray, *, batch_size: int, max_tokens: int = 0,
     """
     plan = plan_epoch(np.asarray(lengths), batch_size=batch_size, max_tokens=max_tokens, strategy=strategy,
                       pool=pool, padding_noise=padding_noise, seed=seed, epoch=epoch, shuffle=shuffle)
-    plan.order = plan.order.astype(np.int64, copy=False)
+    plan.order = plan.finish().order.astype(np.int64, copy=False)
     return plan.batches()
 
 
