@@ -24,7 +24,7 @@ from torch import nn
 from ddp_seq.config import Config, ModelConfig, from_dict
 from ddp_seq.errors import UserError, first_line
 from ddp_seq.nn.seq_model import SeqModel, resolve_execution
-from ddp_seq.train.checkpoint import check_shapes, load_checkpoint
+from ddp_seq.train.checkpoint import check_finite, check_shapes, load_checkpoint
 from ddp_seq.train.contract import check_item
 
 #: What a model target may be called with (each passed only if its signature accepts it).
@@ -327,6 +327,7 @@ def restore_model(state: dict[str, Any], cfg, source: str, device: torch.device 
     vocab_size = extra.get("vocab_size", encoding.vocab_size)
     parts = DataParts(None, None, extra.get("num_inputs", encoding.num_features),
                       extra.get("num_outputs", encoding.num_outputs(task)), vocab_size)
+    check_finite(state, source)  # a diverged run's weights would predict NaN
     model = build_model(cfg, parts, device)
     check_shapes(state["model"], model, source)
     model.load_state_dict(state["model"])

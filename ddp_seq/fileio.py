@@ -3,6 +3,8 @@ new one, never a part (no torch here)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -63,3 +65,20 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         return atomic_write(path, lambda f: f.write(data))
     except OSError as e:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def json_text(value, **kwargs) -> str:
+    """``json.dumps(value, **kwargs)`` as strict JSON: a NaN or infinite float becomes ``null``
+    (Python writes ``NaN``/``Infinity``, which no JSON parser but Python's accepts). Every JSON file
+    and line ddp_seq writes goes through here."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)

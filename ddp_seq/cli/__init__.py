@@ -235,6 +235,7 @@ def _run_and_exit(job, timeout_s: int | None = None) -> int:
     """Run ``job()`` (training, evaluation, prediction); map preemption and lost peers to their exit
     codes (each with one line, no traceback). ``timeout_s``: the collective timeout, for the message."""
     from ddp_seq.parallel.process_group import exit_worker
+    from ddp_seq.train.divergence import EXIT_DIVERGED, Diverged
     from ddp_seq.train.resume import Preempted, exit_code
 
     try:
@@ -243,6 +244,9 @@ def _run_and_exit(job, timeout_s: int | None = None) -> int:
         code = exit_code(stopped.signum)
         exit_worker(code)
         return code
+    except Diverged:  # every rank at the same step; rank 0 has logged the line
+        exit_worker(EXIT_DIVERGED)
+        return EXIT_DIVERGED
     except RuntimeError as e:
         if not _lost_peers(e):
             raise

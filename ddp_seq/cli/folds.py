@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from ddp_seq.config import Config
-from ddp_seq.fileio import write_bytes_atomic
+from ddp_seq.fileio import json_text, write_bytes_atomic
 from ddp_seq.train.cross_validation import report_lines, summarize
 
 
@@ -61,7 +60,7 @@ def train_folds(cfg: Config, info, train_run: Callable[..., dict[str, Any]]) -> 
     result = summarize(summaries, cfg.training.monitor)
     if info.is_main:
         print("\n".join(report_lines(result, run)), flush=True)
-        write_bytes_atomic(run / "folds.json", (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+        write_bytes_atomic(run / "folds.json", (json_text(result, indent=2) + "\n").encode("utf-8"))
     return result
 
 

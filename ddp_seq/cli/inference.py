@@ -18,7 +18,6 @@ its data, without the training file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,8 @@ from ddp_seq.config import Config
 from ddp_seq.data.readers.encoding import Encoding
 from ddp_seq.data.readers.sequences import SequenceData
 from ddp_seq.errors import UserError
-from ddp_seq.train.checkpoint import load_checkpoint, trained_at
+from ddp_seq.fileio import json_text
+from ddp_seq.train.checkpoint import check_finite, load_checkpoint, trained_at
 
 
 def _read(checkpoint: str, overrides: list[str], trust_target: bool,
@@ -47,6 +47,7 @@ def _read(checkpoint: str, overrides: list[str], trust_target: bool,
     format, and this one stands in for it (nothing is trained, so nothing reads it as such).
     """
     state = load_checkpoint(checkpoint)
+    check_finite(state, checkpoint)  # a diverged run's weights: NaN predictions and metrics
     given = {item.partition("=")[0].strip(): item.partition("=")[2] for item in overrides}
     stand_in = data_file or given.get("data.val_path")
     if is_library_checkpoint(state) and "data.format" in given and "data.train_path" not in given and stand_in:
@@ -100,7 +101,7 @@ def evaluate_command(checkpoint: str, overrides: list[str], output: str | None =
                 print(line)
             print(end="", flush=True)
             if output:
-                _write_lines(output, [json.dumps(result)])
+                _write_lines(output, [json_text(result)])
     return result
 
 
@@ -182,8 +183,8 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
         if not info.is_main:
             return count
         by_position = dict(rows)
-        lines = [json.dumps({"index": i, **by_position[i]}, ensure_ascii=False) if i in by_position else
-                 json.dumps({"index": i, "prediction": None, "skipped": "empty sequence (data.empty=drop)"})
+        lines = [json_text({"index": i, **by_position[i]}, ensure_ascii=False) if i in by_position else
+                 json_text({"index": i, "prediction": None, "skipped": "empty sequence (data.empty=drop)"})
                  for i in range(count)]
         _write_lines(output, lines)
         for note in notes:

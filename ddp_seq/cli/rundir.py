@@ -98,10 +98,10 @@ def decide_run(cfg: Config, fold_of: Path | None = None, fold: int = 0) -> tuple
 
     ``fold_of``: the directory of a k-fold job; the run is then its sub-directory ``fold-<fold + 1>``.
     """
-    from ddp_seq.train.checkpoint import load_checkpoint
+    from ddp_seq.train.checkpoint import check_finite, load_checkpoint
 
-    if cfg.checkpoint.resume not in ("auto", "none"):
-        load_checkpoint(cfg.checkpoint.resume)  # a bad file is reported before anything is created
+    if cfg.checkpoint.resume not in ("auto", "none"):  # a bad file is reported before anything is created
+        check_finite(load_checkpoint(cfg.checkpoint.resume), cfg.checkpoint.resume)
     if fold_of is None:
         run_dir = choose_run_dir(cfg)
     else:

@@ -6,13 +6,14 @@ everywhere else, so training code calls the logger unconditionally and never ask
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from ddp_seq.fileio import json_text
 
 
 class NullLogger:
@@ -83,7 +84,7 @@ class RunLogger(NullLogger):
 
     def record(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.write(json_text(record) + "\n")
             self._metrics.flush()
         if self.tracker is not None:
             self.tracker.log(record)

@@ -188,3 +188,22 @@ def link_latest(target: Path, link: Path) -> None:
         shutil.copyfile(target, tmp)
     os.replace(tmp, link)
     fsync_dir(link.parent)
+
+
+def nonfinite_parameter(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``weights`` (a ``state_dict``) that holds a NaN
+    or an infinity, or None when every one is finite."""
+    for name, tensor in weights.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_finite(state: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint whose weights hold NaN or infinity (a run that diverged, written by a
+    ddp_seq before the divergence stop): its predictions would be NaN and a resume would train on
+    from garbage."""
+    name = nonfinite_parameter(state["model"])
+    if name is not None:
+        raise UserError(f"{source}: parameter {name!r} holds NaN or infinity: the run had diverged when this "
+                        "checkpoint was written; use an earlier checkpoint of it")

@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from ddp_seq.config import to_dict
 from ddp_seq.parallel.process_group import all_reduce_sum
-from ddp_seq.train.checkpoint import link_latest, save_atomic
+from ddp_seq.train.checkpoint import link_latest, nonfinite_parameter, save_atomic
 from ddp_seq.train.config_change import RULES, RUN, changed_keys, reapply
+from ddp_seq.train.divergence import Diverged
 from ddp_seq.train.resume import Preempted, capture_rng, check_plan, prune, restore_rng, step_path, stop_reason
 from ddp_seq.train.state import EpochProgress
 
@@ -81,6 +82,9 @@ class CheckpointMixin:
         cfg, info = self.cfg.checkpoint, self.info
         if not cfg.save or self.run_dir is None:
             return None
+        bad = nonfinite_parameter(self.module.state_dict())  # the same weights on every rank
+        if bad is not None:
+            raise self._diverged(f"weights ({bad})", float("nan"))
         start = time.perf_counter()
         rng = [capture_rng()]
         if info.distributed:  # RNG states differ per rank (e.g. dropout): keep every rank's
@@ -101,6 +105,15 @@ class CheckpointMixin:
         self.checkpoint_s += seconds
         self.saves.append(seconds)
         return path
+
+    def _diverged(self, what: str, value: torch.Tensor | float) -> Diverged:
+        """Log that training produced a NaN or infinity (rank 0) and build the exception every rank raises."""
+        last = self._checkpoint_path("last.pt")
+        newest = step_path(last.parent, self.saved_step) if last is not None else None
+        newest = newest if newest is not None and newest.exists() else None
+        error = Diverged(what, float(value), self.state.step + 1, self.state.epoch + 1, newest)
+        self.log.info(str(error))
+        return error
 
     def _preempted(self, where: str) -> Preempted:
         """Log where a stop signal stopped the run (its checkpoint is written) and build the exception.

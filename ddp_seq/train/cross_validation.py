@@ -34,7 +34,7 @@ from ddp_seq.config import Config, to_dict
 from ddp_seq.data.folds import fold_assignment
 from ddp_seq.data.sampler import lengths_of
 from ddp_seq.errors import UserError
-from ddp_seq.fileio import write_bytes_atomic
+from ddp_seq.fileio import json_text, write_bytes_atomic
 from ddp_seq.loggers.runlog import format_table
 from ddp_seq.parallel.process_group import DistInfo, current_info, on_rank0, refuse_ungrouped
 from ddp_seq.train.contract import item_targets
@@ -132,7 +132,7 @@ def _claim(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[st
                         "overwrite=True to replace it, or another run_dir")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(plan_file, (json.dumps(plan, indent=2) + "\n").encode("utf-8"))
+        write_bytes_atomic(plan_file, (json_text(plan, indent=2) + "\n").encode("utf-8"))
     results = []
     for fold in range(plan["folds"]):
         done = run_dir / f"fold-{fold + 1}" / RESULT_FILE
@@ -219,7 +219,7 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
     if info.is_main:
         print("\n".join(report_lines(result, run)), flush=True)
         if run is not None:
-            write_bytes_atomic(run / FOLDS_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+            write_bytes_atomic(run / FOLDS_FILE, (json_text(result, indent=2) + "\n").encode("utf-8"))
     return result
 
 
@@ -249,5 +249,5 @@ def _train_fold(make_model, dataset, lengths: np.ndarray, targets: np.ndarray | 
             logger.close(exit_code)
     done = {"best_epoch": summary["best_epoch"], "best_metrics": summary["best_metrics"]}
     if fold_dir is not None and info.is_main:
-        write_bytes_atomic(fold_dir / RESULT_FILE, (json.dumps(done) + "\n").encode("utf-8"))
+        write_bytes_atomic(fold_dir / RESULT_FILE, (json_text(done) + "\n").encode("utf-8"))
     return done

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ddp_seq.errors import UserError
-from ddp_seq.train.checkpoint import is_resumable, load_checkpoint
+from ddp_seq.train.checkpoint import is_resumable, load_checkpoint, nonfinite_parameter
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 # Exit code of a process that stopped on SIGTERM after checkpointing (128 + SIGTERM, the shell's
@@ -69,9 +69,12 @@ def newest_valid(directory: Path, warn) -> Path | None:
         except UserError as e:
             warn(f"skipping {e}")
             continue
-        if is_resumable(state):
+        if not is_resumable(state):
+            warn(f"skipping {path}: not a resumable step checkpoint")
+        elif nonfinite_parameter(state["model"]) is not None:  # written before the divergence stop existed
+            warn(f"skipping {path}: its weights hold NaN or infinity (the run had diverged)")
+        else:
             return path
-        warn(f"skipping {path}: not a resumable step checkpoint")
     return None
 
 

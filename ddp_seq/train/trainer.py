@@ -39,10 +39,11 @@ from ddp_seq.parallel.process_group import (
 )
 from ddp_seq.parallel.wrap import wrap_model
 from ddp_seq.train.amp import native_bf16, resolve_amp
-from ddp_seq.train.checkpoint import check_encoding, check_shapes, load_checkpoint
+from ddp_seq.train.checkpoint import check_encoding, check_finite, check_shapes, load_checkpoint
 from ddp_seq.train.checkpointing import CheckpointMixin
 from ddp_seq.train.config_change import refused, weights_keys
 from ddp_seq.train.contract import check_item, check_parts
+from ddp_seq.train.divergence import finite, gradient_norm
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.loaders import make_loader, make_sampler
 from ddp_seq.train.objective import Objective, as_objective
@@ -151,6 +152,7 @@ class Trainer(CheckpointMixin):
         state = load_checkpoint(resume_from) if resume_from is not None else None
         if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
             refused(state, cfg, str(resume_from))  # a changed key no resume can honour
+            check_finite(state, str(resume_from))
             if "encoding" in self.extra:
                 check_encoding(state, self.extra["encoding"], str(resume_from))
             check_shapes(state["model"], self.module, str(resume_from), weights_keys(state, cfg))
@@ -208,9 +210,10 @@ class Trainer(CheckpointMixin):
         self.optimizer.zero_grad(set_to_none=True)
         total, count = backward_global_mean(self.model, self.module, self.objective, batches, self.scaler,
                                             self.info, self.amp, timer)
-        if cfg.training.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.training.grad_clip)
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16
+        self.last_grad_norm = gradient_norm(self.model.parameters(), cfg.training.grad_clip)
+        if self.amp != "fp16" and not finite(self.last_grad_norm):  # the same global norm on every rank
+            raise self._diverged("gradient norm", self.last_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -275,6 +278,8 @@ class Trainer(CheckpointMixin):
                 train_loss, real, padded, sequences = counters.take_window()
                 now = time.perf_counter()
                 seconds = max(now - last, 1e-9)
+                if not finite(train_loss):  # the window's loss is global: every rank stops here
+                    raise self._diverged("training loss", train_loss)
                 lr = self.optimizer.param_groups[0]["lr"]
                 log.record({"kind": "train", "epoch": epoch + 1, "step": st.step, "train_loss": train_loss,
                             "lr": lr, "elapsed_s": st.progress.seconds + now - start,

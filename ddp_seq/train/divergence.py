@@ -1,0 +1,62 @@
+"""Training that stops at the first non-finite gradient norm or loss instead of training on through
+NaN (issue 26, row 2; keras ``TerminateOnNaN``, open_lm's NaN check).
+
+Where it is checked, and why every rank decides the same:
+
+- every optimizer step, the *global* gradient norm (after DDP's all-reduce the gradients, hence
+  their norm, are the same on every rank): checked *before* ``optimizer.step()``, so a NaN never
+  reaches the weights -- every rank raises :class:`Diverged` at the same step;
+- every logged step, the loss window (all-reduced, so global too);
+- every checkpoint, the weights themselves (the same on every rank): a checkpoint with non-finite
+  weights is never written.
+
+With ``training.amp=fp16`` the grad scaler skips steps with non-finite gradients and lowers its
+scale (that is how fp16 training works), so only the loss and the weights are checked there.
+The check costs one device-to-host read of the norm per step (as the fp16 scaler's own check).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+#: The exit code of a training run stopped by :class:`Diverged` (2 is bad input, 1 a crash).
+EXIT_DIVERGED = 3
+
+
+class Diverged(RuntimeError):
+    """Raised on every rank at the same step when training produced a NaN or infinity.
+
+    Attributes: ``what`` (``"gradient norm"``, ``"training loss"``, ``"weights"``), ``value``,
+    ``step`` (the optimizer step that produced it, 1-based), ``epoch`` (1-based), ``checkpoint``
+    (the newest checkpoint, all finite, or None).
+    """
+
+    def __init__(self, what: str, value: float, step: int, epoch: int, checkpoint: Path | None) -> None:
+        self.what, self.value, self.step, self.epoch, self.checkpoint = what, value, step, epoch, checkpoint
+        # The gradient that blew up was computed at the newest weights, so a lower LR alone may not
+        # rescue a resume from them: an earlier checkpoint (before the loss climbed) may be needed.
+        where = (f"the newest checkpoint, {checkpoint}, is finite: lower training.lr or set training.grad_clip, "
+                 "and resume from it or from an earlier one (checkpoint.resume=PATH)") if checkpoint else \
+            "no checkpoint was written"
+        super().__init__(f"training diverged: non-finite {what} ({value}) at step {step}, epoch {epoch}; "
+                         f"stopped before it reached the weights or a checkpoint; {where}")
+
+
+def gradient_norm(parameters: Iterable[torch.nn.Parameter], clip: float) -> torch.Tensor:
+    """The global L2 norm of the gradients (a 0-d tensor on their device), clipped to ``clip`` first
+    when ``clip`` > 0 (``clip_grad_norm_`` returns the norm before clipping)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    if not parameters:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters])
+
+
+def finite(value: torch.Tensor | float) -> bool:
+    """Whether a scalar is finite (reads a device tensor: a sync)."""
+    return bool(torch.isfinite(value)) if torch.is_tensor(value) else math.isfinite(value)
