@@ -63,6 +63,10 @@ class DataConfig(Section):
     val_path: str = opt("", "validation file; empty = hold out val_fraction of train_path")
     val_fraction: float = opt(0.1, "without val_path: fraction of train_path held out (fixed by data.seed)",
                               gt=0, le=0.5)
+    header: Literal["auto", "true", "false"] = opt(
+        "auto", "tsv: is the first line a header (label<TAB>text)? true: skip it; false: a sample; auto: skipped when "
+        "its label names a column (label, class, text, ...) and is no label of another line, refused naming line 1 "
+        "when it looks like neither (docs/data.md)")
     input_column: str = opt("", "parquet/hf: the column of inputs (token lists, strings or per-step feature lists); "
                             "empty = the first of tokens, text, features that the file has")
     target_column: str = opt("", "parquet/hf: the column of targets; empty = label (classify), target (regress), "
@@ -300,6 +304,9 @@ def validate(cfg: Config) -> Config:
     if not d.target and d.format not in TEXT_FORMATS and d.tokenizer.endswith(TOKENIZER_FILE_ENDINGS):
         raise ConfigError(f"data.tokenizer: {d.tokenizer} cuts text, which data.format={d.format} does not hold "
                           "(tsv, parquet and hf text columns do); leave data.tokenizer at char")
+    if d.header != "auto" and (d.target or d.format != "tsv"):
+        used = f"data.target={d.target} is set" if d.target else f"data.format is {d.format}"
+        raise ConfigError(f"data.header: only read from tsv files, but {used}; remove data.header")
     for key in ("input_column", "target_column"):
         if getattr(d, key) and (d.target or d.format not in ("parquet", "hf")):
             used = f"data.target={d.target} is set" if d.target else f"data.format is {d.format}"

@@ -224,6 +224,7 @@ def test_validate_checks_values_assigned_after_construction():
 DOCUMENTED_CHOICES = {
     "data.task": ("classify", "regress", "tag"),
     "data.format": ("synthetic", "npz", "tsv", "jsonl", "ts", "parquet", "hf"),
+    "data.header": ("auto", "true", "false"),
     "data.truncate": ("error", "pre", "post"),
     "data.empty": ("error", "drop"),
     "data.missing": ("error", "zero", "ffill"),

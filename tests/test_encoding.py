@@ -183,7 +183,7 @@ def test_tsv_pipeline_splits_folds_eval_data_and_inputs(tmp_path):
     assert fold_val.positions.tolist() == folds[2].val.positions.tolist()
     # predict input: labels optional, empty samples dropped but counted
     inputs = tmp_path / "in.tsv"
-    inputs.write_text("only text\nneg\t\nx\tabc\n", encoding="utf-8")
+    inputs.write_text("only text\nneg\t\npos\tabc\n", encoding="utf-8")  # a label column is one of the classes
     data, count, notes = load_inputs(tsv_cfg(path, empty="drop"), splits.encoding, str(inputs))
     assert count == 3 and data.positions.tolist() == [0, 2] and "dropped 1 empty" in notes[0]
     lines = describe(splits, "classify")

@@ -192,7 +192,7 @@ def test_tsv_matches_reference(tmp_path, task, tokenizer, ending, bom):
 
 def test_tsv_unlabelled(tmp_path):
     path = tmp_path / "p.tsv"
-    path.write_text("a\thé llo\n\nno label here\n\t\nx\ty\tz\n", encoding="utf-8")
+    path.write_text("1\thé llo\n\nno label here\n\t\n2\ty\tz\n", encoding="utf-8")  # labels: regress needs numbers
     for task in ("classify", "regress"):
         parsed = read_tsv(str(path), task=task, tokenizer="whitespace", labelled=False)
         assert not parsed.labelled and parsed.label_symbols is None

@@ -39,7 +39,7 @@ _DATA_APPLIES = {"val_path", "val_fraction", "num_val", "num_workers", "prefetch
                  "folds"}
 RULES: dict[str, str] = {
     **{f"data.{k}": (REFUSED if k == "task" else APPLIES if k in _DATA_APPLIES else EPOCH_END)
-       for k in ("task", "format", "target", "args", "train_path", "val_path", "val_fraction", "input_column",
+       for k in ("task", "format", "target", "args", "train_path", "val_path", "val_fraction", "header", "input_column",
                  "target_column", "tokenizer", "min_freq", "max_length", "truncate", "empty", "missing", "folds",
                  "num_train", "num_val", "features", "num_classes", "length_median", "length_sigma",
                  "min_length", "noise", "seed", "num_workers", "prefetch_factor", "persistent_workers")},

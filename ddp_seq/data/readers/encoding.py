@@ -14,7 +14,7 @@ are the distinct training labels, sorted.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ class Parsed:
     token_symbols: list | None  # None: the steps are feature vectors
     label_symbols: list | None
     labelled: bool = True
+    notes: list[str] = field(default_factory=list)  # what the reader decided, for the log (a skipped header)
 
 
 @dataclass
@@ -124,9 +125,15 @@ def build_encoding(parsed: Parsed, train: np.ndarray, task: str, min_freq: int =
     return Encoding(vocab, classes, 0 if vocab is not None else parsed.data.num_features)
 
 
-def _shown(classes: list, limit: int = 8) -> str:
-    head = ", ".join(repr(c) for c in classes[:limit])
+def _shown(classes: list, limit: int = 5, width: int = 30) -> str:
+    """The first ``limit`` classes, each cut to ``width`` characters, and their count: one short line
+    even when the "classes" are texts (a file whose columns are swapped)."""
+    head = ", ".join(_clip(repr(c), width) for c in classes[:limit])
     return head + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
+
+
+def _clip(shown: str, width: int) -> str:
+    return shown if len(shown) <= width else shown[:width - 4] + "...'"
 
 
 def encode(parsed: Parsed, encoding: Encoding, task: str, check: np.ndarray | None = None, *,
@@ -186,5 +193,5 @@ def _check_known(data: SequenceData, check: np.ndarray, targets: np.ndarray, sym
     label = symbols[int(data.targets[where[first]])]
     kind = "tag" if task == "tag" else "label"
     then = f"; {advice}" if advice else ""
-    raise UserError(f"{view.where(sample)} has {kind} {label!r}, which {lacking} does not have "
+    raise UserError(f"{view.where(sample)} has {kind} {_clip(repr(label), 40)}, which {lacking} does not have "
                     f"(classes: {_shown(classes)}; {int(bad.sum())} unknown in all){then}")

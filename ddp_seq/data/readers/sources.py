@@ -50,13 +50,15 @@ def _check_suffix(fmt: str, path: str) -> None:
                         "to read it as such")
 
 
-def read_raw(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str | SubwordTokenizer | None = None
-             ) -> Parsed:
+def read_raw(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str | SubwordTokenizer | None = None,
+             classes: list | None = None) -> Parsed:
     """One file of ``data.format`` as :class:`Parsed` data, before the length policies.
 
     ``tokenizer`` cuts text (tsv, string columns): ``char``, ``whitespace`` or a
     :class:`~ddp_seq.data.readers.tokenizers.SubwordTokenizer`; None: ``data.tokenizer`` (a file is loaded once
     per process). ``evaluate`` and ``predict`` pass the checkpoint's (:func:`trained_tokenizer`).
+    ``classes``: the training data's, for a file read after them (tsv: is line 1 a header, do predict
+    input lines carry a label column; see :mod:`~ddp_seq.data.readers.tsv_layout`).
     """
     _check_suffix(cfg.format, path)
     if tokenizer is None:
@@ -67,7 +69,8 @@ def read_raw(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str |
     if cfg.format == "tsv":
         from ddp_seq.data.readers.text import read_tsv
 
-        return read_tsv(path, task=cfg.task, tokenizer=tokenizer, labelled=labelled)
+        return read_tsv(path, task=cfg.task, tokenizer=tokenizer, labelled=labelled, header=cfg.header,
+                        classes=classes)
     if cfg.format == "jsonl":
         from ddp_seq.data.readers.text import read_jsonl
 
@@ -90,7 +93,7 @@ def apply_length_policies(parsed: Parsed, cfg: DataConfig) -> tuple[Parsed, list
     Both act on the spans only (a dropped sample is left out of the view, a truncated one gets a
     shorter span over the same steps), so nothing is copied.
     """
-    data, notes = parsed.data, []
+    data, notes = parsed.data, list(parsed.notes)  # the reader's first (a skipped header line)
     empty = data.lengths == 0
     if empty.any():
         count = int(empty.sum())
@@ -120,10 +123,10 @@ def apply_length_policies(parsed: Parsed, cfg: DataConfig) -> tuple[Parsed, list
     return Parsed(data, parsed.token_symbols, parsed.label_symbols, parsed.labelled), notes
 
 
-def read_file(cfg: DataConfig, path: str, labelled: bool = True,
-              tokenizer: str | SubwordTokenizer | None = None) -> tuple[Parsed, list[str]]:
+def read_file(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str | SubwordTokenizer | None = None,
+              classes: list | None = None) -> tuple[Parsed, list[str]]:
     """:func:`read_raw` then :func:`apply_length_policies`."""
-    return apply_length_policies(read_raw(cfg, path, labelled, tokenizer), cfg)
+    return apply_length_policies(read_raw(cfg, path, labelled, tokenizer, classes), cfg)
 
 
 def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +291,7 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
     whole = encode(parsed, encoding, cfg.task, check=val_idx, lacking=lacking, advice=advice)
     if val_idx is not None:
         return Splits(whole.select(train_idx), whole.select(val_idx), encoding, notes)
-    val_parsed, val_notes = read_file(cfg, cfg.val_path)
+    val_parsed, val_notes = read_file(cfg, cfg.val_path, classes=encoding.classes)
     val = encode(val_parsed, encoding, cfg.task, check=np.arange(len(val_parsed.data)))
     return Splits(whole, val, encoding, notes + val_notes)
 
@@ -325,7 +328,7 @@ def load_eval_data(cfg: DataConfig, encoding: Encoding, fold: int | None = None)
     """
     tokenizer = _trained_tokenizer(cfg, encoding)
     if cfg.val_path:
-        parsed, notes = read_file(cfg, cfg.val_path, tokenizer=tokenizer)
+        parsed, notes = read_file(cfg, cfg.val_path, tokenizer=tokenizer, classes=encoding.classes)
         return encode(parsed, encoding, cfg.task, check=np.arange(len(parsed.data))), notes
     if cfg.format == "synthetic" and fold is None:
         return make_synthetic(cfg, "val"), []
@@ -341,7 +344,7 @@ def load_inputs(cfg: DataConfig, encoding: Encoding, path: str) -> tuple[Sequenc
     The data's ``input_lengths`` are the samples' lengths in the file, so that ``predict`` can say
     which steps of a sample ``data.max_length`` cut (its positions index the file's samples). Text is
     cut by the encoding's stored tokenizer, as in :func:`load_eval_data`."""
-    raw = read_raw(cfg, path, labelled=False, tokenizer=_trained_tokenizer(cfg, encoding))
+    raw = read_raw(cfg, path, labelled=False, tokenizer=_trained_tokenizer(cfg, encoding), classes=encoding.classes)
     parsed, notes = apply_length_policies(raw, cfg)
     data = encode(parsed, encoding, cfg.task)
     data.input_lengths = raw.data.lengths[data.positions]

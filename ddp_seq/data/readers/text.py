@@ -24,6 +24,7 @@ import numpy as np
 from ddp_seq.data.readers.encoding import Parsed, intern_all
 from ddp_seq.data.readers.sequences import SequenceData
 from ddp_seq.data.readers.tokenizers import SubwordTokenizer, text_tokenizer
+from ddp_seq.data.readers.tsv_layout import clip, tsv_layout
 from ddp_seq.errors import UserError, first_line
 from ddp_seq.fileio import read_bytes
 
@@ -156,25 +157,30 @@ def tokenize_texts(path: str, texts: list[str],
     raise UserError(f"{path}: unknown tokenizer {tokenizer!r} (expected char, whitespace or a tokenizer file)")
 
 
-def read_tsv(path: str, *, task: str, tokenizer: str | SubwordTokenizer, labelled: bool = True) -> Parsed:
+def read_tsv(path: str, *, task: str, tokenizer: str | SubwordTokenizer, labelled: bool = True,
+             header: str = "auto", classes: list | None = None) -> Parsed:
     """Read ``label<TAB>text`` lines; text becomes characters (``char``), words (``whitespace``) or
     subword ids (:func:`tokenize_texts`).
 
     The label is everything before the first tab (stripped); the text is the rest, further tabs
-    included. ``labelled=False``: the label column is optional and ignored.
+    included. The file's structure is decided first, for all its lines
+    (:func:`~ddp_seq.data.readers.tsv_layout.tsv_layout`): a header line (``header``: ``data.header``),
+    swapped columns, and for ``labelled=False`` (``predict`` input) that every text before a tab is
+    a label the model knows (the label column is optional, and ignored). ``classes``: the training
+    data's classes when this file is read after them (validation, evaluation, predict input). A
+    skipped header is in the result's ``notes``.
     """
     check_task(path, task, "tsv")
+    rows = [(number, *line.partition("\t")) for number, line in enumerate(read_lines(path), 1) if line]
+    layout = tsv_layout(path, rows, task=task, labelled=labelled, header=header, classes=classes)
     texts: list[str] = []
     labels: list[Any] = []
     numbers: list[int] = []
-    for number, line in enumerate(read_lines(path), 1):
-        if not line:
-            continue
-        label, tab, text = line.partition("\t")
+    for number, label, tab, text in rows[1:] if layout.header else rows:
         if not tab:
             if labelled:
                 raise UserError(f"{path} line {number}: no tab: lines are label<TAB>text")
-            text = line  # predict input may leave the label column out
+            text = label  # predict input may leave the label column out: the line is the text
         elif labelled:
             label = label.strip()
             if not label:
@@ -183,8 +189,8 @@ def read_tsv(path: str, *, task: str, tokenizer: str | SubwordTokenizer, labelle
                 try:
                     value = float(label)
                 except ValueError:
-                    raise UserError(f"{path} line {number}: label {label!r} is not a number (task regress needs "
-                                    "a numeric label)") from None
+                    raise UserError(f"{path} line {number}: label {clip(label)} is not a number (task regress needs "
+                                    f"a numeric label){_swapped_hint(text)}") from None
                 labels.append(finite_target(f"{path} line {number}", value, label))
             else:
                 labels.append(label)
@@ -194,7 +200,16 @@ def read_tsv(path: str, *, task: str, tokenizer: str | SubwordTokenizer, labelle
     offsets = offsets_of(lengths)
     targets, label_symbols = targets_of(task, labelled, labels, len(texts), int(offsets[-1]))
     data = SequenceData(values, offsets, targets, False, lines=np.array(numbers, dtype=np.int64), source=path)
-    return Parsed(data, symbols, label_symbols, labelled)
+    return Parsed(data, symbols, label_symbols, labelled, [layout.note] if layout.note else [])
+
+
+def _swapped_hint(text: str) -> str:
+    """For a regress label that is no number: say so when the text field is one (text<TAB>label lines)."""
+    try:
+        float(text)
+    except ValueError:
+        return ""
+    return f"; the text {clip(text.strip())} is one: the columns look swapped (lines are label<TAB>text)"
 
 
 def _kind(values: list) -> str | None:
