@@ -112,7 +112,7 @@ def _start_logger(cfg: Config, info, run_dir: Path, notes: list[str]):
 
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = make_logger(info.is_main, run_dir, cfg.logging.progress, _start_tracking(cfg, run_dir, info))
-    logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg).rstrip()}\n---")
+    logger.info(f"run directory: {run_dir}\n--- resolved config ---\n{dump_yaml(cfg, used_only=True).rstrip()}\n---")
     for note in notes:
         logger.info(note)
     return logger
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-config":
-            print(dump_yaml(cfg), end="")
+            print(dump_yaml(cfg, used_only=True), end="")
             return 0
         # dp and single are one process: refused under torchrun before torch is even imported.
         check_mode(cfg.training.mode, _env_world_size())
