@@ -10,6 +10,7 @@ Under torchrun every rank hits the same error; only global rank 0 prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -76,8 +77,10 @@ def train(cfg: Config) -> dict:
     from ddp_seq.cli.rundir import prepare_run
     from ddp_seq.data.readers.sources import load_splits
     from ddp_seq.parallel.process_group import distributed
+    from ddp_seq.train.run_dir import release_run_dir
 
-    with distributed(cfg.distributed) as info:
+    with distributed(cfg.distributed) as info, contextlib.ExitStack() as held:
+        held.callback(release_run_dir)  # the run directory this job's rank 0 locked, on every way out
         if cfg.data.folds:
             from ddp_seq.cli.folds import target_folds, train_folds
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ddp_seq.config import Config, dump_yaml
 from ddp_seq.errors import UserError
 from ddp_seq.parallel.process_group import on_rank0
-from ddp_seq.train.run_dir import holds_run
+from ddp_seq.train.run_dir import holds_run, lock_run_dir, release_run_dir
 
 JOB_FILE = ".job"  # the torchrun rendezvous id of the job that created the run directory
 
@@ -30,31 +30,56 @@ def _find_job_run(root: Path, identity: str) -> str:
     return ""
 
 
-def choose_run_dir(cfg: Config) -> Path:
-    """The run directory, created with its ``config.yaml`` (kept from the first attempt) and job id.
+def choose_run_dir(cfg: Config, notes: list[str] | None = None) -> Path:
+    """The run directory, locked for this job (:func:`~ddp_seq.train.run_dir.lock_run_dir`) and
+    created with its ``config.yaml`` (kept from the first attempt) and job id.
 
     ``logging.name`` given: that directory. Empty: the directory an earlier attempt of this job
     created (torchrun restarts and Slurm requeues keep the rendezvous id), else a new
-    ``<task>-<date>-<time>``. With ``checkpoint.resume=none`` a directory that holds a run is refused.
+    ``<task>-<date>-<time>`` (``-2``, ``-3`` ... when taken), created with one ``mkdir`` that fails
+    if it exists, so jobs started in the same second never share one. With
+    ``checkpoint.resume=none`` a directory that holds a run is refused. ``notes``: what to log.
     """
     from ddp_seq.train.resume import job_identity
 
     root, name = Path(cfg.logging.root), cfg.logging.name
     identity = job_identity()
     name = name or _find_job_run(root, identity)
-    if name:
-        if cfg.checkpoint.resume == "none" and holds_run(root / name):
-            raise UserError(f"logging.name: {root / name} already holds a run; resume it with checkpoint.resume=auto "
-                            "or choose another name")
-    else:
-        name = stem = f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        suffix = 1
-        while (root / name).exists():
-            suffix += 1
-            name = f"{stem}-{suffix}"
+    if not name:
+        name = _new_directory(root, f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = root / name
-    _create(run_dir, cfg, identity)
+    taken = lock_run_dir(run_dir, "logging.name")  # before anything in it is read or written
+    try:
+        if cfg.checkpoint.resume == "none" and holds_run(run_dir):
+            raise UserError(f"logging.name: {run_dir} already holds a run; resume it with checkpoint.resume=auto "
+                            "or choose another name")
+        _create(run_dir, cfg, identity)
+    except UserError:
+        release_run_dir(run_dir)
+        raise
+    if notes is not None:
+        notes += taken
     return run_dir
+
+
+def _new_directory(root: Path, stem: str) -> str:
+    """Create ``root/stem`` (or ``stem-2``, ``stem-3`` ...): the first name whose ``mkdir`` succeeds,
+    which is atomic -- a check for existence followed by a create is not (two jobs can pass the
+    check together)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"logging.root: cannot create {root} ({e.strerror or e})") from None
+    for suffix in range(1, 10_000):
+        name = stem if suffix == 1 else f"{stem}-{suffix}"
+        try:
+            (root / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"logging.root: cannot create {root / name} ({e.strerror or e})") from None
+    raise UserError(f"logging.root: {root} holds 9,999 runs named {stem}*; choose logging.name")
 
 
 def _create(run_dir: Path, cfg: Config, identity: str = "") -> None:
@@ -102,12 +127,14 @@ def decide_run(cfg: Config, fold_of: Path | None = None, fold: int = 0) -> tuple
 
     if cfg.checkpoint.resume not in ("auto", "none"):  # a bad file is reported before anything is created
         check_finite(load_checkpoint(cfg.checkpoint.resume), cfg.checkpoint.resume)
+    notes: list[str] = []
     if fold_of is None:
-        run_dir = choose_run_dir(cfg)
+        run_dir = choose_run_dir(cfg, notes)
     else:
         run_dir = fold_of / f"fold-{fold + 1}"
         _create(run_dir, cfg)
-    return (run_dir, *resume_point(cfg, run_dir))
+    resume_from, resume_notes = resume_point(cfg, run_dir)
+    return run_dir, resume_from, notes + resume_notes
 
 
 def prepare_run(cfg: Config, info, fold_of: Path | None = None, fold: int = 0) -> tuple[Path, Path | None, list[str]]:

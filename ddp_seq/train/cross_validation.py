@@ -40,7 +40,7 @@ from ddp_seq.parallel.process_group import DistInfo, current_info, on_rank0, ref
 from ddp_seq.train.contract import item_targets
 from ddp_seq.train.objective import Objective, TaskObjective, as_objective
 from ddp_seq.train.resume import newest_valid, remove_partial_writes
-from ddp_seq.train.run_dir import clear, holds_run
+from ddp_seq.train.run_dir import clear, holds_run, is_held, lock_run_dir, release_run_dir
 from ddp_seq.train.trainer import Trainer
 
 PLAN_FILE, RESULT_FILE, FOLDS_FILE = "cross_validation.json", "result.json", "folds.json"
@@ -116,6 +116,7 @@ def _changes(saved: dict[str, Any], plan: dict[str, Any]) -> list[str]:
 def _claim(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[str, Any] | None]:
     """Rank 0: take ``run_dir`` for this job (refusing one of another plan unless ``overwrite``) and
     return the finished folds' results (None for a fold still to train)."""
+    lock_run_dir(run_dir, "cross_validate: run_dir")  # released by cross_validate when the job ends
     plan_file = run_dir / PLAN_FILE
     if overwrite and run_dir.is_dir():
         for path in [plan_file, run_dir / FOLDS_FILE, *run_dir.glob("fold-*")]:
@@ -206,15 +207,21 @@ def cross_validate(make_model: Callable[[], nn.Module], dataset, folds: int = 5,
     torch.manual_seed(cfg.training.seed)
     plan = _plan(assigned, int(folds), cfg.data.seed, bool(stratify), groups is not None, cfg, task, make_model())
     results: list = [None] * int(folds)
+    # rank 0 locks run_dir in _claim for the whole job, unless its caller (the command line) holds it
+    release = run is not None and info.is_main and not is_held(run)
     if run is not None:
         results = on_rank0(info, lambda: _claim(run, plan, overwrite))
     lengths = lengths_of(dataset)
-    for fold in range(int(folds)):
-        if results[fold] is not None:
-            continue
-        results[fold] = _train_fold(make_model, dataset, lengths, targets, assigned, fold, cfg, objective, run, info,
-                                    make_logger, dict(checkpoint_extra or {}))
-        gc.collect()  # the fold's model, optimizer and DDP wrapper go before the next are built
+    try:
+        for fold in range(int(folds)):
+            if results[fold] is not None:
+                continue
+            results[fold] = _train_fold(make_model, dataset, lengths, targets, assigned, fold, cfg, objective, run,
+                                        info, make_logger, dict(checkpoint_extra or {}))
+            gc.collect()  # the fold's model, optimizer and DDP wrapper go before the next are built
+    finally:
+        if release:
+            release_run_dir(run)
     result = summarize(results, cfg.training.monitor)
     if info.is_main:
         print("\n".join(report_lines(result, run)), flush=True)

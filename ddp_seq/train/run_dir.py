@@ -6,11 +6,22 @@ of the second run's epoch 2 over the first's epoch 7, both runs' records in one
 ``metrics.jsonl``, the first run's step checkpoints beside the second's. Lightning's answer is
 ``ckpt_path="last"`` to continue; ddp_seq's Trainer takes ``resume_from="last"`` (or a path) and
 ``overwrite=True``, and otherwise refuses before anything is written.
+
+Nor do two jobs write into one run directory at the same time (a second job would resume from the
+first's checkpoints while it still trains, and both would append to one ``metrics.jsonl``): the
+job's rank 0 holds the directory's lock (:func:`lock_run_dir`) from the moment it takes the
+directory until the job ends.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 from ddp_seq.errors import UserError
@@ -19,6 +30,75 @@ from ddp_seq.train.resume import newest_valid, remove_partial_writes
 
 #: What a run writes into its directory (removed by ``overwrite=True``; anything else stays).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "train.log", "tensorboard", "wandb", ".wandb-id")
+#: The lock file of a run directory: who holds it, as one JSON line (empty when released cleanly).
+LOCK_FILE = ".lock"
+_held: dict[Path, int] = {}  # run directory (resolved) -> the open lock file this process holds
+
+
+def _holder_text(raw: bytes) -> str:
+    try:
+        h = json.loads(raw)
+        return (f"pid {h['pid']} on {h['host']}" + (f", job {h['job']}" if h.get("job") else "")
+                + f", since {h['started']}: {h['command']}")
+    except (ValueError, KeyError, TypeError):
+        return "a process that left no details"
+
+
+def lock_run_dir(run_dir: Path, key: str) -> list[str]:
+    """Hold ``run_dir`` for this process until :func:`release_run_dir` or the process ends, so that
+    two jobs never write into one run directory (issue 26, row 3). Returns notes to log.
+
+    The lock is ``fcntl.flock`` on ``run_dir/.lock``: the kernel releases it when the holder exits
+    in any way -- a crash or SIGKILL included -- so a lock is never left behind; the file keeps
+    the holder's pid, host, job id and command while it holds it, and is emptied on a clean
+    release, so a non-empty file whose lock is free tells that the last holder died. The same
+    process may take a directory again (re-entrant): it already owns it.
+
+    Raises:
+        UserError: another live process holds ``run_dir`` (one line naming ``key``, the
+            directory and the holder); nothing in the directory is changed.
+    """
+    resolved = run_dir.resolve()
+    if resolved in _held:
+        return []
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{key}: cannot create {run_dir} ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder_text(os.pread(fd, 4096, 0))
+        os.close(fd)
+        raise UserError(f"{key}: {run_dir} is in use by another job ({holder}); wait for it to end, or "
+                        "choose another run directory") from None
+    previous = os.pread(fd, 4096, 0)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("TORCHELASTIC_RUN_ID", "")
+          if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none" else os.environ.get("SLURM_JOB_ID", ""),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode("utf-8"), 0)
+    _held[resolved] = fd
+    if previous.strip():
+        return [f"{run_dir}: its previous job ({_holder_text(previous)}) ended without releasing the run "
+                "directory (it crashed or was killed); this job takes it over"]
+    return []
+
+
+def is_held(run_dir: Path) -> bool:
+    """Whether this process holds ``run_dir``'s lock."""
+    return Path(run_dir).resolve() in _held
+
+
+def release_run_dir(run_dir: Path | None = None) -> None:
+    """Release ``run_dir`` (every directory this process holds when None): empty the lock file, so the
+    next holder does not take the release for a crash, and unlock it."""
+    for resolved in list(_held) if run_dir is None else [Path(run_dir).resolve()]:
+        fd = _held.pop(resolved, None)
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.close(fd)  # closing the file releases the flock
 
 
 def holds_run(directory: Path) -> bool:
@@ -37,9 +117,18 @@ def holds_run(directory: Path) -> bool:
 
 def _decide(run_dir: Path, resume_from: Path | str | None, overwrite: bool) -> tuple[str | None, list[str]]:
     """Rank 0's decision: the checkpoint to resume from (as a string) and notes to log."""
-    notes: list[str] = []
     if resume_from is not None and overwrite:
         raise UserError("Trainer: resume_from and overwrite=True contradict each other; pass one of them")
+    notes = lock_run_dir(run_dir, "Trainer: run_dir")
+    try:
+        return _decide_held(run_dir, resume_from, overwrite, notes)
+    except UserError:
+        release_run_dir(run_dir)
+        raise
+
+
+def _decide_held(run_dir: Path, resume_from: Path | str | None, overwrite: bool,
+                 notes: list[str]) -> tuple[str | None, list[str]]:
     if resume_from == "last":
         remove_partial_writes(run_dir / "checkpoints")
         found = newest_valid(run_dir / "checkpoints", notes.append)

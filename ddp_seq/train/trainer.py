@@ -49,7 +49,7 @@ from ddp_seq.train.loaders import make_loader, make_sampler
 from ddp_seq.train.objective import Objective, as_objective
 from ddp_seq.train.optim import build_optimizer, build_scheduler
 from ddp_seq.train.resume import StopFlag, stop_reason
-from ddp_seq.train.run_dir import claim
+from ddp_seq.train.run_dir import claim, is_held, release_run_dir
 from ddp_seq.train.state import EpochCounters, EpochProgress, TrainState
 from ddp_seq.train.step import backward_global_mean
 from ddp_seq.train.steptime import PHASES, StepTimer, advice, breakdown_record
@@ -144,6 +144,8 @@ class Trainer(CheckpointMixin):
         self.extra = check_parts(self.module, train_data, val_data, self.objective, self.mode, info.device, self.extra)
         # Everything above can refuse the parts; nothing is written before this point.
         self.run_dir, self.claimed = (Path(run_dir) if run_dir is not None else None), claimed
+        # rank 0 locks run_dir in claim() until fit() ends, unless the caller claimed it (and holds it)
+        self._release = not claimed and self.run_dir is not None and info.is_main and not is_held(self.run_dir)
         if not claimed:
             resume_from, claim_notes = claim(self.run_dir, resume_from, overwrite, info)
             self.notes += claim_notes
@@ -373,6 +375,8 @@ class Trainer(CheckpointMixin):
         finally:
             if self._owns_log:
                 self.log.close()
+            if self._release:
+                release_run_dir(self.run_dir)
 
     def _fit(self) -> dict[str, Any]:
         log, monitor, st = self.log, self.cfg.training.monitor, self.state
