@@ -14,12 +14,14 @@ import pytest
 import sampler_reference as ref
 
 from ddp_seq.data.cuts import narrow_dtype
+from ddp_seq.data.readers.files import is_memory_mapped
 from ddp_seq.data.sampler import (
     BucketBatchSampler,
     compact_lengths,
     global_batches,
     padded_cost,
     share_costs,
+    shared_lengths,
     split_shares,
     straggler_ratio,
 )
@@ -146,3 +148,37 @@ def test_steps_per_epoch_of_other_epochs_without_a_plan():
             sampler = BucketBatchSampler(lengths, num_replicas=4, rank=1, **kw)
             for epoch in range(3):
                 assert sampler.steps_per_epoch(epoch) == len(ref.global_batches(lengths, epoch=epoch, **kw))
+
+
+def test_products_past_int32_are_exact_with_narrow_lengths():
+    """count x length past 2**31 (int32 lengths) and past 127 (int8): every product in int64."""
+    lengths = np.full(70_000, 40_000, dtype=np.int64)
+    narrow = compact_lengths(lengths)
+    assert narrow.dtype == np.int32
+    batch = np.arange(70_000)
+    assert padded_cost(batch, narrow) == 70_000 * 40_000
+    sizes, padded = share_costs([batch], narrow, 3)
+    assert sizes[0].tolist() == [23_334, 23_334, 23_332]  # equal lengths: the equal-count split
+    assert padded[0].tolist() == [s * 40_000 for s in sizes[0].tolist()]
+    plan = global_batches(narrow, batch_size=70_000, max_tokens=2**40, strategy="bucket", seed=1)
+    assert [len(b) for b in plan] == [70_000]
+    small = compact_lengths(np.full(500, 100))
+    assert small.dtype == np.int8
+    kw = dict(batch_size=64, max_tokens=3_000, strategy="random", seed=2)
+    assert_same_batches(global_batches(small, **kw), ref.global_batches(np.full(500, 100), **kw))
+
+
+def test_shared_lengths_map_one_file_that_the_sampler_keeps(tmp_path):
+    lengths = distributions(1000, seed=3)["lognormal"]
+    path = tmp_path / "lengths.npy"
+    first = shared_lengths(lengths, path)
+    again = shared_lengths(lengths, path)  # a second rank: maps the file as it is
+    assert is_memory_mapped(first) and is_memory_mapped(again) and first.dtype == np.int16
+    np.testing.assert_array_equal(again, lengths)
+    sampler = BucketBatchSampler(again, 32, num_replicas=2, rank=1, seed=4)
+    assert is_memory_mapped(sampler.lengths)  # kept mapped, not copied
+    assert_same_batches(sampler.batches(), ref.global_batches(lengths, batch_size=32, strategy="bucket", seed=4),
+                        dtype_too=False)
+    other = lengths[::-1].copy()
+    np.testing.assert_array_equal(shared_lengths(other, path), other)  # other lengths: the file is rewritten
+    assert not list(tmp_path.glob(".*.tmp"))

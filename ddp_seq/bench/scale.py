@@ -176,12 +176,15 @@ def compare(name: str, lengths: np.ndarray, ranks: int) -> dict[str, Any]:
 
 
 PROBE = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from ddp_seq.data.readers.files import is_memory_mapped
 from ddp_seq.data.sampler import BucketBatchSampler
+def peak_mb():  # VmHWM: this process's peak RSS since its exec (ru_maxrss would keep the forking parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 path, ranks = sys.argv[1], int(sys.argv[2])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = peak_mb()
 start = time.perf_counter()
 lengths = np.load(path, mmap_mode="r")
 sampler = BucketBatchSampler(lengths, 64 * ranks, num_replicas=ranks, rank=0, seed=0)
@@ -191,13 +194,13 @@ first = time.perf_counter() - start
 steps = 1 + sum(1 for _ in shares)
 print(json.dumps({"first_s": first, "epoch_s": time.perf_counter() - start, "steps": steps,
                   "lengths_dtype": str(sampler.lengths.dtype), "mapped": is_memory_mapped(sampler.lengths),
-                  "rss_before_mb": before, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_before_mb": before, "peak_rss_mb": peak_mb()}))
 """
 
 
 def probe(n: int, ranks: int, folder: Path) -> dict[str, Any]:
     """A fresh process: lengths memory-mapped from an int16 .npy, rank 0's sampler to its first share and
-    through the epoch; its peak RSS (``ru_maxrss``: the mapped pages it touched count, though the
+    through the epoch; its peak RSS (Linux ``VmHWM``: the mapped pages it touched count, though the
     ranks of a node share them through the page cache)."""
     path = folder / f"lengths-{n}.npy"
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16, shape=(n,))

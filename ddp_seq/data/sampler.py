@@ -12,7 +12,9 @@ Pure NumPy (the sampler is a torch ``Sampler``): tested without any process grou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -165,6 +167,27 @@ def compact_lengths(source) -> np.ndarray:
     return lengths if lengths.dtype.itemsize <= narrow.itemsize else lengths.astype(narrow)
 
 
+def shared_lengths(source, path: str | os.PathLike) -> np.ndarray:
+    """:func:`compact_lengths` of ``source``, memory-mapped read-only from the ``.npy`` file ``path``,
+    written first when it is missing or holds other lengths. Every rank of a node that passes the same
+    path (e.g. under ``/dev/shm`` or next to the data) maps one file, which the page cache holds once
+    for all of them; pass the result to :class:`BucketBatchSampler`, which keeps it mapped.
+    The file is written under a temporary name and renamed, so ranks writing at once leave one whole
+    file. Raises OSError where ``path`` cannot be written."""
+    lengths, path = compact_lengths(source), Path(path)
+    try:
+        mapped = np.load(path, mmap_mode="r")
+        if mapped.dtype == lengths.dtype and np.array_equal(mapped, lengths):
+            return mapped
+    except (OSError, ValueError):  # missing, truncated or not an .npy: write it
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, lengths)
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar lengths, sharded over the ranks of a DDP job: a batch sampler for
     ``DataLoader(dataset, batch_sampler=...)`` that gives every rank the same number of batches.
@@ -202,8 +225,6 @@ class BucketBatchSampler(Sampler[list[int]]):
                  rank: int | None = None, shuffle: bool = True, seed: int = 0, strategy: str = "bucket",
                  pool: int = 50, padding_noise: float = 0.0) -> None:
         if num_replicas is None or rank is None:
-            import os
-
             import torch.distributed as dist
 
             grouped = dist.is_available() and dist.is_initialized()
