@@ -24,7 +24,7 @@ from helpers import PYTHON, REPO, Proc, child_env, kill_job
 from test_world_size import PAIRS, SMALL, initial_weights, max_diff
 
 from ddp_seq.cli import main
-from ddp_seq.cli.plan import plan_epoch, sampler_options
+from ddp_seq.cli.plan import epoch_figures, sampler_options
 from ddp_seq.config import load_config
 from ddp_seq.data.readers.synthetic import split_lengths
 from ddp_seq.train.checkpoint import load_checkpoint
@@ -102,7 +102,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_4_and_8_ranks_train_as_one(runs, world_size):
     one, many = runs["w1"], runs[f"w{world_size}"]
     cfg = load_config(overrides=JOB)
-    planned = [plan_epoch(split_lengths(cfg.data, "train"), world_size, epoch=e, **sampler_options(cfg))
+    planned = [epoch_figures(split_lengths(cfg.data, "train"), world_size, epoch=e, **sampler_options(cfg))
                for e in (0, 1)]
     assert len(losses(one)) == sum(p.steps for p in planned)
     assert sum(p.filler_steps for p in planned) > 0  # some ranks trained fillers
@@ -146,7 +146,7 @@ def test_the_epoch_records_show_what_plan_predicts(runs, run, world_size):
     epochs = [r for r in records(runs[run]) if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
     for record in epochs:
-        predicted = plan_epoch(lengths, world_size, epoch=record["epoch"] - 1, **sampler_options(cfg))
+        predicted = epoch_figures(lengths, world_size, epoch=record["epoch"] - 1, **sampler_options(cfg))
         assert len(record["padded_tokens_per_rank"]) == world_size
         if run == "w8" or record["epoch"] == 2:  # whole epochs: w8-w3 trained epoch 1 from step 8 only
             assert sum(record["padded_tokens_per_rank"]) == predicted.padded_tokens

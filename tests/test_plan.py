@@ -15,7 +15,8 @@ import pytest
 import torch.distributed as dist
 
 from ddp_seq.cli import main
-from ddp_seq.cli.plan import plan, plan_epoch, render, training_lengths, variants
+from ddp_seq.cli import plan as plan_module
+from ddp_seq.cli.plan import epoch_figures, plan, render, training_lengths, variants
 from ddp_seq.config import load_config
 from ddp_seq.data.readers.sources import load_splits
 from ddp_seq.data.sampler import BucketBatchSampler, straggler_ratio
@@ -24,7 +25,7 @@ WORKER = "tests/workers/user_parts.py"
 
 
 def slow_plan(lengths: np.ndarray, world_size: int, epoch: int, **options) -> dict:
-    """The figures of ``plan_epoch``, from each rank's own sampler, share by share."""
+    """The figures of ``epoch_figures``, from each rank's own sampler, share by share."""
     samplers = [BucketBatchSampler(lengths, num_replicas=world_size, rank=r, **options) for r in range(world_size)]
     for sampler in samplers:
         sampler.set_epoch(epoch)
@@ -70,10 +71,12 @@ GRID = [  # (world size, batch size, max_tokens, strategy, epoch)
 
 
 @pytest.mark.parametrize("world_size,batch_size,max_tokens,strategy,epoch", GRID)
-def test_the_figures_match_every_ranks_shares(world_size, batch_size, max_tokens, strategy, epoch):
+@pytest.mark.parametrize("cells", [plan_module.CELLS, 20])  # 20: blocks of a few batches, the last one short
+def test_the_figures_match_every_ranks_shares(monkeypatch, world_size, batch_size, max_tokens, strategy, epoch, cells):
+    monkeypatch.setattr(plan_module, "CELLS", cells)
     lengths = lognormal(301, seed=world_size)
     options = dict(batch_size=batch_size, max_tokens=max_tokens, strategy=strategy, pool=4, seed=7)
-    fast = plan_epoch(lengths, world_size, epoch=epoch, **options)
+    fast = epoch_figures(lengths.astype(np.int16), world_size, epoch=epoch, **options)  # as plan() narrows them
     slow = slow_plan(lengths, world_size, epoch, **options)
     assert (fast.world_size, fast.epoch) == (world_size, epoch)
     for key in ("steps", "sequences", "real_tokens", "padded_tokens", "sequences_per_step_max", "padded_per_step_max",
@@ -94,7 +97,7 @@ def test_one_rank_pads_more_than_eight_and_balance_is_perfect_alone():
     splitting a batch into contiguous length-sorted shares pads less than the whole batch."""
     lengths = lognormal(2000)
     options = dict(batch_size=64, strategy="random", seed=1)
-    one, eight = plan_epoch(lengths, 1, **options), plan_epoch(lengths, 8, **options)
+    one, eight = epoch_figures(lengths, 1, **options), epoch_figures(lengths, 8, **options)
     assert one.straggler_ratio == 1.0 and one.filler_steps == 0
     assert eight.padding_efficiency > one.padding_efficiency
     assert one.steps == eight.steps and eight.padded_per_step_max < one.padded_per_step_max

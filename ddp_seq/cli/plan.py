@@ -4,9 +4,10 @@ each rank, padding efficiency, straggler ratio, the costliest share (what sizes 
 what a smaller or larger ``batching.batch_size`` / ``batching.max_tokens`` would change.
 
 It reads only the training lengths (see :func:`training_lengths`), plans the epoch with the sampler's
-own functions (:func:`~ddp_seq.data.sampler.global_batches`, :func:`~ddp_seq.data.sampler.split_shares`)
--- the plan every rank of the job will follow -- and starts no process group: one process
-simulates every rank. Bad input is one line and exit code 2, as for every command.
+own vectorised plan (:func:`ddp_seq.data.cuts.plan_epoch`, the batches ``global_batches`` gives) and
+its share figures (:func:`~ddp_seq.data.sampler.share_costs`, the shares ``split_shares`` gives) --
+the plan every rank of the job will follow -- and starts no process group: one process simulates
+every rank. Bad input is one line and exit code 2, as for every command.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ddp_seq.config import Config, load_config
-from ddp_seq.data.sampler import global_batches, lengths_of, split_shares
+from ddp_seq.data import cuts
+from ddp_seq.data.sampler import compact_lengths, lengths_of, share_costs
 from ddp_seq.errors import UserError, first_line
+
+#: Share figures computed per block of batches: steps x ranks cells (16 bytes each) held at a time.
+CELLS = 1 << 22
 
 #: Keys of the epoch plan that ``batching`` (and ``training.seed``) set; the sampler's own names.
 PLAN_KEYS = ("batch_size", "max_tokens", "strategy", "pool", "padding_noise")
@@ -51,40 +56,36 @@ class EpochPlan:
     straggler_ratio: float  # sum over steps of the costliest share / of the mean share (1.0: balanced)
 
 
-def plan_epoch(lengths: np.ndarray, world_size: int, *, epoch: int = 0, batch_size: int, max_tokens: int = 0,
-               strategy: str = "bucket", pool: int = 50, padding_noise: float = 0.0, seed: int = 0) -> EpochPlan:
+def epoch_figures(lengths: np.ndarray, world_size: int, *, epoch: int = 0, batch_size: int, max_tokens: int = 0,
+                  strategy: str = "bucket", pool: int = 50, padding_noise: float = 0.0, seed: int = 0) -> EpochPlan:
     """The figures of epoch ``epoch`` of ``BucketBatchSampler(lengths, ...)`` on ``world_size`` ranks.
 
-    ``lengths``: ``[N]`` ints >= 1 (the training sequences' lengths). Work: the sampler's plan of the
-    epoch plus O(N) NumPy per epoch and a few NumPy calls per step; memory O(N + world_size) (figures
-    are accumulated step by step, never a steps x ranks table).
+    ``lengths``: ``[N]`` ints >= 1 of any integer dtype (the training sequences' lengths). The
+    epoch's batches come from the sampler's vectorised plan and every rank's share figures from
+    :func:`~ddp_seq.data.sampler.share_costs`, a block of batches at a time, so memory stays
+    O(N + CELLS) whatever the steps x ranks (a job of small batches on many ranks has billions).
     """
-    lengths = np.asarray(lengths)
-    batches = global_batches(lengths, batch_size=batch_size, max_tokens=max_tokens, strategy=strategy, pool=pool,
-                             padding_noise=padding_noise, seed=seed, epoch=epoch)
-    seq_max = padded_max = fillers = filler_tokens = 0
-    slowest_sum = cost_sum = 0
+    batches = cuts.plan_epoch(lengths, batch_size=batch_size, max_tokens=max_tokens, strategy=strategy, pool=pool,
+                              padding_noise=padding_noise, seed=seed, epoch=epoch).batches()
+    seq_max = padded_max = fillers = filler_tokens = slowest_sum = cost_sum = 0
     largest = (0, 0)
-    for batch in batches:
-        shares = split_shares(batch, lengths, world_size)
-        sizes = np.fromiter(map(len, shares), dtype=np.int64, count=world_size)
-        # The shares are contiguous cuts of the batch ordered longest first: a share's longest
-        # sequence is its first one.
-        firsts = np.cumsum(sizes) - sizes
-        ordered = lengths[np.concatenate(shares)] if world_size > 1 else lengths[shares[0]]
-        longest = np.where(sizes > 0, ordered[np.minimum(firsts, len(ordered) - 1)], 0)
-        costs = sizes * longest
-        top = int(np.argmax(costs))
-        if costs[top] > padded_max:
-            padded_max, largest = int(costs[top]), (int(sizes[top]), int(longest[top]))
+    block = max(1, CELLS // world_size)
+    for start in range(0, len(batches), block):
+        part = batches[start:start + block]
+        sizes, padded = share_costs(part, lengths, world_size)  # [batches, ranks] int64 each
+        k, r = np.unravel_index(int(np.argmax(padded)), padded.shape)
+        if padded[k, r] > padded_max:
+            padded_max, largest = int(padded[k, r]), (int(sizes[k, r]), int(padded[k, r] // sizes[k, r]))
         seq_max = max(seq_max, int(sizes.max()))
-        slowest_sum += int(costs[top])
-        cost_sum += int(costs.sum())
-        empty = int((sizes == 0).sum())
-        # A rank with an empty share runs the batch's first sample at weight 0 (Share's filler).
-        fillers += empty
-        filler_tokens += empty * int(lengths[batch[0]])
-    real = int(lengths.sum(dtype=np.int64))
+        slowest_sum += int(padded.max(axis=1).sum())
+        cost_sum += int(padded.sum())
+        # A rank whose share is empty runs the batch's first sample at weight 0 (the sampler's filler).
+        empty = (sizes == 0).sum(axis=1)
+        fillers += int(empty.sum())
+        if empty.any():
+            firsts = lengths[np.fromiter((b[0] for b in part), dtype=np.int64, count=len(part))]
+            filler_tokens += int((empty * firsts.astype(np.int64)).sum())
+    real = int(np.sum(lengths, dtype=np.int64))
     rank_steps = max(len(batches) * world_size, 1)
     padded = cost_sum + filler_tokens
     return EpochPlan(world_size, epoch, len(batches), len(lengths), real, padded, len(lengths) / rank_steps, seq_max,
@@ -160,9 +161,10 @@ def plan(cfg: Config, world_size: int, epoch: int = 0) -> dict:
     config's :class:`EpochPlan` and one per :func:`variants` row (``seconds``: the planning time)."""
     started = time.perf_counter()
     lengths, source = training_lengths(cfg)
+    lengths = compact_lengths(lengths)  # 1-2 bytes a sequence instead of 8: 100M sequences fit easily
     read_s = time.perf_counter() - started
     options = sampler_options(cfg)
-    rows = [{"setting": label, **asdict(plan_epoch(lengths, world_size, epoch=epoch, **opts))}
+    rows = [{"setting": label, **asdict(epoch_figures(lengths, world_size, epoch=epoch, **opts))}
             for label, opts in variants(options)]
     return {"source": source, "sequences": len(lengths), "min_length": int(lengths.min()),
             "median_length": float(np.median(lengths)), "max_length": int(lengths.max()),
@@ -172,7 +174,8 @@ def plan(cfg: Config, world_size: int, epoch: int = 0) -> dict:
 
 
 def _n(x: float) -> str:
-    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
+    """A count for the table: whole numbers as they are, small means with 2 decimals (0.06 of a sequence)."""
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:.2f}" if x < 10 else f"{x:,.1f}"
 
 
 def render(result: dict) -> str:
@@ -243,4 +246,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["EpochPlan", "main", "plan", "plan_epoch", "render", "training_lengths", "variants"]
+__all__ = ["EpochPlan", "main", "plan", "epoch_figures", "render", "training_lengths", "variants"]
