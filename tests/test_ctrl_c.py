@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO, child_env, kill_job
+from helpers import PYTHON, REPO, child_env, kill_job, parent_pid, worker_pids
 
 from ddp_seq.cli import main
 from ddp_seq.train.checkpoint import load_checkpoint
@@ -29,10 +29,41 @@ JOB = ["data.num_train=3000", "data.num_val=64", "data.length_median=10", "data.
        "logging.progress=lines", "distributed.backend=gloo"]
 
 
-def ctrl_c_after_first_record(args: list[str], run: Path) -> tuple[int, str]:
-    """Start ``args`` in a process group of its own, send SIGINT to that group once the run has
-    recorded its first training steps (no checkpoint yet: checkpoint.every_steps=0), and return its
-    exit code and output."""
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (ranks and their DataLoader workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (parent := parent_pid(int(entry.name))) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def send(proc: subprocess.Popen, signum: int, target: str) -> None:
+    """Deliver ``signum`` the way ``target`` names: ``group`` (a terminal's Ctrl-C: the launcher's
+    process group), ``launcher`` (``kill PID`` of torchrun or python: torchrun forwards it),
+    ``every`` (every process of the job at once, DataLoader workers included, as Slurm's scancel
+    and a time limit do), ``rank1`` (one rank's process alone: the others learn it at the next check)."""
+    if target == "group":
+        os.killpg(proc.pid, signum)
+    elif target == "launcher":
+        proc.send_signal(signum)
+    elif target == "every":
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            os.kill(pid, signum)
+    else:
+        os.kill(worker_pids(proc.pid)[1], signum)
+
+
+def ctrl_c_after_first_record(args: list[str], run: Path, signum: int = signal.SIGINT,
+                              target: str = "group") -> tuple[int, str]:
+    """Start ``args`` in a process group of its own, send ``signum`` to ``target`` (see :func:`send`)
+    once the run has recorded its first training steps (no checkpoint yet: checkpoint.every_steps=0),
+    and return its exit code and output."""
     proc = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -41,7 +72,7 @@ def ctrl_c_after_first_record(args: list[str], run: Path) -> tuple[int, str]:
         while not (metrics.is_file() and metrics.stat().st_size > 0):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
+        send(proc, signum, target)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -49,9 +80,9 @@ def ctrl_c_after_first_record(args: list[str], run: Path) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def assert_stopped_once(out: str, run: Path) -> dict:
+def assert_stopped_once(out: str, run: Path, name: str = "SIGINT") -> dict:
     """One stop line, no Python traceback of ddp_seq's and no KeyboardInterrupt; a checkpoint mid-epoch."""
-    assert out.count("SIGINT: stopped at epoch 1, step ") == 1, out[-4000:]
+    assert out.count(f"{name}: stopped at epoch 1, step ") == 1, out[-4000:]
     assert "KeyboardInterrupt" not in out and "DataLoader worker" not in out, out[-4000:]
     assert 'ddp_seq/' not in "".join(line for line in out.splitlines() if line.lstrip().startswith("File ")), out
     state = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -73,6 +104,22 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes(tmp_path
     resumed = capsys.readouterr().out
     assert f"resuming from {tmp_path / 'job' / 'checkpoints'}" in resumed and "step " in resumed
     assert load_checkpoint(tmp_path / "job" / "checkpoints" / "last.pt")["train_state"]["finished"]
+
+
+@pytest.mark.parametrize("target", ["every", "rank1"])  # "launcher": test_resume's SIGTERM test
+def test_sigterm_with_dataloader_workers_stops_every_rank_at_one_step(tmp_path, target):
+    """Issue 26, row 4: SIGTERM however it arrives -- to torchrun, to every process of the job at once
+    (DataLoader workers first among them, as under Slurm), to one rank -- with a DataLoader worker
+    per rank: the documented stop (one line, one checkpoint both ranks took part in, each rank
+    exits 143), never ``DataLoader worker ... killed by signal``."""
+    args = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *JOB,
+            f"logging.root={tmp_path}", "logging.name=job"]
+    code, out = ctrl_c_after_first_record(args, tmp_path / "job", signal.SIGTERM, target)
+    # torchrun exits 1: after its own SignalException when it got the signal too, else after listing
+    # its workers' 143 as a failure
+    assert code == 1 and ("SignalException" in out or "exitcode  : 143" in out), out[-4000:]
+    state = assert_stopped_once(out, tmp_path / "job", "SIGTERM")
+    assert len(state["rng"]) == 2
 
 
 def test_ctrl_c_of_one_process_exits_130_after_its_checkpoint(tmp_path):
