@@ -5,7 +5,8 @@ ddp_seq's batching x execution matrix (one process, 2 ranks, DataParallel on GPU
 Lightning, a tag task, and short sequences beside a minimal data-parallel loop (``--suite short``
 alone), in alternation, then writes ``bench/results/<date>-<host>.json``, a PNG of the val
 metric over training time, and regenerates ``BENCHMARKS.md``. ``--quick`` runs every piece on
-tiny sizes (the test suite does); it measures nothing.
+tiny sizes (the test suite does); it measures nothing. ``--suite scale`` times the sampler alone at
+cluster sizes (:mod:`.scale`) and appends its section to ``BENCHMARKS.md``.
 """
 
 from __future__ import annotations
