@@ -257,7 +257,8 @@ CASES = [
          lambda e: predict_setup(e, e.write("in.jsonl", '{"tokens": ["nice", "day"]}\n'),
                                  ["in.jsonl", "data.format is tsv", "set data.format=jsonl"])),
     Case("predict-output-directory-missing", "predict --output absent/out.jsonl", predict_no_output_dir),
-    Case("text-first-line-neither-header-nor-sample", "data.format=tsv data.train_path=d.tsv (line 1: 'stars' tab 'blurb')",
+    Case("text-first-line-neither-header-nor-sample",
+         "data.format=tsv data.train_path=d.tsv (line 1: 'stars' tab 'blurb')",
          lambda e: tsv(e, "d.tsv", "stars\tblurb\n" + "".join(f"{'pos' if i % 2 else 'neg'}\tday {i}\n"
                                                               for i in range(10)),
                        names=["line 1", "label 'stars'", "data.header=true"])),
