@@ -298,9 +298,10 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
 
 def training_lengths(cfg: DataConfig, fold: int | None = None) -> np.ndarray:
     """The lengths ``[n]`` int64 of the training split :func:`load_splits` gives (of fold ``fold``), in
-    its order, without encoding anything: the synthetic task's lengths are drawn without its steps; a
-    file is parsed and its length policies applied (a parser is the only way to its lengths), but no
-    vocabulary or classes are built.
+    its order, without encoding anything: the synthetic task's lengths are drawn without its steps
+    (not for a fold: its split stratifies by the labels, drawn after the steps); a file is parsed and
+    its length policies applied (a parser is the only way to its lengths), but no vocabulary or
+    classes are built.
 
     Raises:
         UserError: as :func:`load_splits` does for the file, its length policies or the split (the
