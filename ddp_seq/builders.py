@@ -175,17 +175,21 @@ def build_model(cfg: Config, data: DataParts, device: torch.device | None = None
     return model.to(device or torch.device("cpu"))
 
 
-def probe(model: nn.Module, data: DataParts, cfg: Config, device: torch.device, objective=None) -> None:
+def probe(model: nn.Module, data: DataParts, cfg: Config, device: torch.device, objective=None,
+          world_size: int = 1) -> None:
     """Run ``model`` forward and the loss on a tiny batch of the first training items (no gradient
     kept), so a model that does not fit the data stops here with one line naming the key, not in the
     middle of training -- the Trainer's own probe (:func:`ddp_seq.train.contract.probe`), run before
     the command line makes a run directory."""
+    from ddp_seq.train.contract import needs_every_gradient
     from ddp_seq.train.contract import probe as probe_parts
     from ddp_seq.train.objective import as_objective
 
     key = "model.target" if cfg.model.target else "data.target" if cfg.data.target else "model"
     probe_parts(model, data.train, as_objective(objective or cfg.data.task), cfg.training.mode, device, key,
-                data_key="data.target" if cfg.data.target else "train data")
+                data_key="data.target" if cfg.data.target else "train data",
+                every_parameter=needs_every_gradient(cfg.training.mode, world_size,
+                                                     cfg.distributed.find_unused_parameters))
 
 
 def checkpoint_extra(data: DataParts, fold: int | None = None) -> dict[str, Any]:
@@ -216,7 +220,7 @@ def build_parts(cfg: Config, info, splits=None) -> Parts:
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg, data, info.device)
     if cfg.model.target or cfg.data.target:
-        probe(model, data, cfg, info.device)
+        probe(model, data, cfg, info.device, world_size=info.world_size)
     return Parts(data, model)
 
 

@@ -206,6 +206,8 @@ class DistributedConfig(Section):
     onednn_cache_capacity: int = opt(8, "CPU: oneDNN primitive cache capacity, set as ONEDNN_PRIMITIVE_CACHE_CAPACITY "
                                         "unless the environment sets it (oneDNN's 1024 let peak memory grow every "
                                         "epoch with variable lengths); 0 = leave oneDNN's default", ge=0)
+    find_unused_parameters: bool = opt(False, "DDP's find_unused_parameters: for a model with parameters that some "
+                                              "steps give no gradient (costs a pass over the graph every step)")
 
 
 @dataclass

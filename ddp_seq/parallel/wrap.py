@@ -18,8 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp_seq.parallel.process_group import DistInfo
 
 
-def wrap_model(module: nn.Module, mode: str, info: DistInfo, log: Any) -> nn.Module:
+def wrap_model(module: nn.Module, mode: str, info: DistInfo, log: Any,
+               find_unused_parameters: bool = False) -> nn.Module:
     """The module the trainer calls for ``training.mode``; ``module`` itself stays the unwrapped one.
+    ``find_unused_parameters``: DDP's, for parameters that some steps give no gradient.
 
     ``dp`` logs once (through ``log.info``: rank 0's logger, and dp has only rank 0) how many GPUs
     DataParallel splits over -- on a machine without GPUs DataParallel only calls the module.
@@ -36,7 +38,8 @@ def wrap_model(module: nn.Module, mode: str, info: DistInfo, log: Any) -> nn.Mod
                      f"is split along dim 0 and the outputs are gathered on cuda:{wrapped.output_device}")
         return wrapped
     if mode == "ddp" and info.distributed:
-        return DDP(module, device_ids=[info.device] if info.device.type == "cuda" else None)
+        return DDP(module, device_ids=[info.device] if info.device.type == "cuda" else None,
+                   find_unused_parameters=find_unused_parameters)
     return module
 
 

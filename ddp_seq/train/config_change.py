@@ -57,7 +57,7 @@ RULES: dict[str, str] = {
     **{f"wandb.{k}": APPLIES for k in ("mode", "project", "entity", "group", "name", "tags", "per_rank",
                                        "init_timeout_s")},
     **{f"distributed.{k}": APPLIES for k in ("backend", "timeout_s", "threads_per_rank", "flush_denormal",
-                                             "onednn_cache_capacity")},
+                                             "onednn_cache_capacity", "find_unused_parameters")},
 }
 
 #: Why a :data:`REFUSED` key cannot change at a resume.

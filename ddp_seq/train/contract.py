@@ -57,13 +57,19 @@ def check_item(dataset, which: str) -> None:
 
 
 def probe(model: nn.Module, dataset, objective: Objective, mode: str, device: torch.device,
-          key: str = "model", data_key: str = "train data") -> torch.Tensor:
-    """The model's outputs on a batch of the first (up to 2) training items, scored by ``objective``
-    (no gradient kept; the model's train/eval mode restored).
+          key: str = "model", data_key: str = "train data", every_parameter: bool = False) -> torch.Tensor:
+    """The model's outputs on a batch of the first (up to 2) training items, scored by ``objective``,
+    and the backward pass of that loss (the gradients are dropped again; the model's train/eval mode
+    and the RNG states are restored, so the probe changes nothing training will do).
+
+    ``every_parameter``: every trainable parameter must get a gradient -- DDP without
+    ``find_unused_parameters`` waits for each one and fails at the first step otherwise
+    ("Expected to have finished reduction in the prior iteration").
 
     Raises:
         UserError: the items do not collate (one line naming ``data_key``), ``forward`` fails or
-            returns no single tensor, or the objective cannot score what it returns (naming ``key``).
+            returns no single tensor, the objective cannot score what it returns, the backward pass
+            fails, or (``every_parameter``) parameters get no gradient (naming ``key`` and them).
     """
     share = Share(range(min(2, len(dataset))))
     try:
@@ -74,23 +80,44 @@ def probe(model: nn.Module, dataset, objective: Objective, mode: str, device: to
         raise UserError(f"{data_key}: the first items do not make a batch ({type(e).__name__}: {first_line(e)}); "
                         f"items should be {ITEM_SHAPE}") from None
     was_training = model.training
-    model.eval()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    grads = [p.grad for _, p in trainable]
+    # train mode, as training runs it (cuDNN's RNN backward needs it); dropout's draws are undone
+    model.train()
     try:
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             outputs = model(batch.inputs, batch.model_lengths)
             if not isinstance(outputs, torch.Tensor):
                 raise UserError(f"{key}: forward(inputs, lengths) returned a {type(outputs).__name__}, not a tensor; "
                                 "return the outputs the objective scores (classify [B, C] logits, regress [B], "
                                 "tag [B, T, C]) -- not a tuple such as (outputs, state)")
-            objective.loss(outputs, batch)
+            for _, p in trainable:
+                p.grad = None
+            loss, _ = objective.loss(outputs, batch)
+            if loss.requires_grad:
+                loss.backward()
+        unused = [name for name, p in trainable if p.grad is None]
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 -- the user's forward or loss
         raise UserError(f"{key}: failed on a probe batch of {len(items)} training sequence(s) "
                         f"({type(e).__name__}: {first_line(e)})") from None
     finally:
+        for (_, p), grad in zip(trainable, grads):
+            p.grad = grad
         model.train(was_training)
-    return outputs
+    if every_parameter and unused:
+        shown = ", ".join(unused[:4]) + (f" (and {len(unused) - 4} more)" if len(unused) > 4 else "")
+        raise UserError(f"{key}: {len(unused)} of {len(trainable)} trainable parameters get no gradient from the "
+                        f"loss ({shown}), and DDP fails at the first step waiting for them; use them in forward, "
+                        "freeze them (requires_grad=False), or set distributed.find_unused_parameters=true")
+    return outputs.detach()
+
+
+def needs_every_gradient(mode: str, world_size: int, find_unused_parameters: bool) -> bool:
+    """Whether DDP will wait for a gradient of every parameter: it wraps the model (``ddp`` on several
+    ranks) without ``distributed.find_unused_parameters``."""
+    return mode == "ddp" and world_size > 1 and not find_unused_parameters
 
 
 def _as_array(value) -> np.ndarray:
@@ -151,7 +178,7 @@ def data_widths(dataset, outputs: torch.Tensor, objective: Objective) -> dict[st
 
 
 def check_parts(module: nn.Module, train_data, val_data, objective: Objective, mode: str, device: torch.device,
-                extra: dict[str, Any]) -> dict[str, Any]:
+                extra: dict[str, Any], every_parameter: bool = False) -> dict[str, Any]:
     """The Trainer's checks after :func:`check_item`: the probe batch and the targets of both
     datasets. Returns ``extra`` completed with what rebuilds the model for ``evaluate`` /
     ``predict`` where the caller did not give it: its widths (:func:`data_widths`), its objective
@@ -160,7 +187,7 @@ def check_parts(module: nn.Module, train_data, val_data, objective: Objective, m
     Raises:
         UserError: see :func:`probe` and :func:`check_classes`.
     """
-    outputs = probe(module, train_data, objective, mode, device)
+    outputs = probe(module, train_data, objective, mode, device, every_parameter=every_parameter)
     for data, which in ((train_data, "train"), (val_data, "val")):
         check_classes(data, which, objective, outputs)
     if any(key not in extra for key in ("num_inputs", "num_outputs", "vocab_size")):

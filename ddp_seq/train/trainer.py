@@ -42,7 +42,7 @@ from ddp_seq.train.amp import native_bf16, resolve_amp
 from ddp_seq.train.checkpoint import check_encoding, check_finite, check_shapes, load_checkpoint
 from ddp_seq.train.checkpointing import CheckpointMixin
 from ddp_seq.train.config_change import refused, weights_keys
-from ddp_seq.train.contract import check_item, check_parts
+from ddp_seq.train.contract import check_item, check_parts, needs_every_gradient
 from ddp_seq.train.divergence import finite, gradient_norm
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.loaders import make_loader, make_sampler
@@ -141,7 +141,9 @@ class Trainer(CheckpointMixin):
                             "use at least one per rank (data.num_train, or a bigger data.train_path)")
         self.module = model.to(info.device)
         # the model and the objective fit the items; what rebuilds the model goes into `extra`
-        self.extra = check_parts(self.module, train_data, val_data, self.objective, self.mode, info.device, self.extra)
+        find_unused = cfg.distributed.find_unused_parameters
+        self.extra = check_parts(self.module, train_data, val_data, self.objective, self.mode, info.device, self.extra,
+                                 needs_every_gradient(self.mode, info.world_size, find_unused))
         # Everything above can refuse the parts; nothing is written before this point.
         self.run_dir, self.claimed = (Path(run_dir) if run_dir is not None else None), claimed
         # rank 0 locks run_dir in claim() until fit() ends, unless the caller claimed it (and holds it)
@@ -159,7 +161,7 @@ class Trainer(CheckpointMixin):
                 check_encoding(state, self.extra["encoding"], str(resume_from))
             check_shapes(state["model"], self.module, str(resume_from), weights_keys(state, cfg))
             self.module.load_state_dict(state["model"])
-        self.model = wrap_model(self.module, self.mode, info, self.log)
+        self.model = wrap_model(self.module, self.mode, info, self.log, find_unused)
         self.sampler = make_sampler(train_lengths, cfg, info, train=True)
         self.loader = make_loader(train_data, self.sampler, cfg)
         self.val_loader = make_loader(val_data, make_sampler(val_lengths, cfg, info, train=False), cfg)

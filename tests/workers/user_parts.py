@@ -80,6 +80,15 @@ class TupleOutputs(MeanPoolGRU):
         return super().forward(inputs, lengths), lengths
 
 
+class UnusedHead(MeanPoolGRU):
+    """A model with a parameter the loss never reaches (a second head kept for later): DDP waits for
+    its gradient and fails at the first step, unless ``distributed.find_unused_parameters``."""
+
+    def __init__(self, num_inputs: int, num_outputs: int, vocab_size: int = 0, hidden: int = 12) -> None:
+        super().__init__(num_inputs, num_outputs, vocab_size, hidden)
+        self.aux_head = nn.Linear(hidden, 3)
+
+
 def dict_datasets():
     """``data.target`` whose items are dicts, as Hugging Face datasets return them."""
     train, val = make_datasets()
