@@ -10,6 +10,7 @@ survives a failed ``predict`` byte for byte.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,14 @@ def evaluate_unseen(env: Env) -> Setup:
     path = env.write("v.tsv", "pos\tnice day\nmeh\tday\n")
     return Setup(["evaluate", "--checkpoint", str(env.checkpoint), f"data.val_path={path}"],
                  [f"{path} line 2", "label 'meh'"], [path])
+
+
+def empty_val(env: Env, fmt: str) -> Setup:
+    train = env.write(f"t.{fmt}", "pos\tnice day\nneg\tbad day\n" * 4 if fmt == "tsv" else
+                      '{"tokens": ["a", "b"], "label": "x"}\n{"tokens": ["c"], "label": "y"}\n' * 4)
+    val = env.write(f"v.{fmt}", "")
+    return Setup(env.train(f"data.format={fmt}", f"data.train_path={train}", f"data.val_path={val}"),
+                 [f"data.val_path: {val} holds no samples"], [train, val])
 
 
 def resume_changed_file(env: Env) -> Setup:
@@ -265,6 +274,12 @@ CASES = [
     Case("text-columns-swapped", "data.format=tsv data.train_path=d.tsv (lines: text, tab, label)",
          lambda e: tsv(e, "d.tsv", "".join(f"a day {i}\t{'pos' if i % 2 else 'neg'}\n" for i in range(10)),
                        names=["columns look swapped", "label<TAB>text"])),
+    Case("val-file-empty", "data.format=tsv data.val_path=v.tsv (an empty file)", lambda e: empty_val(e, "tsv")),
+    Case("val-file-empty-jsonl", "data.format=jsonl data.val_path=v.jsonl (an empty file)",
+         lambda e: empty_val(e, "jsonl")),
+    Case("evaluate-empty-file", "evaluate data.val_path=v.tsv (an empty file)",
+         lambda e: Setup(["evaluate", "--checkpoint", str(e.checkpoint), f"data.val_path={e.write('v.tsv', '')}"],
+                         ["data.val_path:", "v.tsv holds no samples; nothing to evaluate"], [])),
     Case("predict-tab-inside-a-text", "predict --input in.tsv (line 1: 'good fun' tab 'bad day')",
          lambda e: predict_setup(e, e.write("in.tsv", "good fun\tbad day\n"),
                                  ["in.tsv line 1", "'good fun'", "not a class of the model"])),
@@ -313,3 +328,31 @@ def test_case_messages_for_the_docs(model: Path, tmp_path: Path, capsys) -> None
         shown = line.replace(f"{env.tmp}/absent/", "absent/").replace(f"{env.tmp}/", "").replace(
             f"{model.parent}/", "")
         assert shown in text, f"the bad-input table in {TABLE_DOC.name} should show, for {case.name}:\n{shown}"
+
+
+def test_an_empty_predict_input_gives_an_empty_output(model: Path, tmp_path: Path, capsys) -> None:
+    """predict on nothing predicts nothing (issue 26, row 6): an empty file writes an empty output; a
+    file whose every sample is empty is refused in one line naming it, the output left as it was."""
+    empty, out = tmp_path / "in.tsv", tmp_path / "out.jsonl"
+    empty.write_text("")
+    assert main(["predict", "--checkpoint", str(model), "--input", str(empty), "--output", str(out)]) == 0
+    assert out.read_bytes() == b"" and "predicted 0 of 0 samples" in capsys.readouterr().out
+    blank = tmp_path / "blank.tsv"
+    blank.write_text("\t\n")  # one line, an empty text: an empty sequence
+    out.write_text('{"index": 0}\n')
+    assert main(["predict", "--checkpoint", str(model), "--input", str(blank), "--output", str(out),
+                 "data.empty=drop"]) == 2
+    assert capsys.readouterr().err.strip() == f"ddp-seq: error: {blank}: every sample is empty"
+    assert json.loads(out.read_text()) == {"index": 0}
+
+
+def test_the_library_trainer_refuses_an_empty_dataset(tmp_path: Path) -> None:
+    import torch
+
+    from ddp_seq import Trainer
+    from ddp_seq.errors import UserError
+
+    items = [(torch.ones(3, 2), 0), (torch.ones(2, 2), 1)]
+    with pytest.raises(UserError, match=r"^val data: the dataset is empty \(0 items\)"):
+        Trainer(torch.nn.Linear(2, 2), items, [], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -175,7 +175,9 @@ def predict_command(checkpoint: str, input_path: str, output: str, overrides: li
     with distributed(cfg.distributed) as info:
         model = restore_model(state, cfg, checkpoint, info.device).eval()
         data, count, notes = load_inputs(cfg.data, encoding, input_path)
-        rows = _predict_rows(model, data, cfg, encoding, info)
+        # An empty input (or one whose every sample data.empty=drop dropped) predicts nothing: an
+        # empty output, as any other number of lines gives that many predictions.
+        rows = _predict_rows(model, data, cfg, encoding, info) if len(data) else []
         if info.distributed:  # rank 0 collects every rank's rows
             gathered: list | None = [None] * info.world_size if info.is_main else None
             dist.gather_object(rows, gathered, dst=0)

@@ -37,6 +37,9 @@ def check_item(dataset, which: str) -> None:
     Raises:
         UserError: ``"<which> data: item 0 ..."``, one line saying what the item is and should be.
     """
+    if len(dataset) == 0:
+        raise UserError(f"{which} data: the dataset is empty (0 items); training and validation need at least "
+                        "one item each")
     try:
         item = dataset[0]
     except Exception as e:  # noqa: BLE001 -- the user's __getitem__

@@ -129,6 +129,14 @@ def read_file(cfg: DataConfig, path: str, labelled: bool = True, tokenizer: str 
     return apply_length_policies(read_raw(cfg, path, labelled, tokenizer, classes), cfg)
 
 
+def require_samples(parsed: Parsed, key: str, path: str, why: str) -> Parsed:
+    """Refuse a file that holds no samples (after the length policies) in one line naming ``key`` and
+    the file, saying ``why`` it needs some -- before a sampler meets an empty list of lengths."""
+    if len(parsed.data) == 0:
+        raise UserError(f"{key}: {path} holds no samples; {why}")
+    return parsed
+
+
 def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) sample indices: ``max(1, round(fraction * n))`` random samples held out for val.
 
@@ -292,6 +300,8 @@ def load_splits(cfg: DataConfig, fold: int | None = None,
     if val_idx is not None:
         return Splits(whole.select(train_idx), whole.select(val_idx), encoding, notes)
     val_parsed, val_notes = read_file(cfg, cfg.val_path, classes=encoding.classes)
+    require_samples(val_parsed, "data.val_path", cfg.val_path, "validation needs at least one (or leave "
+                    "data.val_path empty to hold out data.val_fraction of data.train_path)")
     val = encode(val_parsed, encoding, cfg.task, check=np.arange(len(val_parsed.data)))
     return Splits(whole, val, encoding, notes + val_notes)
 
@@ -330,6 +340,7 @@ def load_eval_data(cfg: DataConfig, encoding: Encoding, fold: int | None = None)
     tokenizer = _trained_tokenizer(cfg, encoding)
     if cfg.val_path:
         parsed, notes = read_file(cfg, cfg.val_path, tokenizer=tokenizer, classes=encoding.classes)
+        require_samples(parsed, "data.val_path", cfg.val_path, "nothing to evaluate")
         return encode(parsed, encoding, cfg.task, check=np.arange(len(parsed.data))), notes
     if cfg.format == "synthetic" and fold is None:
         return make_synthetic(cfg, "val"), []
