@@ -402,7 +402,7 @@ class Trainer(CheckpointMixin):
                 improved = self._end_epoch(row, self.validate())
                 if trained == 0:  # what the first epoch's breakdown says would make the job faster
                     self.advice = advice(row, self.info.world_size)
-                    if self.advice:
+                    if self.advice and not st.finished:  # the summary at the end says it once more
                         log.info(self.advice)
                 trained += 1
                 self._save(st.progress, best=improved)
