@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from ddp_seq.fileio import json_text
+from ddp_seq.loggers.tensorboard import start_tensorboard
 
 
 class NullLogger:
@@ -138,3 +139,16 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
+
+
+def default_logger(run_dir: Path | None, progress: str, tensorboard: bool, is_main: bool) -> NullLogger:
+    """The Trainer's logger when it is given none: rank 0 prints (``logging.progress``) and, with a
+    ``run_dir`` (created here), writes ``train.log``, ``metrics.jsonl`` and -- ``logging.tensorboard``
+    -- TensorBoard event files there; the other ranks get a :class:`NullLogger` (silent)."""
+    # Every rank checks the setting (a missing run_dir fails everywhere, not on rank 0 alone).
+    tracker = start_tensorboard(tensorboard, run_dir, is_main)
+    if not is_main:
+        return NullLogger()
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return RunLogger(run_dir, progress, tracker=tracker)

@@ -22,13 +22,22 @@ import torch
 from torch import nn
 
 from ddp_seq.data.collate import IGNORE_INDEX, collate_for, fetch
-from ddp_seq.data.sampler import Share
+from ddp_seq.data.sampler import Share, lengths_of
 from ddp_seq.errors import UserError, first_line
 from ddp_seq.train.objective import Objective, TaskObjective
 
 #: What an item should be, said in every refusal of one.
 ITEM_SHAPE = ("(sequence, target) pairs: a sequence [T, F] of floats or [T] of token ids, a target that is a "
               "class id, a value or a per-step [T] array")
+
+
+def dataset_lengths(dataset, which: str) -> np.ndarray:
+    """The sequence lengths ``[N]`` of a dataset (:func:`~ddp_seq.data.sampler.lengths_of`); a bad one
+    is the user's error, named: ``"<which> data: ..."``."""
+    try:
+        return lengths_of(dataset)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{which} data: {e}") from None
 
 
 def check_item(dataset, which: str) -> None:

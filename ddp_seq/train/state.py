@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ddp_seq.errors import UserError
@@ -114,3 +115,18 @@ class EpochCounters:
         loss_sum, count, real, padded, sequences = self.window
         self.window = [0.0, 0.0, 0.0, 0.0, 0]
         return loss_sum / max(count, 1), real, padded, sequences
+
+
+def epoch_record(epoch: int, totals: EpochProgress, padded_per_rank, step_times: list[float], sequences: int,
+                 straggler: float, checkpoint_s: float, peak_rss_mb: list[float]) -> dict:
+    """The ``epoch`` record of ``metrics.jsonl`` (without the step breakdown): ``epoch`` is 0-based
+    here and 1-based in the record; rates are per second of the epoch's training time."""
+    times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
+    return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.count, 1),
+            "train_s": totals.seconds, "seq_per_s": sequences / totals.seconds,
+            "tokens_per_s": totals.real_tokens / totals.seconds,
+            "padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
+            "real_tokens": int(totals.real_tokens), "padded_tokens_per_rank": [int(t) for t in padded_per_rank],
+            "straggler_ratio": straggler, "step_s_p50": float(np.percentile(times, 50)),
+            "step_s_p90": float(np.percentile(times, 90)), "step_s_max": float(times[-1]),
+            "checkpoint_s": checkpoint_s, "peak_rss_mb": peak_rss_mb}

@@ -18,17 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ddp_seq.config import Config, check_mode
 from ddp_seq.data.collate import Batch
-from ddp_seq.data.sampler import lengths_of, straggler_ratio
+from ddp_seq.data.sampler import straggler_ratio
 from ddp_seq.errors import UserError
 from ddp_seq.loggers.report import breakdown_table, columns_with, summary_lines
-from ddp_seq.loggers.runlog import NullLogger, RunLogger, format_table
-from ddp_seq.loggers.tensorboard import start_tensorboard
+from ddp_seq.loggers.runlog import NullLogger, default_logger, format_table
 from ddp_seq.parallel.process_group import (
     DistInfo,
     all_reduce_sum,
@@ -42,7 +40,7 @@ from ddp_seq.train.amp import native_bf16, resolve_amp
 from ddp_seq.train.checkpoint import check_encoding, check_finite, check_shapes, load_checkpoint
 from ddp_seq.train.checkpointing import CheckpointMixin
 from ddp_seq.train.config_change import refused, weights_keys
-from ddp_seq.train.contract import check_item, check_parts, needs_every_gradient
+from ddp_seq.train.contract import check_item, check_parts, dataset_lengths, needs_every_gradient
 from ddp_seq.train.divergence import finite, gradient_norm
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.loaders import make_loader, make_sampler
@@ -50,19 +48,11 @@ from ddp_seq.train.objective import Objective, as_objective
 from ddp_seq.train.optim import build_optimizer, build_scheduler
 from ddp_seq.train.resume import StopFlag, stop_reason
 from ddp_seq.train.run_dir import claim, is_held, release_run_dir
-from ddp_seq.train.state import EpochCounters, EpochProgress, TrainState
+from ddp_seq.train.state import EpochCounters, EpochProgress, TrainState, epoch_record
 from ddp_seq.train.step import backward_global_mean
 from ddp_seq.train.steptime import PHASES, StepTimer, advice, breakdown_record
 
 __all__ = ["Trainer", "evaluate"]
-
-
-def _lengths(dataset, which: str):
-    """The sequence lengths of a dataset; a bad one is the user's error, named."""
-    try:
-        return lengths_of(dataset)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{which} data: {e}") from None
 
 
 class Trainer(CheckpointMixin):
@@ -135,7 +125,7 @@ class Trainer(CheckpointMixin):
         self.train_data, self.val_data = train_data, val_data
         for data, which in ((train_data, "train"), (val_data, "val")):
             check_item(data, which)  # before anything reads an item's fields
-        train_lengths, val_lengths = _lengths(train_data, "train"), _lengths(val_data, "val")
+        train_lengths, val_lengths = dataset_lengths(train_data, "train"), dataset_lengths(val_data, "val")
         if info.world_size > len(train_lengths):
             raise UserError(f"data: {len(train_lengths)} training sequences cannot feed {info.world_size} ranks; "
                             "use at least one per rank (data.num_train, or a bigger data.train_path)")
@@ -152,7 +142,8 @@ class Trainer(CheckpointMixin):
             resume_from, claim_notes = claim(self.run_dir, resume_from, overwrite, info)
             self.notes += claim_notes
         self._owns_log = logger is None  # closed at the end of fit()
-        self.log = logger or self._default_logger()
+        self.log = logger or default_logger(self.run_dir, cfg.logging.progress, cfg.logging.tensorboard,
+                                            info.is_main)
         state = load_checkpoint(resume_from) if resume_from is not None else None
         if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
             refused(state, cfg, str(resume_from))  # a changed key no resume can honour
@@ -182,17 +173,6 @@ class Trainer(CheckpointMixin):
         self.advice: str | None = None  # what the first epoch's step breakdown says would help
         if state is not None:
             self.load_state_dict(state, resume_from)
-
-    def _default_logger(self) -> NullLogger:
-        """Rank 0 prints (and writes train.log, metrics.jsonl and, with ``logging.tensorboard``,
-        TensorBoard event files into run_dir); the others are silent."""
-        # Every rank checks the setting (a missing run_dir fails everywhere, not on rank 0 alone).
-        tensorboard = start_tensorboard(self.cfg.logging.tensorboard, self.run_dir, self.info.is_main)
-        if not self.info.is_main:
-            return NullLogger()
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        return RunLogger(self.run_dir, self.cfg.logging.progress, tracker=tensorboard)
 
     def _progress_now(self, counters: EpochCounters, segment_start: float) -> EpochProgress:
         """The epoch's global totals as of the counters' last reduce (carried ones plus this segment's)."""
@@ -306,22 +286,13 @@ class Trainer(CheckpointMixin):
             step_start = time.perf_counter()
             timer.start()
         log.end_progress()
-        totals = self._progress_now(counters, start)
-        times = np.sort(np.asarray(step_times)) if step_times else np.zeros(1)
         ms = timer.ms_per_step()
         # One all-reduce for every per-rank figure of the epoch: peak memory and the step breakdown.
         ranks = per_rank([peak_rss_mb(), ms["step"], *(ms[p] for p in PHASES)], info)
-        breakdown = breakdown_record([dict(zip(("step", *PHASES), r[1:])) for r in ranks])
-        return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.count, 1),
-                "train_s": totals.seconds, "seq_per_s": len(self.sampler.lengths) / totals.seconds,
-                "tokens_per_s": totals.real_tokens / totals.seconds,
-                "padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
-                "real_tokens": int(totals.real_tokens),
-                "padded_tokens_per_rank": [int(t) for t in counters.padded_per_rank],
-                "straggler_ratio": straggler_ratio(self.sampler.batches(), self.sampler.lengths, info.world_size),
-                "step_s_p50": float(np.percentile(times, 50)), "step_s_p90": float(np.percentile(times, 90)),
-                "step_s_max": float(times[-1]), "checkpoint_s": self.checkpoint_s,
-                "peak_rss_mb": [r[0] for r in ranks], **breakdown}
+        straggler = straggler_ratio(self.sampler.batches(), self.sampler.lengths, info.world_size)
+        return {**epoch_record(epoch, self._progress_now(counters, start), counters.padded_per_rank, step_times,
+                               len(self.sampler.lengths), straggler, self.checkpoint_s, [r[0] for r in ranks]),
+                **breakdown_record([dict(zip(("step", *PHASES), r[1:])) for r in ranks])}
 
     def validate(self) -> dict[str, Any]:
         """``{"val_<metric>": value}`` over every validation sample exactly once.
