@@ -185,7 +185,7 @@ def truncated_checkpoint(run: GoodRun, tmp: Path) -> Setup:
 def other_model_shape(run: GoodRun, tmp: Path) -> Setup:
     path = copy_of_good(run, tmp)
     return Setup(common(run, f"checkpoint.resume={path}", "model.hidden=32"),
-                 [str(path), "parameter 'rnn.weight_ih_l0'"], [path])
+                 [str(path), "model's shape changed since the checkpoint (model.hidden 16 -> 32)"], [path])
 
 
 def other_format_version(run: GoodRun, tmp: Path) -> Setup:

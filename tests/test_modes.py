@@ -224,7 +224,7 @@ def test_dp_checkpoint_resumes_under_ddp_and_back(tmp_path, dp_runs):
     reference_dir, reference, ckpt_ref = dp_runs["classify"]
     ddp_proc, ddp, _ = train(tmp_path, "ddp", "ddp", *task_overrides("classify"),
                              f"checkpoint.resume={step_path(reference_dir / 'checkpoints', 5)}")
-    assert "config changed since: training.mode 'dp' -> 'ddp'" in ddp_proc.stdout
+    assert "config changed since, in effect from here: training.mode 'dp' -> 'ddp'" in ddp_proc.stdout
     assert "saved with world size 1" in ddp_proc.stdout
     from_ddp = step_path(tmp_path / "ddp" / "checkpoints", 15)
     _, back, ckpt_back = train(tmp_path, "back", "dp", *task_overrides("classify"), f"checkpoint.resume={from_ddp}")

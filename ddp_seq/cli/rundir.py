@@ -55,7 +55,7 @@ def choose_run_dir(cfg: Config, notes: list[str] | None = None) -> Path:
                             "or choose another name")
         _create(run_dir, cfg, identity)
     except UserError:
-        release_run_dir(run_dir)
+        release_run_dir(run_dir, untouched=True)
         raise
     if notes is not None:
         notes += taken

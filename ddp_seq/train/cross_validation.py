@@ -116,7 +116,17 @@ def _changes(saved: dict[str, Any], plan: dict[str, Any]) -> list[str]:
 def _claim(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[str, Any] | None]:
     """Rank 0: take ``run_dir`` for this job (refusing one of another plan unless ``overwrite``) and
     return the finished folds' results (None for a fold still to train)."""
+    acquired = not is_held(run_dir)
     lock_run_dir(run_dir, "cross_validate: run_dir")  # released by cross_validate when the job ends
+    try:
+        return _claim_held(run_dir, plan, overwrite)
+    except UserError:
+        if acquired:  # a refused job leaves the directory as it was
+            release_run_dir(run_dir, untouched=True)
+        raise
+
+
+def _claim_held(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[str, Any] | None]:
     plan_file = run_dir / PLAN_FILE
     if overwrite and run_dir.is_dir():
         for path in [plan_file, run_dir / FOLDS_FILE, *run_dir.glob("fold-*")]:

@@ -32,7 +32,9 @@ from ddp_seq.train.resume import newest_valid, remove_partial_writes
 RUN_FILES = ("checkpoints", "metrics.jsonl", "train.log", "tensorboard", "wandb", ".wandb-id")
 #: The lock file of a run directory: who holds it, as one JSON line (empty when released cleanly).
 LOCK_FILE = ".lock"
-_held: dict[Path, int] = {}  # run directory (resolved) -> the open lock file this process holds
+#: run directory (resolved) -> (the open lock file this process holds, what it was before: whether the
+#: directory and the file existed, the file's bytes and times -- put back when a refused start releases it)
+_held: dict[Path, tuple[int, tuple]] = {}
 
 
 def _holder_text(raw: bytes) -> str:
@@ -61,9 +63,12 @@ def lock_run_dir(run_dir: Path, key: str) -> list[str]:
     resolved = run_dir.resolve()
     if resolved in _held:
         return []
+    lock = run_dir / LOCK_FILE
+    had_dir = run_dir.is_dir()
+    times = (lock.stat().st_atime_ns, lock.stat().st_mtime_ns) if lock.is_file() else None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"{key}: cannot create {run_dir} ({e.strerror or e})") from None
     try:
@@ -79,7 +84,7 @@ def lock_run_dir(run_dir: Path, key: str) -> list[str]:
           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(me) + "\n").encode("utf-8"), 0)
-    _held[resolved] = fd
+    _held[resolved] = (fd, (had_dir, times, previous))
     if previous.strip():
         return [f"{run_dir}: its previous job ({_holder_text(previous)}) ended without releasing the run "
                 "directory (it crashed or was killed); this job takes it over"]
@@ -91,14 +96,29 @@ def is_held(run_dir: Path) -> bool:
     return Path(run_dir).resolve() in _held
 
 
-def release_run_dir(run_dir: Path | None = None) -> None:
+def release_run_dir(run_dir: Path | None = None, untouched: bool = False) -> None:
     """Release ``run_dir`` (every directory this process holds when None): empty the lock file, so the
-    next holder does not take the release for a crash, and unlock it."""
+    next holder does not take the release for a crash, and unlock it.
+
+    ``untouched``: the job was refused before it started -- put the lock file (and the directory)
+    back as they were, bytes and times, or remove them where :func:`lock_run_dir` created them, so
+    a refused start leaves no trace."""
     for resolved in list(_held) if run_dir is None else [Path(run_dir).resolve()]:
-        fd = _held.pop(resolved, None)
-        if fd is not None:
-            os.ftruncate(fd, 0)
-            os.close(fd)  # closing the file releases the flock
+        fd, (had_dir, times, previous) = _held.pop(resolved, (None, (True, None, b"")))
+        if fd is None:
+            continue
+        os.ftruncate(fd, 0)
+        if untouched and times is not None:
+            os.pwrite(fd, previous, 0)
+        os.close(fd)  # closing the file releases the flock
+        if untouched:
+            lock = resolved / LOCK_FILE
+            if times is None:
+                lock.unlink(missing_ok=True)
+                if not had_dir and not any(resolved.iterdir()):
+                    resolved.rmdir()
+            else:
+                os.utime(lock, ns=times)
 
 
 def holds_run(directory: Path) -> bool:
@@ -123,7 +143,7 @@ def _decide(run_dir: Path, resume_from: Path | str | None, overwrite: bool) -> t
     try:
         return _decide_held(run_dir, resume_from, overwrite, notes)
     except UserError:
-        release_run_dir(run_dir)
+        release_run_dir(run_dir, untouched=True)
         raise
 
 

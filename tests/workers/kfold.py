@@ -8,6 +8,7 @@ line after ``RESULT``. ``KILL_AT``: SIGKILL this process at that training loss c
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -30,7 +31,8 @@ class Counting(TaskObjective):
         self.kill_at, self.calls = kill_at, 0
 
     def loss(self, outputs, batch):
-        if outputs.requires_grad:  # a training step, not the Trainer's probe
+        # a training step, not the Trainer's probe (which runs a backward pass too)
+        if outputs.requires_grad and not any(frame.function == "probe" for frame in inspect.stack()):
             self.calls += 1
             if self.calls == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
