@@ -67,7 +67,7 @@ def test_global_batches_match_the_reference(dist):
         lengths = distributions(n, seed=n)[dist]
         longest = int(lengths.max())
         for strategy, shuffle, pool, noise in PLANS:
-            for batch_size in (1, 7, 64):
+            for batch_size in (1, 7, 64) if n < 300 else (7, 64):  # batch 1 of 300: the slow reference's cost
                 # off, below the longest sequence, small, large
                 for max_tokens in (0, max(1, longest // 2), 3 * longest, 50 * longest):
                     for seed, epoch in ((0, 0), (3, 2)):
@@ -79,7 +79,7 @@ def test_global_batches_match_the_reference(dist):
                             narrow = lengths.astype(narrow_dtype(longest))
                             assert_same_batches(global_batches(narrow, **kw), want)
                         checked += 1
-    assert checked == 3 * len(PLANS) * 3 * 4 * 2
+    assert checked == (2 * 3 + 2) * len(PLANS) * 4 * 2
 
 
 def random_batches(rng: np.random.Generator, lengths: np.ndarray, count: int) -> list[np.ndarray]:
