@@ -26,7 +26,8 @@ Its parts, each with a time cap, all within one budget (``--budget-s``, default 
 - ``scaling``: the default workload on the CPU (CUDA hidden) with 1, 2, 4 and 8 gloo ranks.
 
 The correctness parts run side by side (``--jobs``; they measure nothing), then the two timing
-parts one at a time, alone on the machine. Every command is a real process, killed with all its
+parts one at a time, alone on the machine (in the dry mode, which measures nothing, they join the
+others). Every command is a real process, killed with all its
 descendants at its part's cap, so one crash or hang costs its own part and nothing else. Each part
 prints ONE line -- ``gpu-check PART pass|FAIL|skipped SECONDS figures`` -- so the output's tail
 tells the story; its full log is ``PART.log`` in the output folder (``--out``, default
@@ -768,9 +769,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "CUDA skipped, results kept in the output folder)"))
     wanted = [s for s in SPECS[1:] if not args.only or s.name in args.only]
     jobs = args.jobs or (3 if check.cuda else 1)
+    # The timing parts run alone, after the others -- except in the dry mode, which measures nothing.
+    pooled = [s for s in wanted if not s.timing or check.dry]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        outcomes = [env, *pool.map(lambda spec: run_part(check, spec), [s for s in wanted if not s.timing])]
-    outcomes += [run_part(check, spec) for spec in wanted if spec.timing]
+        outcomes = [env, *pool.map(lambda spec: run_part(check, spec), pooled)]
+    outcomes += [run_part(check, spec) for spec in wanted if spec not in pooled]
     return finish(check, args, outcomes, env.details.get("machine"))
 
 

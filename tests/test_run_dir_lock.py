@@ -184,7 +184,7 @@ def test_the_same_process_may_take_its_directory_again(tmp_path):
 @pytest.mark.slow
 def test_a_second_job_cannot_write_into_a_training_run(tmp_path, capsys):
     """The bug report: a second ``train.py logging.name=x`` while the first trains into ``x``."""
-    args = [*SMALL, "training.epochs=30", "data.num_train=256", f"logging.root={tmp_path}", "logging.name=x"]
+    args = [*SMALL, "training.epochs=12", "data.num_train=256", f"logging.root={tmp_path}", "logging.name=x"]
     first = subprocess.Popen([PYTHON, "train.py", *args], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "x" / "metrics.jsonl"
@@ -199,4 +199,4 @@ def test_a_second_job_cannot_write_into_a_training_run(tmp_path, capsys):
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out
     epochs = [json.loads(x)["epoch"] for x in metrics.read_text().splitlines() if '"kind": "epoch"' in x]
-    assert epochs == list(range(1, 31))
+    assert epochs == list(range(1, 13))
