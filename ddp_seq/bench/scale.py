@@ -24,6 +24,7 @@ data of ``--config``).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -219,6 +220,9 @@ def probe(n: int, ranks: int, folder: Path) -> dict[str, Any]:
 
 def run_scale(quick: bool, user: tuple[str, np.ndarray] | None = None) -> dict[str, Any]:
     """The whole suite: rows (:func:`compare`) on synthetic and user lengths, then the probes."""
+    # The machine's load when the run starts, printed with the table: other work on the machine
+    # slows every sampler, and ratios measured side by side stay the headline either way.
+    load_note = f"load average {os.getloadavg()[0]:.2f} when it started"
     rows = []
     cache: dict[tuple[str, int], np.ndarray] = {}
     for name, n, ranks in QUICK_ROWS if quick else FULL_ROWS:
@@ -231,6 +235,7 @@ def run_scale(quick: bool, user: tuple[str, np.ndarray] | None = None) -> dict[s
         sizes, ranks = (QUICK_PROBES, 4) if quick else (FULL_PROBES, PROBE_RANKS)
         probes = [probe(n, ranks, Path(tmp)) for n in sizes]
     return {"suite": "scale", "quick": quick, "per_rank": PER_RANK, "rows": rows, "probes": probes,
+            "load_note": load_note,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "complete": True}
 
 
