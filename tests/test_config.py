@@ -24,13 +24,12 @@ from ddp_seq.config import (
     UserError,
     WandbConfig,
     choices_of,
-    dump_yaml,
     from_dict,
     load_config,
-    reference_markdown,
     to_dict,
     validate,
 )
+from ddp_seq.config_text import dump_yaml, reference_markdown
 
 SECTIONS = {"data": DataConfig, "batching": BatchingConfig, "model": ModelConfig, "training": TrainingConfig,
             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "wandb": WandbConfig,

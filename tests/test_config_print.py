@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import yaml
 
-from ddp_seq.config import dump_yaml, load_config, to_dict, unused_keys
+from ddp_seq.config import load_config, to_dict
+from ddp_seq.config_text import dump_yaml, unused_keys
 
 TSV = ["data.format=tsv", "data.train_path=t.tsv"]
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddp_seq.config import Config, ConfigError, dump_yaml, load_config
+from ddp_seq.config import Config, ConfigError, load_config
 from ddp_seq.config_fields import field_specs
+from ddp_seq.config_text import dump_yaml
 
 #: Plain scalars YAML 1.1 turns into something else than their text (checked in the first test).
 CONVERTED = ["1.10", "0755", "1_000", "12:30", "yes", "no", "on", "off", "true", "1.0e+3", "0x1F", "0b101", "+12",

@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ddp_seq"
 
 #: Layer of each top-level name under ``ddp_seq`` (a module or a sub-package); imports only go down
 #: or stay level.
-RANKS = {"errors": 0, "config_fields": 0, "config": 0, "fileio": 0,
+RANKS = {"errors": 0, "config_fields": 0, "config": 0, "config_text": 0, "fileio": 0,
          "nn": 1, "data": 1, "parallel": 1, "loggers": 1,
          "train": 2,
          "builders": 3,

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from ddp_seq.config import Config, check_mode, dump_yaml, load_config, reference_markdown
+from ddp_seq.config import Config, check_mode, load_config
+from ddp_seq.config_text import dump_yaml, reference_markdown
 from ddp_seq.errors import UserError, first_line
 
 EXIT_USER_ERROR = 2

@@ -11,7 +11,8 @@ import os
 import time
 from pathlib import Path
 
-from ddp_seq.config import Config, dump_yaml
+from ddp_seq.config import Config
+from ddp_seq.config_text import dump_yaml
 from ddp_seq.errors import UserError
 from ddp_seq.parallel.process_group import on_rank0
 from ddp_seq.train.run_dir import holds_run, lock_run_dir, release_run_dir
