@@ -150,3 +150,15 @@ def test_every_rank_stops_at_the_same_step_under_torchrun(tmp_path):
         proc.report()
     assert "Traceback" not in proc.stdout
     every_checkpoint_is_finite(tmp_path / "ddp")
+
+
+def test_the_watch_keeps_the_first_non_finite_norm_on_the_device():
+    from ddp_seq.train.divergence import NonFiniteWatch
+
+    watch = NonFiniteWatch(torch.device("cpu"))
+    watch.note(torch.tensor(3.0), 1)
+    assert watch.seen() is None
+    watch.note(torch.tensor(float("inf")), 2)
+    watch.note(torch.tensor(float("nan")), 3)  # a later one does not replace the first
+    watch.note(torch.tensor(1.0), 4)
+    assert watch.seen() == (2, float("inf"))

@@ -82,9 +82,11 @@ class CheckpointMixin:
         cfg, info = self.cfg.checkpoint, self.info
         if not cfg.save or self.run_dir is None:
             return None
+        if (seen := self.watch.seen()) is not None:  # never a checkpoint after a non-finite step
+            raise self._diverged("gradient norm", seen[1], seen[0])
         bad = nonfinite_parameter(self.module.state_dict())  # the same weights on every rank
         if bad is not None:
-            raise self._diverged(f"weights ({bad})", float("nan"))
+            raise self._diverged(f"weights ({bad})", float("nan"), self.state.step)
         start = time.perf_counter()
         rng = [capture_rng()]
         if info.distributed:  # RNG states differ per rank (e.g. dropout): keep every rank's
@@ -106,12 +108,13 @@ class CheckpointMixin:
         self.saves.append(seconds)
         return path
 
-    def _diverged(self, what: str, value: torch.Tensor | float) -> Diverged:
-        """Log that training produced a NaN or infinity (rank 0) and build the exception every rank raises."""
+    def _diverged(self, what: str, value: torch.Tensor | float, step: int | None = None) -> Diverged:
+        """Log that training produced a NaN or infinity at optimizer step ``step`` (default: the one in
+        progress) on rank 0, and build the exception every rank raises."""
         last = self._checkpoint_path("last.pt")
         newest = step_path(last.parent, self.saved_step) if last is not None else None
         newest = newest if newest is not None and newest.exists() else None
-        error = Diverged(what, float(value), self.state.step + 1, self.state.epoch + 1, newest)
+        error = Diverged(what, float(value), step or self.state.step + 1, self.state.epoch + 1, newest)
         self.log.info(str(error))
         return error
 

@@ -4,15 +4,17 @@ NaN (issue 26, row 2; keras ``TerminateOnNaN``, open_lm's NaN check).
 Where it is checked, and why every rank decides the same:
 
 - every optimizer step, the *global* gradient norm (after DDP's all-reduce the gradients, hence
-  their norm, are the same on every rank): checked *before* ``optimizer.step()``, so a NaN never
-  reaches the weights -- every rank raises :class:`Diverged` at the same step;
+  their norm, are the same on every rank) is noted on the device by :class:`NonFiniteWatch` --
+  a few tiny kernels, no wait for the device -- and read where the loop waits for the device
+  anyway (its all-reduce of the loss window every ``checkpoint.signal_check_steps`` or
+  ``training.log_every`` steps, every step in one process, and before every checkpoint): every
+  rank raises :class:`Diverged` at the same step, naming the first step whose norm was not finite;
 - every logged step, the loss window (all-reduced, so global too);
 - every checkpoint, the weights themselves (the same on every rank): a checkpoint with non-finite
-  weights is never written.
+  weights is never written, so the newest checkpoint is always one to resume from.
 
 With ``training.amp=fp16`` the grad scaler skips steps with non-finite gradients and lowers its
 scale (that is how fp16 training works), so only the loss and the weights are checked there.
-The check costs one device-to-host read of the norm per step (as the fp16 scaler's own check).
 """
 
 from __future__ import annotations
@@ -43,7 +45,28 @@ class Diverged(RuntimeError):
                  "and resume from it or from an earlier one (checkpoint.resume=PATH)") if checkpoint else \
             "no checkpoint was written"
         super().__init__(f"training diverged: non-finite {what} ({value}) at step {step}, epoch {epoch}; "
-                         f"stopped before it reached the weights or a checkpoint; {where}")
+                         f"stopped there, and no checkpoint holds it; {where}")
+
+
+class NonFiniteWatch:
+    """The first optimizer step whose gradient norm was NaN or infinite, and that norm, kept on the
+    device: :meth:`note` costs a few tiny kernels and never waits for the device; :meth:`seen`
+    reads it (a wait: call it where the loop waits anyway)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # 0: every norm so far finite
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def note(self, norm: torch.Tensor, step: int) -> None:
+        """Record ``norm`` of optimizer step ``step`` (1-based) if it is the first non-finite one."""
+        first = (self.step == 0) & ~torch.isfinite(norm)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, norm.detach().float(), self.value)
+
+    def seen(self) -> tuple[int, float] | None:
+        """``(step, norm)`` of the first non-finite norm noted, or None."""
+        step = int(self.step)
+        return (step, float(self.value)) if step else None
 
 
 def gradient_norm(parameters: Iterable[torch.nn.Parameter], clip: float) -> torch.Tensor:

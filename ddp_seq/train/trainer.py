@@ -41,7 +41,7 @@ from ddp_seq.train.checkpoint import check_encoding, check_finite, check_shapes,
 from ddp_seq.train.checkpointing import CheckpointMixin
 from ddp_seq.train.config_change import refused, weights_keys
 from ddp_seq.train.contract import check_item, check_parts, dataset_lengths, needs_every_gradient
-from ddp_seq.train.divergence import finite, gradient_norm
+from ddp_seq.train.divergence import NonFiniteWatch, finite, gradient_norm
 from ddp_seq.train.evaluation import evaluate
 from ddp_seq.train.loaders import make_loader, make_sampler
 from ddp_seq.train.objective import Objective, as_objective
@@ -165,6 +165,7 @@ class Trainer(CheckpointMixin):
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.training.amp == "fp16")
         self.state = TrainState()
         self.last_grad_norm: torch.Tensor | None = None  # read when logging only
+        self.watch = NonFiniteWatch(info.device)  # the first non-finite gradient norm, kept on the device
         self.saved_step = -1  # the step of the newest checkpoint this process took part in
         self.checkpoint_s = 0.0  # rank 0's time in mid-epoch checkpoints this epoch (gather + write)
         self.saves: list[float] = []  # rank 0's seconds per checkpoint of this process
@@ -196,8 +197,8 @@ class Trainer(CheckpointMixin):
                                             self.info, self.amp, timer)
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16
         self.last_grad_norm = gradient_norm(self.model.parameters(), cfg.training.grad_clip)
-        if self.amp != "fp16" and not finite(self.last_grad_norm):  # the same global norm on every rank
-            raise self._diverged("gradient norm", self.last_grad_norm)
+        if self.amp != "fp16":  # the same global norm on every rank; read at the loop's next sync
+            self.watch.note(self.last_grad_norm, self.state.step + 1)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -258,6 +259,8 @@ class Trainer(CheckpointMixin):
                 # The loss window, token counters and SIGTERM flag, merged into one all-reduce.
                 stopping = counters.reduce(st.progress, reduce, stop=self.stop.signal is not None) and not last_group
                 timer.mark("sync")
+                if (bad := self.watch.seen()) is not None:  # a non-finite norm since the last sync point
+                    raise self._diverged("gradient norm", bad[1], bad[0])
             if log_now:
                 train_loss, real, padded, sequences = counters.take_window()
                 now = time.perf_counter()
