@@ -146,3 +146,16 @@ def test_the_command_line_refuses_before_writing(run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "training.optimizer 'adam' -> 'sgd'" in err[0]
     assert sorted(p.name for p in (run / "first").rglob("*")) == before
+
+
+def test_the_library_path_names_its_own_arguments(run):
+    """A Trainer handed resume_from is told about resume_from and run_dir, not the command line's keys."""
+    from ddp_seq import Trainer
+    from ddp_seq.builders import build_parts
+
+    cfg = load_config(None, [*SMALL, "training.optimizer=sgd"])
+    parts = build_parts(cfg, current_info())
+    with pytest.raises(UserError) as e:
+        Trainer(parts.model, parts.data.train, parts.data.val, cfg, resume_from=checkpoint(run))
+    text = str(e.value)
+    assert text.startswith("Trainer: resume_from: ") and "(another run_dir)" in text and "logging.name" not in text

@@ -78,6 +78,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_norm(tmp_path, capsys):
                if r["kind"] == "train")
     paths = every_checkpoint_is_finite(run)
     assert paths and f"the newest checkpoint, {paths[-1]}, is finite" in lines[0]
+    assert "the best epoch's is " in lines[0] and str(run / "checkpoints" / "best.pt") in lines[0]
     assert load_checkpoint(paths[-1])["train_state"]["step"] == step - 1
 
 

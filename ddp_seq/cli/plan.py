@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -242,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ddp-seq: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(json.dumps(result) if args.json else render(result), flush=True)
+    try:
+        print(json.dumps(result) if args.json else render(result), flush=True)
+    except BrokenPipeError:  # `ddp-seq plan ... | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own recipe
     return 0
 
 

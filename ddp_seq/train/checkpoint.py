@@ -134,13 +134,13 @@ def is_resumable(state: dict[str, Any]) -> bool:
 
 
 def check_shapes(saved: dict[str, torch.Tensor], module: torch.nn.Module, source: str,
-                 changed: list[str] | tuple[str, ...] = ()) -> None:
+                 changed: list[str] | tuple[str, ...] = (), fresh: str = "logging.name") -> None:
     """Refuse weights that do not fit ``module``, naming the config keys that changed since the
     checkpoint and shape the model (``changed``, e.g. ``["model.hidden 128 -> 64"]``) when there are
     any, else the first mismatching parameter."""
     expected = module.state_dict()
     why = (f"the model's shape changed since the checkpoint ({', '.join(changed)}); resume with the saved "
-           "values, or start a new run (another logging.name)") if changed else ""
+           f"values, or start a new run (another {fresh})") if changed else ""
     for name, tensor in expected.items():
         if name not in saved:
             raise UserError(f"{source}: " + (why or f"checkpoint has no parameter {name!r}: it was saved from a "

@@ -114,7 +114,10 @@ class CheckpointMixin:
         last = self._checkpoint_path("last.pt")
         newest = step_path(last.parent, self.saved_step) if last is not None else None
         newest = newest if newest is not None and newest.exists() else None
-        error = Diverged(what, float(value), step or self.state.step + 1, self.state.epoch + 1, newest)
+        best = self.state.best
+        shown = (f"{best['path']} (epoch {best['epoch']}, {self.cfg.training.monitor} {best['value']:.4g})"
+                 if best and best.get("path") else "")
+        error = Diverged(what, float(value), step or self.state.step + 1, self.state.epoch + 1, newest, shown)
         self.log.info(str(error))
         return error
 

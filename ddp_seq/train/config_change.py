@@ -99,10 +99,11 @@ def _optimizer_kind(optimizer_state: dict[str, Any]) -> str:
     return "adam" if "betas" in groups[0] else "sgd"
 
 
-def refused(state: dict[str, Any], cfg: Config, source: str) -> None:
+def refused(state: dict[str, Any], cfg: Config, source: str, library: bool = False) -> None:
     """Raise :class:`UserError` (one line, naming the keys) when the config changed a key since the
     checkpoint ``state`` that no resume can honour; return quietly otherwise. Called before anything
-    is loaded."""
+    is loaded. ``library``: the Trainer was handed ``resume_from`` (the message names that, and
+    ``run_dir``, instead of the command line's ``checkpoint.resume`` and ``logging.name``)."""
     changed = changed_keys(state.get("config") or {}, cfg)
     problems = []
     for key, (old, new) in changed.items():
@@ -116,8 +117,9 @@ def refused(state: dict[str, Any], cfg: Config, source: str) -> None:
                             f"{'Adam moments' if kind == 'adam' else 'SGD momentum buffers'}, which {new} cannot "
                             "continue)")
     if problems:
-        raise UserError(f"checkpoint.resume: {source} cannot resume with " + "; ".join(problems)
-                        + ". Resume with the saved values, or start a new run (another logging.name)")
+        key, fresh = ("Trainer: resume_from", "run_dir") if library else ("checkpoint.resume", "logging.name")
+        raise UserError(f"{key}: {source} cannot resume with " + "; ".join(problems)
+                        + f". Resume with the saved values, or start a new run (another {fresh})")
 
 
 def weights_keys(state: dict[str, Any], cfg: Config) -> list[str]:

@@ -37,13 +37,15 @@ class Diverged(RuntimeError):
     (the newest checkpoint, all finite, or None).
     """
 
-    def __init__(self, what: str, value: float, step: int, epoch: int, checkpoint: Path | None) -> None:
+    def __init__(self, what: str, value: float, step: int, epoch: int, checkpoint: Path | None,
+                 best: str = "") -> None:
         self.what, self.value, self.step, self.epoch, self.checkpoint = what, value, step, epoch, checkpoint
-        # The gradient that blew up was computed at the newest weights, so a lower LR alone may not
-        # rescue a resume from them: an earlier checkpoint (before the loss climbed) may be needed.
-        where = (f"the newest checkpoint, {checkpoint}, is finite: lower training.lr or set training.grad_clip, "
-                 "and resume from it or from an earlier one (checkpoint.resume=PATH)") if checkpoint else \
-            "no checkpoint was written"
+        # The gradient that blew up was computed at the newest weights, and those may be finite but
+        # ruined already (a loss of 1e20): the best epoch's checkpoint is named too, as a safer start.
+        where = (f"the newest checkpoint, {checkpoint}, is finite, but its weights may be ruined already"
+                 + (f"; the best epoch's is {best}" if best else "")
+                 + ": lower training.lr or set training.grad_clip, and resume from one of them or an earlier one "
+                 "(checkpoint.resume=PATH)") if checkpoint else "no checkpoint was written"
         super().__init__(f"training diverged: non-finite {what} ({value}) at step {step}, epoch {epoch}; "
                          f"stopped there, and no checkpoint holds it; {where}")
 

@@ -146,11 +146,12 @@ class Trainer(CheckpointMixin):
                                             info.is_main)
         state = load_checkpoint(resume_from) if resume_from is not None else None
         if state is not None:  # weights go in before DDP wraps the module (and broadcasts rank 0's)
-            refused(state, cfg, str(resume_from))  # a changed key no resume can honour
+            refused(state, cfg, str(resume_from), library=not claimed)  # a changed key no resume can honour
             check_finite(state, str(resume_from))
             if "encoding" in self.extra:
                 check_encoding(state, self.extra["encoding"], str(resume_from))
-            check_shapes(state["model"], self.module, str(resume_from), weights_keys(state, cfg))
+            check_shapes(state["model"], self.module, str(resume_from), weights_keys(state, cfg),
+                         "logging.name" if claimed else "run_dir")
             self.module.load_state_dict(state["model"])
         self.model = wrap_model(self.module, self.mode, info, self.log, find_unused)
         self.sampler = make_sampler(train_lengths, cfg, info, train=True)
