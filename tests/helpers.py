@@ -64,6 +64,20 @@ def parent_pid(pid: int) -> int | None:
         return None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (ranks and their DataLoader workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (parent := parent_pid(int(entry.name))) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def worker_pids(agent: int) -> dict[int, int]:
     """``{rank: pid}`` of the workers torchrun process ``agent`` started (their RANK from /proc)."""
     found = {}

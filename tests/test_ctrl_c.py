@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, REPO, child_env, kill_job, parent_pid, worker_pids
+from helpers import PYTHON, REPO, child_env, descendants, kill_job, worker_pids
 
 from ddp_seq.cli import main
 from ddp_seq.train.checkpoint import load_checkpoint
@@ -27,20 +27,6 @@ JOB = ["data.num_train=3000", "data.num_val=64", "data.length_median=10", "data.
        "model.embedding_dim=16", "batching.batch_size=16", "training.epochs=1", "training.log_every=20",
        "checkpoint.every_steps=0", "checkpoint.signal_check_steps=2", "data.num_workers=1",
        "logging.progress=lines", "distributed.backend=gloo"]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (ranks and their DataLoader workers), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (parent := parent_pid(int(entry.name))) is not None:
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def send(proc: subprocess.Popen, signum: int, target: str) -> None:

@@ -15,7 +15,7 @@ from ddp_seq.config import Config
 from ddp_seq.config_text import dump_yaml
 from ddp_seq.errors import UserError
 from ddp_seq.parallel.process_group import on_rank0
-from ddp_seq.train.run_dir import holds_run, lock_run_dir, release_run_dir
+from ddp_seq.train.run_dir import holds_run, taking
 
 JOB_FILE = ".job"  # the torchrun rendezvous id of the job that created the run directory
 
@@ -49,15 +49,11 @@ def choose_run_dir(cfg: Config, notes: list[str] | None = None) -> Path:
     if not name:
         name = _new_directory(root, f"{cfg.data.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = root / name
-    taken = lock_run_dir(run_dir, "logging.name")  # before anything in it is read or written
-    try:
+    with taking(run_dir, "logging.name") as taken:  # before anything in it is read or written
         if cfg.checkpoint.resume == "none" and holds_run(run_dir):
             raise UserError(f"logging.name: {run_dir} already holds a run; resume it with checkpoint.resume=auto "
                             "or choose another name")
         _create(run_dir, cfg, identity)
-    except UserError:
-        release_run_dir(run_dir, untouched=True)
-        raise
     if notes is not None:
         notes += taken
     return run_dir

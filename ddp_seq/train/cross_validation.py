@@ -40,7 +40,7 @@ from ddp_seq.parallel.process_group import DistInfo, current_info, on_rank0, ref
 from ddp_seq.train.contract import item_targets
 from ddp_seq.train.objective import Objective, TaskObjective, as_objective
 from ddp_seq.train.resume import newest_valid, remove_partial_writes
-from ddp_seq.train.run_dir import clear, holds_run, is_held, lock_run_dir, release_run_dir
+from ddp_seq.train.run_dir import clear, holds_run, is_held, release_run_dir, taking
 from ddp_seq.train.trainer import Trainer
 
 PLAN_FILE, RESULT_FILE, FOLDS_FILE = "cross_validation.json", "result.json", "folds.json"
@@ -116,14 +116,8 @@ def _changes(saved: dict[str, Any], plan: dict[str, Any]) -> list[str]:
 def _claim(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[str, Any] | None]:
     """Rank 0: take ``run_dir`` for this job (refusing one of another plan unless ``overwrite``) and
     return the finished folds' results (None for a fold still to train)."""
-    acquired = not is_held(run_dir)
-    lock_run_dir(run_dir, "cross_validate: run_dir")  # released by cross_validate when the job ends
-    try:
+    with taking(run_dir, "cross_validate: run_dir"):  # released by cross_validate when the job ends
         return _claim_held(run_dir, plan, overwrite)
-    except UserError:
-        if acquired:  # a refused job leaves the directory as it was
-            release_run_dir(run_dir, untouched=True)
-        raise
 
 
 def _claim_held(run_dir: Path, plan: dict[str, Any], overwrite: bool) -> list[dict[str, Any] | None]:

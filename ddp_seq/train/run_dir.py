@@ -15,6 +15,7 @@ directory until the job ends.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ddp_seq.errors import UserError
@@ -91,6 +93,22 @@ def lock_run_dir(run_dir: Path, key: str) -> list[str]:
     return []
 
 
+@contextlib.contextmanager
+def taking(run_dir: Path, key: str) -> Iterator[list[str]]:
+    """Lock ``run_dir`` (:func:`lock_run_dir`) for the decisions in the block, which gets the notes to
+    log; a :class:`UserError` from the block (the start is refused) releases the lock and leaves the
+    directory as it was (:func:`release_run_dir` ``untouched``) -- unless this process held it
+    already, when the earlier hold stands."""
+    held_before = is_held(run_dir)
+    notes = lock_run_dir(run_dir, key)
+    try:
+        yield notes
+    except UserError:
+        if not held_before:
+            release_run_dir(run_dir, untouched=True)
+        raise
+
+
 def is_held(run_dir: Path) -> bool:
     """Whether this process holds ``run_dir``'s lock."""
     return Path(run_dir).resolve() in _held
@@ -139,12 +157,8 @@ def _decide(run_dir: Path, resume_from: Path | str | None, overwrite: bool) -> t
     """Rank 0's decision: the checkpoint to resume from (as a string) and notes to log."""
     if resume_from is not None and overwrite:
         raise UserError("Trainer: resume_from and overwrite=True contradict each other; pass one of them")
-    notes = lock_run_dir(run_dir, "Trainer: run_dir")
-    try:
+    with taking(run_dir, "Trainer: run_dir") as notes:
         return _decide_held(run_dir, resume_from, overwrite, notes)
-    except UserError:
-        release_run_dir(run_dir, untouched=True)
-        raise
 
 
 def _decide_held(run_dir: Path, resume_from: Path | str | None, overwrite: bool,
